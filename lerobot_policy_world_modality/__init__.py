@@ -1,0 +1,10 @@
+"""LeRobot policy plugin that treats the world as a first-class modality.
+
+Importing this package registers every policy type and processor step it provides with LeRobot,
+which is what `lerobot-train` / `lerobot-eval` rely on when they discover `lerobot_policy_*` plugins.
+"""
+
+from .latents import processor as _latent_step  # noqa: F401  registers the world-latent step
+from .world_f import configuration_world_f as _world_f  # noqa: F401  registers `world_f`
+
+__version__ = "0.1.0"

@@ -1,0 +1,52 @@
+"""Config fields shared by every world policy type: which world latents, from which encoder and cameras."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lerobot.configs.types import FeatureType
+
+
+@dataclass
+class WorldLatentOptions:
+    """Mixin dataclass for policy configs; the same field names on `world_f`, `world_token_c`, `smolvla_world`.
+
+    `dataset_repo_id` / `dataset_root` are filled by the policy from the training dataset that
+    `lerobot-train` hands it, so users never set them; they tell the world-latent step which cache
+    to read and are saved with the checkpoint for reference.
+    """
+
+    # Frozen world encoder: built-in name ("pixels"), Hugging Face Hub id or local path.
+    encoder: str = "pixels"
+    # Token pooling of transformer encoders: "cls", "mean" or "pooler"; None = the family's default.
+    encoder_pooling: str | None = None
+    # Frames per latent for video encoders (V-JEPA 2); None = the family's default (1 for images).
+    encoder_window: int | None = None
+    # Camera keys the world latents come from, concatenated in this order; empty = first image input.
+    world_cameras: list[str] = field(default_factory=list)
+    # T: latents of the current and past frames given to the Prophet.
+    history_frames: int = 4
+    # K: future latents the Prophet predicts.
+    future_frames: int = 4
+    # Root folder of latent caches; None = $LEROBOT_WM_CACHE or ~/.cache/lerobot_policy_world_modality/latents.
+    latent_cache_root: str | None = None
+    # Encoder weight dtype ("bf16", "fp16"); None = float32. Part of the cache identity.
+    encoder_dtype: str | None = None
+    # Device for online encoding at evaluation; None = the policy's device.
+    encoder_device: str | None = None
+    # Training dataset the latent cache belongs to; filled automatically by lerobot-train.
+    dataset_repo_id: str | None = None
+    # Local root of that dataset; filled automatically by lerobot-train.
+    dataset_root: str | None = None
+
+    def resolved_world_cameras(self) -> list[str]:
+        """The configured world cameras, or the first visual input feature when none is configured."""
+        if self.world_cameras:
+            return list(self.world_cameras)
+        visual = [k for k, ft in (self.input_features or {}).items() if ft.type is FeatureType.VISUAL]
+        if not visual:
+            raise ValueError(
+                "No world camera: set --policy.world_cameras='[observation.image]' (or another image key) "
+                "or train on a dataset with at least one camera."
+            )
+        return [visual[0]]

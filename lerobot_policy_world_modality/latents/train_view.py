@@ -1,0 +1,109 @@
+"""Latent-only training views: a LeRobotDataset without its cameras, for policies that read cached latents.
+
+LeRobotDataset 0.4.4 decodes every video key of every sample, whether or not the policy reads it
+(about 27 ms per 480x480 frame here, against 0.08 ms for the tabular columns). `world_f` reads only
+cached world latents and the robot state in training, so decoding frames would dominate its training
+time for nothing. A training view is a small copy of the dataset's tabular part (parquet data and
+metadata, no videos, no image columns) that stock `lerobot-train` loads like any local dataset:
+
+    lerobot-train --policy.type=world_f --dataset.repo_id=<repo> --dataset.root=<view dir> ...
+
+Its `meta/info.json` names the source dataset and its cameras, so the policy reads the latent cache
+of the source dataset (`source_of_view`). Global frame indices are unchanged, so cache rows line up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+# Key added to the view's meta/info.json.
+VIEW_INFO_KEY = "world_modality_view"
+_VIEW_FORMAT = 1
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+def default_view_root(cache_root: str | Path, repo_id: str, dataset_root: str | Path) -> Path:
+    """Where the training view of a dataset lives: next to its latent caches."""
+    digest = hashlib.sha256(str(Path(dataset_root).resolve()).encode()).hexdigest()[:12]
+    return Path(cache_root) / "views" / f"{_slug(repo_id)}-{digest}"
+
+
+def _source_stamp(source_root: Path) -> str:
+    """Hash of the source's metadata and data files (names and sizes): changes when the dataset does."""
+    h = hashlib.sha256()
+    h.update((source_root / "meta" / "info.json").read_bytes())
+    for path in sorted((source_root / "data").glob("*/*.parquet")):
+        h.update(f"{path.relative_to(source_root)}:{path.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def source_of_view(info: dict) -> dict | None:
+    """The `{repo_id, root, cameras}` of the source dataset if `info` is a training view's, else None."""
+    view = info.get(VIEW_INFO_KEY)
+    return dict(view) if view else None
+
+
+def write_training_view(repo_id: str, source_root: str | Path, view_root: str | Path) -> Path:
+    """Write (or reuse, when the source is unchanged) the camera-free training view of a local dataset.
+
+    The view is built in a temporary sibling folder and moved into place in one rename, so an
+    interrupted run never leaves a half-written view behind.
+    """
+    source_root = Path(source_root).resolve()
+    view_root = Path(view_root)
+    info = json.loads((source_root / "meta" / "info.json").read_text())
+    cameras = [k for k, ft in info["features"].items() if ft.get("dtype") in ("video", "image")]
+    stamp = _source_stamp(source_root)
+
+    if (view_root / "meta" / "info.json").exists():
+        existing = source_of_view(json.loads((view_root / "meta" / "info.json").read_text())) or {}
+        if existing.get("source_stamp") == stamp and existing.get("format") == _VIEW_FORMAT:
+            return view_root
+
+    tmp = view_root.with_name(f".{view_root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "meta").mkdir(parents=True)
+
+    for path in sorted((source_root / "data").glob("*/*.parquet")):
+        table = pq.read_table(path)
+        table = table.drop_columns([c for c in cameras if c in table.column_names])
+        out = tmp / path.relative_to(source_root)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, out)
+    for item in (source_root / "meta").iterdir():
+        if item.name == "info.json":
+            continue
+        if item.is_dir():
+            shutil.copytree(item, tmp / "meta" / item.name)
+        else:
+            shutil.copy2(item, tmp / "meta" / item.name)
+
+    view_info = dict(info)
+    view_info["features"] = {k: ft for k, ft in info["features"].items() if k not in cameras}
+    view_info["total_videos"] = 0 if "total_videos" in info else info.get("total_videos")
+    view_info[VIEW_INFO_KEY] = {
+        "repo_id": repo_id,
+        "root": str(source_root),
+        "cameras": cameras,
+        "camera_features": {k: info["features"][k] for k in cameras},
+        "source_stamp": stamp,
+        "format": _VIEW_FORMAT,
+    }
+    (tmp / "meta" / "info.json").write_text(json.dumps(view_info, indent=4))
+
+    old = view_root.with_name(f".{view_root.name}.old-{os.getpid()}")
+    if view_root.exists():
+        view_root.rename(old)
+    view_root.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(view_root)
+    shutil.rmtree(old, ignore_errors=True)
+    return view_root

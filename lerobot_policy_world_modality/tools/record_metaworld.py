@@ -1,0 +1,493 @@
+"""Record MetaWorld scripted-expert demonstrations into a LeRobotDataset (`lerobot-wm-record-metaworld`).
+
+Frames come from LeRobot's own `lerobot.envs.metaworld.MetaworldEnv` (obs_type "pixels_agent_pos"), so a
+recorded `observation.image` is exactly the frame `lerobot-eval --env.type=metaworld` hands a policy for the
+same simulator state (same camera, same flip), and `observation.state` is the same 4-d `agent_pos`.
+The task string is LeRobot's instruction for the task (`env.task_description`), the one eval passes as `task`.
+
+Crash safety. LeRobotDataset 0.4.4 appends every episode to shared parquet/video files and only writes the
+parquet footers in `finalize()`, so a killed recorder leaves a dataset that cannot be loaded. Instead:
+each episode is recorded into its own one-episode LeRobotDataset under `<root>.recording/`, finalized, and
+committed by an atomic rename plus a small JSON record. When every episode is in, the episodes are merged
+with LeRobot's `aggregate_datasets` into `<root>.recording/merge`, which is renamed to `<root>` in one step.
+A rerun after a kill keeps committed episodes, discards partial ones and carries on; `<root>` either does
+not exist or is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import fcntl
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+STATE_NAMES = ["hand_x", "hand_y", "hand_z", "gripper_distance"]
+ACTION_NAMES = ["delta_x", "delta_y", "delta_z", "gripper"]
+RECORDING_INFO = "meta/wm_recording.json"  # provenance file written into the finished dataset
+STAGING_SUFFIX = ".recording"
+
+
+class RecordError(RuntimeError):
+    """A recording request that cannot be carried out; the message says what to do instead."""
+
+
+@dataclass
+class RecordPlan:
+    """Everything that determines the recorded content; a resumed run must match it exactly."""
+
+    repo_id: str  # LeRobot repo id of the dataset (also the name used to reload it)
+    tasks: list[str]  # MetaWorld task names, e.g. ["drawer-close-v3"]
+    episodes_per_task: int  # episodes kept per task
+    seed: int  # base seed; each attempt derives its own (see episode_seed)
+    action_noise: float  # std of Gaussian noise added to the expert action before clipping
+    success_only: bool  # keep only episodes in which the expert succeeded
+    max_attempts_per_task: int  # give up on a task after this many attempts (success_only)
+    max_steps: int  # hard cap on steps (frames) per episode
+    steps_after_success: int  # extra steps recorded after the first success
+    fps: int  # dataset fps (MetaWorld env's fps by default)
+    use_videos: bool  # store observation.image as video (True) or as PNG images in parquet (False)
+    vcodec: str  # LeRobot video codec name when use_videos
+
+
+def episode_seed(seed: int, task: str, attempt: int) -> int:
+    """Seed of global `np.random` before the reset of attempt `attempt` of `task`.
+
+    MetaWorld's reset ignores `reset(seed=...)` and draws the object/goal positions from global `np.random`.
+    Deriving the seed from (seed, task, attempt) makes every attempt reproducible on its own, so a resumed
+    recording produces the same episodes as an uninterrupted one (MetaWorld's reset does not depend on the
+    previous episode). crc32 gives a task hash that is stable across processes, unlike `hash()`.
+    """
+    seq = np.random.SeedSequence([seed, zlib.crc32(task.encode()), attempt])
+    return int(seq.generate_state(1)[0])
+
+
+def _noise_rng(seed: int, task: str, attempt: int) -> np.random.Generator:
+    """Private generator for the action noise, independent of MetaWorld's use of global np.random."""
+    return np.random.default_rng([seed, zlib.crc32(task.encode()), attempt, 1])
+
+
+def resolve_tasks(spec: str) -> list[str]:
+    """Turn "drawer-close-v3,button-press-v3" or a difficulty group ("easy") into LeRobot task names."""
+    from lerobot.envs.metaworld import DIFFICULTY_TO_TASKS, TASK_DESCRIPTIONS
+
+    tasks: list[str] = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        item = item.removeprefix("metaworld-")  # LeRobot's env accepts the prefixed form too
+        names = DIFFICULTY_TO_TASKS.get(item, [item])
+        for name in names:
+            if name not in TASK_DESCRIPTIONS:
+                close = difflib.get_close_matches(name, list(TASK_DESCRIPTIONS), n=3)
+                hint = f" Did you mean {', '.join(close)}?" if close else ""
+                raise RecordError(
+                    f"Unknown MetaWorld task '{name}'.{hint} Valid names are LeRobot's MetaWorld tasks "
+                    f"(e.g. drawer-close-v3) or a group in {sorted(DIFFICULTY_TO_TASKS)}."
+                )
+            if name not in tasks:
+                tasks.append(name)
+    if not tasks:
+        raise RecordError("No task given: pass e.g. --env.task drawer-close-v3")
+    return tasks
+
+
+def dataset_features(use_videos: bool) -> dict:
+    """LeRobot feature spec of the recorded dataset (the layout of LeRobot's MetaWorld env and datasets)."""
+    return {
+        "observation.image": {
+            "dtype": "video" if use_videos else "image",
+            "shape": (480, 480, 3),  # LeRobot's MetaWorld env always renders 480x480 (see docs/recording.md)
+            "names": ["height", "width", "channels"],
+        },
+        "observation.state": {"dtype": "float32", "shape": (4,), "names": STATE_NAMES},
+        "action": {"dtype": "float32", "shape": (4,), "names": ACTION_NAMES},
+    }
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON via a temp file + fsync + rename, so readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Persist a rename in `path` (directory entries are only durable once the directory is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Staging:
+    """The `<root>.recording` directory: plan, committed attempts, one-episode datasets, merge target."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.dir = root.parent / (root.name + STAGING_SUFFIX)
+        self.attempts_dir = self.dir / "attempts"
+        self.episodes_dir = self.dir / "episodes"
+        self.merge_dir = self.dir / "merge"
+        self._lock_file = None
+
+    def open(self, plan: RecordPlan) -> None:
+        """Create or reopen the staging dir for `plan`, lock it and drop anything left half-written."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.dir / ".lock", "w")  # noqa: SIM115 - held for the whole run
+        try:
+            # A second recorder on the same root would interleave writes; the lock dies with the process.
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise RecordError(f"Another recorder is writing {self.dir}; wait for it or pick another --dataset.root.") from err
+        plan_path = self.dir / "plan.json"
+        if plan_path.exists():
+            old = json.loads(plan_path.read_text())
+            diff = {k: (old.get(k), v) for k, v in asdict(plan).items() if old.get(k) != v}
+            if diff:
+                changes = "; ".join(f"{k}: recorded {a!r}, now {b!r}" for k, (a, b) in diff.items())
+                raise RecordError(
+                    f"An interrupted recording in {self.dir} used different settings ({changes}). "
+                    f"Rerun with the original flags to resume it, or add --overwrite true to discard it."
+                )
+        else:
+            _write_json_atomic(plan_path, asdict(plan))
+        self.attempts_dir.mkdir(exist_ok=True)
+        self.episodes_dir.mkdir(exist_ok=True)
+        # Partial state from a killed run: temp episode dirs, an unfinished merge, episodes without a record.
+        shutil.rmtree(self.merge_dir, ignore_errors=True)
+        for p in self.episodes_dir.iterdir():
+            if p.name.startswith(".tmp-") or not (self.attempts_dir / f"{p.name}.json").exists():
+                shutil.rmtree(p, ignore_errors=True)
+        for rec in self.attempts_dir.glob("*.json"):
+            data = json.loads(rec.read_text())
+            if data["kept"] and not (self.episodes_dir / rec.stem).is_dir():
+                rec.unlink()  # record without its episode: redo that attempt
+        for tmp in self.attempts_dir.glob("*.tmp"):
+            tmp.unlink()
+
+    def records(self, task: str) -> dict[int, dict]:
+        """Committed attempt records of `task`, by attempt number."""
+        out = {}
+        for rec in self.attempts_dir.glob(f"{task}__*.json"):
+            data = json.loads(rec.read_text())
+            out[data["attempt"]] = data
+        return out
+
+    def commit(self, name: str, tmp_episode: Path | None, record: dict) -> None:
+        """Make an attempt durable: move its finished episode into place, then write its record."""
+        if tmp_episode is not None:
+            final = self.episodes_dir / name
+            os.rename(tmp_episode, final)  # atomic: the episode dir is either absent or complete
+            _fsync_dir(self.episodes_dir)
+        _write_json_atomic(self.attempts_dir / f"{name}.json", record)  # the commit point
+
+    def remove(self) -> None:
+        """Delete the staging dir (after a successful merge, or on --overwrite)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _attempt_name(task: str, attempt: int) -> str:
+    return f"{task}__{attempt:05d}"
+
+
+def run_attempt(env, plan: RecordPlan, task: str, attempt: int, out_dir: Path | None, on_step=None) -> dict:
+    """Run one expert episode; when `out_dir` is given, record it as a finalized one-episode dataset there.
+
+    The expert sees MetaWorld's raw 39-d observation, so the env is driven through its inner MetaWorld env
+    (`env._env`) and every observation is formatted by LeRobot's own `env._format_raw_obs`, i.e. the code
+    `MetaworldEnv.reset/step` use. `MetaworldEnv.step` itself is not used because it resets the simulator
+    as soon as the task succeeds, which would make the steps recorded after success part of a new episode.
+    """
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    dataset = None
+    if out_dir is not None:
+        dataset = LeRobotDataset.create(
+            repo_id=plan.repo_id,
+            fps=plan.fps,
+            features=dataset_features(plan.use_videos),
+            root=out_dir,
+            robot_type="sawyer",
+            use_videos=plan.use_videos,
+            vcodec=plan.vcodec,
+            image_writer_threads=2,  # PNG writes overlap with the next simulator step
+        )
+    np.random.seed(episode_seed(plan.seed, task, attempt))
+    rng = _noise_rng(plan.seed, task, attempt)
+    raw_obs, _ = env._env.reset()
+    obs = env._format_raw_obs(raw_obs)
+    success_step = None
+    steps = 0
+    while steps < plan.max_steps:
+        expert = np.asarray(env.expert_policy.get_action(raw_obs), dtype=np.float64)
+        if plan.action_noise > 0:
+            expert = expert + rng.normal(0.0, plan.action_noise, size=expert.shape)
+        # The executed action is the clipped float32 one; recording exactly it lets a replay reproduce frames.
+        action = np.clip(expert, -1.0, 1.0).astype(np.float32)
+        if dataset is not None:
+            dataset.add_frame(
+                {
+                    "observation.image": obs["pixels"],
+                    "observation.state": np.asarray(obs["agent_pos"], dtype=np.float32),
+                    "action": action,
+                    "task": env.task_description,
+                }
+            )
+        raw_obs, _reward, _terminated, truncated, info = env._env.step(action)
+        obs = env._format_raw_obs(raw_obs)
+        steps += 1
+        if success_step is None and bool(info.get("success", 0)):
+            success_step = steps
+        if on_step is not None:
+            on_step(steps, success_step is not None)
+        if success_step is not None and steps >= success_step + plan.steps_after_success:
+            break
+        if truncated:
+            break  # MetaWorld's own 500-step limit
+    success = success_step is not None
+    kept = dataset is not None and (success or not plan.success_only)
+    if dataset is not None:
+        if kept:
+            dataset.save_episode()
+        dataset.stop_image_writer()
+        dataset.finalize()
+    return {"task": task, "attempt": attempt, "success": success, "success_step": success_step,
+            "frames": steps, "kept": kept}
+
+
+def merge(staging: Staging, plan: RecordPlan, names: list[str]) -> None:
+    """Aggregate the committed one-episode datasets into `<root>` (built aside, then renamed in one step)."""
+    from lerobot.datasets.aggregate import aggregate_datasets
+
+    roots = [staging.episodes_dir / n for n in names]
+    aggregate_datasets(repo_ids=[plan.repo_id] * len(roots), roots=roots, aggr_repo_id=plan.repo_id,
+                       aggr_root=staging.merge_dir)
+
+
+def _load_records_summary(staging: Staging, plan: RecordPlan) -> dict:
+    """Per-task and total counts from the committed attempt records."""
+    per_task = {}
+    for task in plan.tasks:
+        recs = staging.records(task).values()
+        kept = [r for r in recs if r["kept"]]
+        per_task[task] = {
+            "attempts": len(recs),
+            "expert_successes": sum(r["success"] for r in recs),
+            "episodes": len(kept),
+            "frames": sum(r["frames"] for r in kept),
+        }
+    return per_task
+
+
+def record(plan: RecordPlan, root: Path, overwrite: bool = False) -> dict:
+    """Record `plan` into `root` (resuming an interrupted run) and return the summary dict."""
+    from lerobot.envs.metaworld import MetaworldEnv
+
+    staging = Staging(root)
+    info_path = root / RECORDING_INFO
+    if overwrite:
+        staging.remove()
+        shutil.rmtree(root, ignore_errors=True)
+    if root.exists():
+        done = json.loads(info_path.read_text()) if info_path.exists() else None
+        if done is not None and done.get("plan") == asdict(plan):
+            staging.remove()  # a kill after the final rename can leave it behind
+            return {**done["summary"], "reused": True}
+        what = "was recorded with other settings" if done else "exists and was not written by this recorder"
+        raise RecordError(
+            f"Dataset root {root} {what}. Pick another --dataset.root, or add --overwrite true to replace it."
+        )
+
+    staging.open(plan)
+    start = time.time()
+    total = plan.episodes_per_task * len(plan.tasks)
+    kept_before = sum(s["episodes"] for s in _load_records_summary(staging, plan).values())
+    if kept_before:
+        print(f"Resuming {staging.dir}: {kept_before}/{total} episodes already recorded.", flush=True)
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=kept_before, desc="episodes", unit="ep", dynamic_ncols=True)
+    names: list[str] = []
+    new_frames = 0
+    for task in plan.tasks:
+        records = staging.records(task)
+        env = None
+        attempt = 0
+        while True:
+            kept = sorted(a for a, r in records.items() if r["kept"])
+            if len(kept) >= plan.episodes_per_task:
+                break
+            if attempt >= plan.max_attempts_per_task:
+                bar.close()
+                raise RecordError(
+                    f"The expert kept only {len(kept)}/{plan.episodes_per_task} episodes of {task} in "
+                    f"{attempt} attempts. Lower --action_noise, raise --max_steps (now {plan.max_steps}) or "
+                    f"--max_attempts_per_task, or pass --success_only false. Rerunning resumes from here."
+                )
+            if attempt in records:
+                attempt += 1
+                continue
+            if env is None:
+                env = MetaworldEnv(task=task, obs_type="pixels_agent_pos")
+            name = _attempt_name(task, attempt)
+            tmp = staging.episodes_dir / f".tmp-{name}"
+            shutil.rmtree(tmp, ignore_errors=True)
+
+            def on_step(step, succeeded, _task=task, _attempt=attempt):
+                bar.set_postfix_str(f"{_task} #{_attempt} step {step}{' ok' if succeeded else ''}", refresh=False)
+
+            t0 = time.time()
+            rec = run_attempt(env, plan, task, attempt, tmp, on_step=on_step)
+            rec["seconds"] = round(time.time() - t0, 2)
+            if not rec["kept"]:
+                shutil.rmtree(tmp, ignore_errors=True)
+            staging.commit(name, tmp if rec["kept"] else None, rec)
+            records[attempt] = rec
+            if rec["kept"]:
+                new_frames += rec["frames"]
+                bar.update(1)
+            attempt += 1
+        if env is not None:
+            env.close()  # frees the EGL context now rather than in a noisy interpreter-exit __del__
+        names += [_attempt_name(task, a) for a in sorted(a for a, r in records.items() if r["kept"])[: plan.episodes_per_task]]
+    bar.close()
+
+    per_task = _load_records_summary(staging, plan)
+    print(f"Merging {len(names)} episodes into {root} ...", flush=True)
+    merge(staging, plan, names)
+    attempts = sum(s["attempts"] for s in per_task.values())
+    successes = sum(s["expert_successes"] for s in per_task.values())
+    elapsed = time.time() - start
+    summary = {
+        "repo_id": plan.repo_id,
+        "root": str(root),
+        "episodes": len(names),
+        "frames": sum(s["frames"] for s in per_task.values()),
+        "expert_attempts": attempts,
+        "expert_successes": successes,
+        "expert_success_rate": successes / attempts if attempts else 0.0,
+        "per_task": per_task,
+        "seconds_this_run": round(elapsed, 1),
+        "frames_this_run": new_frames,
+    }
+    _write_json_atomic(staging.merge_dir / RECORDING_INFO, {"plan": asdict(plan), "summary": summary})
+    root.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(staging.merge_dir, root)  # the dataset appears complete, in one step
+    _fsync_dir(root.parent)
+    staging.remove()
+    return {**summary, "reused": False}
+
+
+def _bool(text: str) -> bool:
+    """Parse LeRobot/draccus-style booleans (true/false/1/0/yes/no)."""
+    low = str(text).strip().lower()
+    if low in {"1", "true", "yes", "y", "on"}:
+        return True
+    if low in {"0", "false", "no", "n", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """CLI parser; dotted flags follow LeRobot's naming (`--dataset.repo_id`, `--env.task`)."""
+    from lerobot.envs.configs import MetaworldEnv as MetaworldEnvConfig
+
+    env_fps = MetaworldEnvConfig.__dataclass_fields__["fps"].default  # lerobot-eval's MetaWorld fps (80)
+    p = argparse.ArgumentParser(
+        prog="lerobot-wm-record-metaworld",
+        description="Record MetaWorld scripted-expert demonstrations into a LeRobotDataset "
+        "(observation.image, observation.state, action, task). Resumes after an interruption.",
+    )
+    p.add_argument("--dataset.repo_id", dest="repo_id", required=True, help="e.g. local/metaworld_drawer_close")
+    p.add_argument("--dataset.root", dest="root", default=None,
+                   help="output dir (default: $HF_LEROBOT_HOME/<repo_id>)")
+    p.add_argument("--env.task", "--tasks", dest="tasks", required=True,
+                   help="task(s), comma-separated, or a difficulty group (easy, medium, hard, very_hard)")
+    p.add_argument("--episodes_per_task", "--dataset.num_episodes", dest="episodes_per_task", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--action_noise", type=float, default=0.1, help="std of Gaussian noise on expert actions")
+    p.add_argument("--success_only", type=_bool, nargs="?", const=True, default=True)
+    p.add_argument("--max_attempts_per_task", type=int, default=None, help="default: 3 x episodes_per_task")
+    p.add_argument("--max_steps", type=int, default=200, help="max steps (frames) per episode, <= 500")
+    p.add_argument("--steps_after_success", type=int, default=5)
+    p.add_argument("--dataset.fps", "--fps", dest="fps", type=int, default=env_fps)
+    p.add_argument("--dataset.use_videos", "--use_videos", dest="use_videos", type=_bool, nargs="?", const=True,
+                   default=True)
+    p.add_argument("--dataset.vcodec", "--vcodec", dest="vcodec", default="libsvtav1")
+    p.add_argument("--overwrite", type=_bool, nargs="?", const=True, default=False,
+                   help="discard an existing dataset or interrupted recording at this root")
+    return p
+
+
+def _check(args) -> None:
+    """Reject bad numbers before touching the simulator."""
+    if args.episodes_per_task < 1:
+        raise RecordError(f"--episodes_per_task must be >= 1, got {args.episodes_per_task}.")
+    if not 1 <= args.max_steps <= 500:
+        raise RecordError(f"--max_steps must be in 1..500 (MetaWorld's episode limit), got {args.max_steps}.")
+    if args.action_noise < 0:
+        raise RecordError(f"--action_noise is a standard deviation and must be >= 0, got {args.action_noise}.")
+    if args.steps_after_success < 0 or args.fps < 1:
+        raise RecordError("--steps_after_success must be >= 0 and --dataset.fps >= 1.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point of `lerobot-wm-record-metaworld`."""
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("MUJOCO_GL", "egl")  # CPU rendering; must be set before mujoco is imported
+    # The scripted experts warn on every task that their gains exceed [-1, 1]; actions are clipped anyway.
+    warnings.filterwarnings("ignore", message="Constant\\(s\\) may be too high")
+    try:
+        _check(args)
+        from lerobot.utils.constants import HF_LEROBOT_HOME
+
+        root = Path(args.root).expanduser().resolve() if args.root else (HF_LEROBOT_HOME / args.repo_id).resolve()
+        plan = RecordPlan(
+            repo_id=args.repo_id, tasks=resolve_tasks(args.tasks), episodes_per_task=args.episodes_per_task,
+            seed=args.seed, action_noise=args.action_noise, success_only=args.success_only,
+            max_attempts_per_task=args.max_attempts_per_task or 3 * args.episodes_per_task,
+            max_steps=args.max_steps, steps_after_success=args.steps_after_success, fps=args.fps,
+            use_videos=args.use_videos, vcodec=args.vcodec,
+        )
+        summary = record(plan, root, overwrite=args.overwrite)
+    except RecordError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    _print_summary(summary, plan)
+    return 0
+
+
+def _print_summary(s: dict, plan: RecordPlan) -> None:
+    """Human-readable end-of-run report (stdout)."""
+    head = "Dataset already recorded (nothing to do)" if s["reused"] else "Recording finished"
+    print(f"{head}: {s['episodes']} episodes, {s['frames']} frames of {', '.join(plan.tasks)}")
+    print(f"  expert success rate: {s['expert_successes']}/{s['expert_attempts']} attempts "
+          f"({100 * s['expert_success_rate']:.0f}%), action noise std {plan.action_noise}")
+    for task, t in s["per_task"].items():
+        print(f"  {task}: {t['episodes']} episodes, {t['frames']} frames, "
+              f"expert {t['expert_successes']}/{t['attempts']}")
+    if not s["reused"] and s["frames_this_run"]:
+        print(f"  time this run: {s['seconds_this_run']:.1f} s "
+              f"({1000 * s['seconds_this_run'] / s['frames_this_run']:.0f} ms per recorded frame)")
+    print(f"  saved to: {s['root']}")
+    print(f"  load with: LeRobotDataset({plan.repo_id!r}, root={s['root']!r}, video_backend='pyav')")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

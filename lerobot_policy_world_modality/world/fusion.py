@@ -1,0 +1,103 @@
+"""Gated cross-attention: lets a stream of hidden states read a world memory through a tanh gate.
+
+Pure torch. Two traps from earlier world-modality code are designed out here:
+- the gated residual is ALWAYS computed: a gate at exactly 0 still gets a gradient (d/dg of
+  tanh(g) * ctx is ctx at g = 0), whereas skipping the branch at g == 0 would keep the gate shut forever;
+- non-finite memory never reaches the output: `0 * NaN = NaN`, so a closed gate is no protection.
+  Non-finite memory rows are masked out of the attention, and a sample with no finite row gets an
+  exact zero context, so its output equals the closed-gate output (the input) whatever the gate.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+
+class FusionOutput(NamedTuple):
+    """Result of `GatedCrossAttention.forward`.
+
+    hidden: [B, H, W] updated states. attn_entropy: detached scalar, mean entropy (nats) of the
+    attention over memory slots, averaged over samples that have at least one finite slot (0 if none).
+    valid_slots: [B, M] bool, which memory rows were finite.
+    """
+
+    hidden: Tensor
+    attn_entropy: Tensor
+    valid_slots: Tensor
+
+
+class GatedCrossAttention(nn.Module):
+    """hidden + tanh(gate) * CrossAttn(LN(hidden), proj(memory)), with a learnable gate.
+
+    hidden [B, H, W] (e.g. action-query states) attends to memory [B, M, memory_dim] (e.g. predicted
+    future latents). The memory is LayerNorm'd and projected to W, plus an optional learned per-slot
+    embedding so attention can tell horizons apart. `gate` is a scalar, or one value per channel with
+    `per_channel=True`, initialised to `gate_init` (0 = the block starts as the identity).
+    """
+
+    def __init__(
+        self,
+        width: int,
+        memory_dim: int,
+        heads: int = 4,
+        gate_init: float = 0.0,
+        per_channel: bool = False,
+        num_slots: int | None = None,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if width % heads != 0:
+            raise ValueError(f"Cross-attention width {width} is not divisible by its number of heads {heads}.")
+        self.heads = heads
+        self.width = width
+        self.memory_norm = nn.LayerNorm(memory_dim)
+        self.memory_proj = nn.Linear(memory_dim, width)
+        self.slot_embed = nn.Parameter(torch.randn(num_slots, width) * 0.02) if num_slots else None
+        self.query_norm = nn.LayerNorm(width)
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        # Default (non-zero) init on purpose: a zero-initialised output projection together with a
+        # zero gate gives both of them zero gradient, and the world path could never switch on.
+        self.out = nn.Linear(width, width)
+        self.drop = nn.Dropout(dropout)
+        self.gate = nn.Parameter(torch.full((width if per_channel else 1,), float(gate_init)))
+
+    def gate_value(self) -> Tensor:
+        """tanh(gate): the factor the cross-attention result is scaled by ([1] or [W])."""
+        return torch.tanh(self.gate)
+
+    def forward(self, hidden: Tensor, memory: Tensor) -> FusionOutput:
+        """hidden: [B, H, W]; memory: [B, M, memory_dim] (any float dtype; non-finite rows allowed)."""
+        b, h, w = hidden.shape
+        m = memory.shape[1]
+        memory = memory.to(hidden.dtype)
+        # A row with any NaN/Inf is unusable; replace it by zeros (finite) and mask it out of attention.
+        valid = torch.isfinite(memory).all(dim=-1)  # [B, M]
+        memory = torch.where(valid.unsqueeze(-1), memory, torch.zeros_like(memory))
+        mem = self.memory_proj(self.memory_norm(memory))
+        if self.slot_embed is not None:
+            mem = mem + self.slot_embed[:m]
+        hd = w // self.heads
+        q = self.q(self.query_norm(hidden)).view(b, h, self.heads, hd).transpose(1, 2)  # [B, nh, H, hd]
+        k, v = self.kv(mem).view(b, m, 2, self.heads, hd).permute(2, 0, 3, 1, 4)  # [B, nh, M, hd] each
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)  # [B, nh, H, M]
+        any_valid = valid.any(dim=-1)  # [B]
+        # Samples without any finite row would softmax over all -inf (NaN); let them attend to the zeroed
+        # rows instead and discard their context below.
+        key_ok = valid | ~any_valid.unsqueeze(-1)
+        scores = scores.masked_fill(~key_ok[:, None, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1)
+        ctx = (self.drop(probs) @ v).transpose(1, 2).reshape(b, h, w)
+        ctx = self.out(ctx)
+        # where(), not multiplication: the context of a sample with no finite memory is exactly zero.
+        ctx = torch.where(any_valid[:, None, None], ctx, torch.zeros_like(ctx))
+        out = hidden + torch.tanh(self.gate) * ctx
+        with torch.no_grad():
+            ent = -torch.special.xlogy(probs, probs).sum(-1).mean(dim=(1, 2))  # [B]
+            n = any_valid.sum()
+            entropy = (ent * any_valid).sum() / n if n > 0 else ent.new_zeros(())
+        return FusionOutput(hidden=out, attn_entropy=entropy, valid_slots=valid)
