@@ -23,7 +23,10 @@ from lerobot.datasets.lerobot_dataset import LeRobotDataset
 from lerobot.envs.configs import MetaworldEnv as MetaworldEnvConfig
 from lerobot.envs.metaworld import TASK_DESCRIPTIONS, MetaworldEnv
 
-from lerobot_policy_world_modality.tools.record_metaworld import STAGING_SUFFIX, episode_seed
+from lerobot_policy_world_modality.tools.record_metaworld import (
+    STAGING_SUFFIX,
+    episode_seed,
+)
 
 CLI = str(Path(sys.executable).parent / "lerobot-wm-record-metaworld")
 EVAL_FPS = MetaworldEnvConfig.__dataclass_fields__["fps"].default
@@ -31,7 +34,8 @@ EVAL_FPS = MetaworldEnvConfig.__dataclass_fields__["fps"].default
 
 def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the console script with the test's environment (temp HF_LEROBOT_HOME, MUJOCO_GL=egl)."""
-    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout, env=dict(os.environ),
+                          check=False)
 
 
 def _eval_frame(obs: dict) -> torch.Tensor:
@@ -101,29 +105,36 @@ def test_record_images_exact_eval_frames(tmp_path):
 
     assert _replay(ds, 0, task, seed, 0, exact) == 12
 
-    # Same flags again: nothing to record; other flags: a clear refusal naming the fix.
-    again = _run("--dataset.repo_id=local/rec_img", f"--dataset.root={root}", f"--env.task={task}",
-                 "--episodes_per_task=1", "--max_steps=12", "--success_only=false", "--use_videos=false",
-                 f"--seed={seed}")
-    assert again.returncode == 0 and "already recorded" in again.stdout
-    other = _run("--dataset.repo_id=local/rec_img", f"--dataset.root={root}", f"--env.task={task}",
-                 "--episodes_per_task=2", "--max_steps=12")
-    assert other.returncode == 2 and "--overwrite true" in other.stderr
 
-
-def test_bad_task_and_failing_expert(tmp_path):
-    """Unknown task -> suggestion; an expert that cannot succeed in --max_steps -> clear error, no dataset."""
+def test_bad_input_is_refused_with_the_fix(tmp_path):
+    """An unknown task is refused with a suggestion before anything is written."""
     bad = _run("--dataset.repo_id=local/x", f"--dataset.root={tmp_path / 'x'}", "--env.task=drawer-clos-v3")
-    assert bad.returncode == 2 and "drawer-close-v3" in bad.stderr and "Unknown MetaWorld task" in bad.stderr
+    assert bad.returncode == 2 and "Did you mean drawer-close-v3" in bad.stderr
+    assert not any(tmp_path.iterdir())
 
+
+@pytest.mark.slow
+def test_failing_expert_with_success_only(tmp_path):
+    """An expert that cannot succeed within --max_steps: clear error naming the knobs, no dataset at the root."""
     root = tmp_path / "fail"
     res = _run("--dataset.repo_id=local/fail", f"--dataset.root={root}", "--env.task=handle-press-v3",
                "--episodes_per_task=1", "--max_steps=3", "--max_attempts_per_task=2", "--success_only=true")
     assert res.returncode == 2, res.stderr[-2000:]
     assert "0/1 episodes of handle-press-v3 in 2 attempts" in res.stderr and "--max_steps" in res.stderr
     assert not root.exists()  # nothing half-made where the dataset would go
-    records = sorted(root.with_name(root.name + STAGING_SUFFIX).glob("attempts/*.json"))
+    staging = root.with_name(root.name + STAGING_SUFFIX)
+    records = sorted(staging.glob("attempts/*.json"))
     assert [json.loads(r.read_text())["success"] for r in records] == [False, False]
+    first_mtime = records[0].stat().st_mtime_ns
+    # More attempts allowed: the rerun resumes (attempts 0 and 1 are not repeated) and tries attempt 2 only.
+    more = _run("--dataset.repo_id=local/fail", f"--dataset.root={root}", "--env.task=handle-press-v3",
+                "--episodes_per_task=1", "--max_steps=3", "--max_attempts_per_task=3", "--success_only=true")
+    assert more.returncode == 2 and "0/1 episodes of handle-press-v3 in 3 attempts" in more.stderr
+    assert max(p.name for p in staging.glob("attempts/*.json")) == "handle-press-v3__00002.json"
+    assert records[0].stat().st_mtime_ns == first_mtime  # attempt 0 was not redone
+    changed = _run("--dataset.repo_id=local/fail", f"--dataset.root={root}", "--env.task=handle-press-v3",
+                   "--episodes_per_task=1", "--max_steps=4", "--success_only=true")
+    assert changed.returncode == 2 and "max_steps: recorded 3, now 4" in changed.stderr
 
 
 @pytest.mark.slow
@@ -205,3 +216,9 @@ def test_sigkill_then_resume(tmp_path):
         item = ds[start]
         np.testing.assert_array_equal(item["observation.state"].numpy(), obs["agent_pos"].astype(np.float32))
         assert float((item["observation.image"] - _eval_frame(obs)).abs().mean()) < 0.03
+
+    # Same flags again: nothing to record; other flags: a clear refusal naming the fix.
+    again = _run(*args)
+    assert again.returncode == 0 and "Dataset already recorded (nothing to do): 3 episodes" in again.stdout
+    other = _run(*args[:3], "--episodes_per_task=4")
+    assert other.returncode == 2 and "--overwrite true" in other.stderr

@@ -334,7 +334,8 @@ def _resolve(name_or_path: str, pooling: str | None, window: int | None, dtype) 
         )
 
     identity = EncoderIdentity(
-        name=name_or_path,
+        # A local checkpoint is named by its absolute path, so `./ckpt` and `/abs/ckpt` share one cache.
+        name=str(Path(source).resolve()) if is_local else name_or_path,
         kind=family,
         revision=revision,
         pooling=pooling,

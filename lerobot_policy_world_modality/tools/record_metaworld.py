@@ -17,9 +17,9 @@ not exist or is complete.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import difflib
 import fcntl
+import importlib.util
 import json
 import os
 import shutil
@@ -36,6 +36,12 @@ STATE_NAMES = ["hand_x", "hand_y", "hand_z", "gripper_distance"]
 ACTION_NAMES = ["delta_x", "delta_y", "delta_z", "gripper"]
 RECORDING_INFO = "meta/wm_recording.json"  # provenance file written into the finished dataset
 STAGING_SUFFIX = ".recording"
+# lerobot-eval's MetaWorld fps (`lerobot.envs.configs.MetaworldEnv.fps`; the tests check they agree). A constant
+# because importing lerobot.envs costs seconds, which would make `--help` and the "already recorded" path slow.
+METAWORLD_FPS = 80
+# Settings an interrupted recording may be resumed with changed values: they decide how many attempts are made
+# and kept, never what an attempt records (every attempt is seeded on its own).
+RESUMABLE_FIELDS = ("episodes_per_task", "max_attempts_per_task")
 
 
 class RecordError(RuntimeError):
@@ -77,10 +83,24 @@ def _noise_rng(seed: int, task: str, attempt: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(task.encode()), attempt, 1])
 
 
+def _metaworld_config() -> dict:
+    """LeRobot's MetaWorld task table (instructions, difficulty groups), read without importing lerobot.envs."""
+    spec = importlib.util.find_spec("lerobot")
+    path = Path(next(iter(spec.submodule_search_locations))) / "envs" / "metaworld_config.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from lerobot.envs.metaworld import (  # if a release moves the file
+        DIFFICULTY_TO_TASKS,
+        TASK_DESCRIPTIONS,
+    )
+
+    return {"TASK_DESCRIPTIONS": TASK_DESCRIPTIONS, "DIFFICULTY_TO_TASKS": DIFFICULTY_TO_TASKS}
+
+
 def resolve_tasks(spec: str) -> list[str]:
     """Turn "drawer-close-v3,button-press-v3" or a difficulty group ("easy") into LeRobot task names."""
-    from lerobot.envs.metaworld import DIFFICULTY_TO_TASKS, TASK_DESCRIPTIONS
-
+    config = _metaworld_config()
+    TASK_DESCRIPTIONS, DIFFICULTY_TO_TASKS = config["TASK_DESCRIPTIONS"], config["DIFFICULTY_TO_TASKS"]
     tasks: list[str] = []
     for item in (s.strip() for s in spec.split(",")):
         if not item:
@@ -153,19 +173,24 @@ class Staging:
             # A second recorder on the same root would interleave writes; the lock dies with the process.
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as err:
-            raise RecordError(f"Another recorder is writing {self.dir}; wait for it or pick another --dataset.root.") from err
+            raise RecordError(
+                f"Another recorder is writing {self.dir}; wait for it or pick another --dataset.root."
+            ) from err
         plan_path = self.dir / "plan.json"
         if plan_path.exists():
             old = json.loads(plan_path.read_text())
-            diff = {k: (old.get(k), v) for k, v in asdict(plan).items() if old.get(k) != v}
+            diff = {
+                k: (old.get(k), v)
+                for k, v in asdict(plan).items()
+                if old.get(k) != v and k not in RESUMABLE_FIELDS
+            }
             if diff:
                 changes = "; ".join(f"{k}: recorded {a!r}, now {b!r}" for k, (a, b) in diff.items())
                 raise RecordError(
                     f"An interrupted recording in {self.dir} used different settings ({changes}). "
                     f"Rerun with the original flags to resume it, or add --overwrite true to discard it."
                 )
-        else:
-            _write_json_atomic(plan_path, asdict(plan))
+        _write_json_atomic(plan_path, asdict(plan))  # records new RESUMABLE_FIELDS values
         self.attempts_dir.mkdir(exist_ok=True)
         self.episodes_dir.mkdir(exist_ok=True)
         # Partial state from a killed run: temp episode dirs, an unfinished merge, episodes without a record.
@@ -205,8 +230,10 @@ def _attempt_name(task: str, attempt: int) -> str:
     return f"{task}__{attempt:05d}"
 
 
-def run_attempt(env, plan: RecordPlan, task: str, attempt: int, out_dir: Path | None, on_step=None) -> dict:
-    """Run one expert episode; when `out_dir` is given, record it as a finalized one-episode dataset there.
+def run_attempt(env, plan: RecordPlan, task: str, attempt: int, out_dir: Path, on_step=None) -> dict:
+    """Run one expert episode and record it as a finalized one-episode LeRobotDataset in `out_dir`.
+
+    The episode is saved only if it is kept (`success_only` drops failures); the record dict says what happened.
 
     The expert sees MetaWorld's raw 39-d observation, so the env is driven through its inner MetaWorld env
     (`env._env`) and every observation is formatted by LeRobot's own `env._format_raw_obs`, i.e. the code
@@ -215,41 +242,38 @@ def run_attempt(env, plan: RecordPlan, task: str, attempt: int, out_dir: Path | 
     """
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
-    dataset = None
-    if out_dir is not None:
-        dataset = LeRobotDataset.create(
-            repo_id=plan.repo_id,
-            fps=plan.fps,
-            features=dataset_features(plan.use_videos),
-            root=out_dir,
-            robot_type="sawyer",
-            use_videos=plan.use_videos,
-            vcodec=plan.vcodec,
-            image_writer_threads=2,  # PNG writes overlap with the next simulator step
-        )
+    dataset = LeRobotDataset.create(
+        repo_id=plan.repo_id,
+        fps=plan.fps,
+        features=dataset_features(plan.use_videos),
+        root=out_dir,
+        robot_type="sawyer",
+        use_videos=plan.use_videos,
+        vcodec=plan.vcodec,
+        image_writer_threads=2,  # PNG writes overlap with the next simulator step
+    )
     np.random.seed(episode_seed(plan.seed, task, attempt))
     rng = _noise_rng(plan.seed, task, attempt)
     raw_obs, _ = env._env.reset()
-    obs = env._format_raw_obs(raw_obs)
     success_step = None
     steps = 0
     while steps < plan.max_steps:
+        # Rendering is most of the cost, so the frame is rendered here, only for steps that are recorded.
+        obs = env._format_raw_obs(raw_obs)
         expert = np.asarray(env.expert_policy.get_action(raw_obs), dtype=np.float64)
         if plan.action_noise > 0:
             expert = expert + rng.normal(0.0, plan.action_noise, size=expert.shape)
         # The executed action is the clipped float32 one; recording exactly it lets a replay reproduce frames.
         action = np.clip(expert, -1.0, 1.0).astype(np.float32)
-        if dataset is not None:
-            dataset.add_frame(
-                {
-                    "observation.image": obs["pixels"],
-                    "observation.state": np.asarray(obs["agent_pos"], dtype=np.float32),
-                    "action": action,
-                    "task": env.task_description,
-                }
-            )
+        dataset.add_frame(
+            {
+                "observation.image": obs["pixels"],
+                "observation.state": np.asarray(obs["agent_pos"], dtype=np.float32),
+                "action": action,
+                "task": env.task_description,
+            }
+        )
         raw_obs, _reward, _terminated, truncated, info = env._env.step(action)
-        obs = env._format_raw_obs(raw_obs)
         steps += 1
         if success_step is None and bool(info.get("success", 0)):
             success_step = steps
@@ -260,12 +284,11 @@ def run_attempt(env, plan: RecordPlan, task: str, attempt: int, out_dir: Path | 
         if truncated:
             break  # MetaWorld's own 500-step limit
     success = success_step is not None
-    kept = dataset is not None and (success or not plan.success_only)
-    if dataset is not None:
-        if kept:
-            dataset.save_episode()
-        dataset.stop_image_writer()
-        dataset.finalize()
+    kept = success or not plan.success_only
+    if kept:
+        dataset.save_episode()
+    dataset.stop_image_writer()
+    dataset.finalize()
     return {"task": task, "attempt": attempt, "success": success, "success_step": success_step,
             "frames": steps, "kept": kept}
 
@@ -284,7 +307,7 @@ def _load_records_summary(staging: Staging, plan: RecordPlan) -> dict:
     per_task = {}
     for task in plan.tasks:
         recs = staging.records(task).values()
-        kept = [r for r in recs if r["kept"]]
+        kept = sorted((r for r in recs if r["kept"]), key=lambda r: r["attempt"])[: plan.episodes_per_task]
         per_task[task] = {
             "attempts": len(recs),
             "expert_successes": sum(r["success"] for r in recs),
@@ -296,8 +319,6 @@ def _load_records_summary(staging: Staging, plan: RecordPlan) -> dict:
 
 def record(plan: RecordPlan, root: Path, overwrite: bool = False) -> dict:
     """Record `plan` into `root` (resuming an interrupted run) and return the summary dict."""
-    from lerobot.envs.metaworld import MetaworldEnv
-
     staging = Staging(root)
     info_path = root / RECORDING_INFO
     if overwrite:
@@ -305,7 +326,10 @@ def record(plan: RecordPlan, root: Path, overwrite: bool = False) -> dict:
         shutil.rmtree(root, ignore_errors=True)
     if root.exists():
         done = json.loads(info_path.read_text()) if info_path.exists() else None
-        if done is not None and done.get("plan") == asdict(plan):
+        same = done is not None and {k: v for k, v in done["plan"].items() if k != "max_attempts_per_task"} == {
+            k: v for k, v in asdict(plan).items() if k != "max_attempts_per_task"
+        }  # how many attempts were allowed does not change a finished dataset
+        if same:
             staging.remove()  # a kill after the final rename can leave it behind
             return {**done["summary"], "reused": True}
         what = "was recorded with other settings" if done else "exists and was not written by this recorder"
@@ -314,6 +338,10 @@ def record(plan: RecordPlan, root: Path, overwrite: bool = False) -> dict:
         )
 
     staging.open(plan)
+    from lerobot.envs.metaworld import (
+        MetaworldEnv,  # heavy (mujoco, lerobot.envs): only when recording
+    )
+
     start = time.time()
     total = plan.episodes_per_task * len(plan.tasks)
     kept_before = sum(s["episodes"] for s in _load_records_summary(staging, plan).values())
@@ -336,8 +364,9 @@ def record(plan: RecordPlan, root: Path, overwrite: bool = False) -> dict:
                 bar.close()
                 raise RecordError(
                     f"The expert kept only {len(kept)}/{plan.episodes_per_task} episodes of {task} in "
-                    f"{attempt} attempts. Lower --action_noise, raise --max_steps (now {plan.max_steps}) or "
-                    f"--max_attempts_per_task, or pass --success_only false. Rerunning resumes from here."
+                    f"{attempt} attempts. Rerun with a higher --max_attempts_per_task to resume from here, or "
+                    f"start over (--overwrite true) with a lower --action_noise, a higher --max_steps "
+                    f"(now {plan.max_steps}) or --success_only false."
                 )
             if attempt in records:
                 attempt += 1
@@ -349,7 +378,8 @@ def record(plan: RecordPlan, root: Path, overwrite: bool = False) -> dict:
             shutil.rmtree(tmp, ignore_errors=True)
 
             def on_step(step, succeeded, _task=task, _attempt=attempt):
-                bar.set_postfix_str(f"{_task} #{_attempt} step {step}{' ok' if succeeded else ''}", refresh=False)
+                done = " ok" if succeeded else ""
+                bar.set_postfix_str(f"{_task} #{_attempt} step {step}{done}", refresh=False)
 
             t0 = time.time()
             rec = run_attempt(env, plan, task, attempt, tmp, on_step=on_step)
@@ -364,7 +394,8 @@ def record(plan: RecordPlan, root: Path, overwrite: bool = False) -> dict:
             attempt += 1
         if env is not None:
             env.close()  # frees the EGL context now rather than in a noisy interpreter-exit __del__
-        names += [_attempt_name(task, a) for a in sorted(a for a, r in records.items() if r["kept"])[: plan.episodes_per_task]]
+        kept = sorted(a for a, r in records.items() if r["kept"])[: plan.episodes_per_task]
+        names += [_attempt_name(task, a) for a in kept]
     bar.close()
 
     per_task = _load_records_summary(staging, plan)
@@ -405,9 +436,6 @@ def _bool(text: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     """CLI parser; dotted flags follow LeRobot's naming (`--dataset.repo_id`, `--env.task`)."""
-    from lerobot.envs.configs import MetaworldEnv as MetaworldEnvConfig
-
-    env_fps = MetaworldEnvConfig.__dataclass_fields__["fps"].default  # lerobot-eval's MetaWorld fps (80)
     p = argparse.ArgumentParser(
         prog="lerobot-wm-record-metaworld",
         description="Record MetaWorld scripted-expert demonstrations into a LeRobotDataset "
@@ -425,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_attempts_per_task", type=int, default=None, help="default: 3 x episodes_per_task")
     p.add_argument("--max_steps", type=int, default=200, help="max steps (frames) per episode, <= 500")
     p.add_argument("--steps_after_success", type=int, default=5)
-    p.add_argument("--dataset.fps", "--fps", dest="fps", type=int, default=env_fps)
+    p.add_argument("--dataset.fps", "--fps", dest="fps", type=int, default=METAWORLD_FPS)
     p.add_argument("--dataset.use_videos", "--use_videos", dest="use_videos", type=_bool, nargs="?", const=True,
                    default=True)
     p.add_argument("--dataset.vcodec", "--vcodec", dest="vcodec", default="libsvtav1")
@@ -444,6 +472,12 @@ def _check(args) -> None:
         raise RecordError(f"--action_noise is a standard deviation and must be >= 0, got {args.action_noise}.")
     if args.steps_after_success < 0 or args.fps < 1:
         raise RecordError("--steps_after_success must be >= 0 and --dataset.fps >= 1.")
+    if args.use_videos:
+        from lerobot.datasets.video_utils import VALID_VIDEO_CODECS
+
+        if args.vcodec not in VALID_VIDEO_CODECS:
+            raise RecordError(f"--dataset.vcodec {args.vcodec!r} is not one LeRobot can write; use one of "
+                              f"{sorted(VALID_VIDEO_CODECS)} (libsvtav1 is LeRobot's default).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -468,6 +502,10 @@ def main(argv: list[str] | None = None) -> int:
     except RecordError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Committed episodes are safe in the staging dir; the partial one is dropped on the next run.
+        print("\ninterrupted: rerun the same command to resume.", file=sys.stderr)
+        return 130
     _print_summary(summary, plan)
     return 0
 
@@ -489,5 +527,4 @@ def _print_summary(s: dict, plan: RecordPlan) -> None:
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        sys.exit(main())
+    sys.exit(main())

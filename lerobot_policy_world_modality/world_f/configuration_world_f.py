@@ -114,7 +114,7 @@ class WorldFConfig(WorldLatentOptions, PreTrainedConfig):
     # Dimension of the world latent (all world cameras concatenated); filled at construction from the encoder.
     world_latent_dim: int | None = None
 
-    # Optimizer preset (AdamW), as in LeRobot's ACT.
+    # AdamW learning rate (constant: no schedule).
     optimizer_lr: float = 1e-4
     # AdamW weight decay (not applied to biases, norms, gates).
     optimizer_weight_decay: float = 1e-4
