@@ -250,6 +250,7 @@ GROUPS = {
         "history_frames", "future_frames", "latent_cache_root", "world_latent_dim", "dataset_repo_id",
         "dataset_root",
     ],
+    "Language input (optional; see language.py)": ["language_encoder", "language_encoder_revision", "language_max_length"],
     "Prophet and world loss": [
         "use_prophet", "prophet_reads_trunk", "prophet_width", "prophet_depth", "prophet_heads",
         "delta_prediction", "lambda_world",
@@ -336,10 +337,16 @@ def render_config_reference() -> str:
     """The markdown tables of every WorldFConfig field (name, type, default, meaning), grouped."""
     import dataclasses
 
+    from lerobot_policy_world_modality.language import LanguageOptions
     from lerobot_policy_world_modality.latents.config import WorldLatentOptions
     from lerobot_policy_world_modality.world_f.configuration_world_f import WorldFConfig
 
-    docs = {**BASE_DOCS, **_field_comments(WorldLatentOptions), **_field_comments(WorldFConfig)}
+    docs = {
+        **BASE_DOCS,
+        **_field_comments(WorldLatentOptions),
+        **_field_comments(LanguageOptions),
+        **_field_comments(WorldFConfig),
+    }
     fields = {f.name: f for f in dataclasses.fields(WorldFConfig) if f.init}
     lines = []
     for group, names in GROUPS.items():

@@ -134,3 +134,29 @@ def test_precompute_train_eval_metaworld(dataset_root, tmp_path):
     overall = info.get("overall", info.get("aggregated", {}))
     assert "pc_success" in json.dumps(overall)
     assert torch.isfinite(torch.tensor(float(overall["avg_sum_reward"])))
+
+
+@pytest.mark.slow
+def test_train_with_language_input(dataset_root, tmp_path):
+    """Two lerobot-train steps with a (tiny, local) text encoder: `task` reaches the policy from the
+    dataset through the stock data path, and the checkpoint records the encoder but not its weights.
+
+    The eval side (`add_envs_task` -> preprocessor -> policy) is covered by a unit test of the
+    preprocessor; a full lerobot-eval run would add ~2.5 minutes here for the same path.
+    """
+    from safetensors import safe_open
+    from support.text import make_tiny_text_encoder
+
+    text_dir = make_tiny_text_encoder(tmp_path / "tiny_bert")
+    res = _run([BIN / "lerobot-wm-precompute", f"--dataset.repo_id={REPO}", f"--dataset.root={dataset_root}"])
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "train"
+    res = _run([*_train_cmd(dataset_root, out, steps=2), f"--policy.language_encoder={text_dir}"])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    ckpt = out / "checkpoints" / "last" / "pretrained_model"
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["language_encoder"] == str(text_dir) and cfg["language_encoder_revision"].startswith("sha256:")
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert "trunk.language_proj.weight" in keys
+    assert not any("word_embeddings" in k or "encoder.layer" in k for k in keys)

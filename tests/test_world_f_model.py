@@ -283,3 +283,136 @@ def test_config_variants_and_errors():
     assert cfg.observation_delta_indices is None and cfg.reward_delta_indices is None
     assert cfg.action_delta_indices == list(range(H))
     assert cfg.get_optimizer_preset().lr == cfg.optimizer_lr and cfg.type == "world_f"
+
+
+# ---------------------------------------------------------------------------------------------- language input
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory):
+    from support.text import make_tiny_text_encoder
+
+    return make_tiny_text_encoder(tmp_path_factory.mktemp("text") / "tiny_bert")
+
+
+def with_tasks(batch: dict, tasks) -> dict:
+    return {**batch, "task": list(tasks)}
+
+
+def test_language_is_off_by_default_and_loads_nothing():
+    cfg = make_config()
+    assert cfg.language_encoder is None and cfg.language_encoder_revision is None
+    policy = make_policy()
+    assert policy.text_encoder is None and policy._text_encoder == []
+    assert policy.trunk.num_obs_tokens == 2 and policy.trunk.obs_embed.shape == (2, 32)
+    assert not any("language" in k for k in policy.state_dict())
+    policy.train()
+    policy.forward(train_batch())  # no 'task' needed
+    assert policy._text_encoder == []
+
+
+def test_language_token_depends_on_the_instruction_and_each_is_encoded_once(text_dir):
+    policy = make_policy(language_encoder=str(text_dir))
+    assert policy.trunk.num_obs_tokens == 3 and policy._text_encoder == []  # loaded lazily
+    latent = train_batch()[OBS_WORLD_LATENT]
+    obs = eval_batch(latent)
+    tasks_a = ["open the drawer", "open the drawer", "press the button"]
+    tasks_b = ["close the drawer", "open the drawer", "press the button"]
+    chunk_a = policy.predict_action_chunk({**obs, OBS_WORLD_HISTORY: latent.unsqueeze(1).repeat(1, T, 1), "task": tasks_a})
+    enc = policy.text_encoder
+    assert enc.num_encoded == 2  # distinct strings only
+    chunk_b = policy.predict_action_chunk({**obs, OBS_WORLD_HISTORY: latent.unsqueeze(1).repeat(1, T, 1), "task": tasks_b})
+    assert enc.num_encoded == 3
+    assert not torch.allclose(chunk_a[0], chunk_b[0])  # row 0's instruction changed
+    assert torch.equal(chunk_a[1:], chunk_b[1:])  # the others did not
+    tok_a = policy.trunk.observation_tokens(latent, obs["observation.state"], enc.encode(tasks_a))
+    tok_b = policy.trunk.observation_tokens(latent, obs["observation.state"], enc.encode(tasks_b))
+    assert not torch.equal(tok_a[0, 2], tok_b[0, 2]) and torch.equal(tok_a[:, :2], tok_b[:, :2])
+    # A rollout re-uses the cached embedding at every inference.
+    policy.reset()
+    for _ in range(7):
+        policy.select_action(with_tasks(eval_batch(torch.randn(B, D)), tasks_a))
+    assert enc.num_encoded == 3
+
+
+def test_language_trains_the_projection_not_the_text_model(text_dir):
+    policy = make_policy(language_encoder=str(text_dir))
+    policy.train()
+    loss, _ = policy.forward(with_tasks(train_batch(), ["pick the cube"] * B))
+    loss.backward()
+    assert policy.trunk.language_proj.weight.grad.abs().sum() > 0
+    text_params = {id(p) for p in policy.text_encoder.model.parameters()}
+    assert not text_params & {id(p) for p in policy.parameters()}
+    assert all(p.grad is None for p in policy.text_encoder.model.parameters())
+
+
+def test_text_encoder_is_not_saved_and_round_trip_gives_identical_actions(text_dir, tmp_path):
+    policy = make_policy(language_encoder=str(text_dir))
+    keys = set(policy.state_dict())
+    assert {"trunk.language_proj.weight", "trunk.language_norm.weight"} <= keys
+    _ = policy.text_encoder  # loaded now: must still stay out of the state dict
+    assert set(policy.state_dict()) == keys and not any("embeddings" in k or "encoder.layer" in k for k in keys)
+    policy.save_pretrained(tmp_path)
+    loaded = WorldFPolicy.from_pretrained(tmp_path)
+    assert loaded.config.language_encoder == str(text_dir)
+    assert loaded.config.language_encoder_revision == policy.config.language_encoder_revision is not None
+    latent = torch.randn(B, D)
+    tasks = ["open the drawer", "press the button", "pick the cube"]
+    policy.reset()
+    loaded.reset()
+    for _ in range(2):
+        obs = with_tasks(eval_batch(latent), tasks)
+        assert torch.equal(policy.predict_action_chunk(obs), loaded.predict_action_chunk(obs))
+        latent = latent + 0.1
+
+
+def test_missing_or_empty_instruction_is_a_clear_error(text_dir):
+    policy = make_policy(language_encoder=str(text_dir))
+    policy.train()
+    with pytest.raises(KeyError, match="no 'task'"):
+        policy.forward(train_batch())
+    with pytest.raises(ValueError, match="Empty language instruction"):
+        policy.forward(with_tasks(train_batch(), ["pick the cube", "", "pick the cube"]))
+    with pytest.raises(ValueError, match="Empty language instruction"):
+        policy.select_action(with_tasks(eval_batch(torch.randn(B, D)), [""] * B))  # an env without instructions
+
+
+def test_checkpoint_with_another_text_encoder_fails_clearly(text_dir, tmp_path):
+    from support.text import make_tiny_text_encoder
+
+    from lerobot_policy_world_modality.language import TextEncoderLoadError
+
+    own = make_tiny_text_encoder(tmp_path / "own", seed=0)
+    make_policy(language_encoder=str(own)).save_pretrained(tmp_path / "ckpt")
+    # Same name, other weights (the directory was overwritten after training).
+    make_tiny_text_encoder(own, seed=5)
+    with pytest.raises(TextEncoderLoadError, match="mismatch.*--policy.language_encoder"):
+        WorldFPolicy.from_pretrained(tmp_path / "ckpt")
+    # Evaluating with a different encoder than the one recorded, as `--policy.language_encoder=...` would.
+    from lerobot.configs.policies import PreTrainedConfig
+
+    cfg = PreTrainedConfig.from_pretrained(tmp_path / "ckpt")
+    cfg.language_encoder = str(make_tiny_text_encoder(tmp_path / "other", seed=7))
+    with pytest.raises(TextEncoderLoadError, match="mismatch"):
+        WorldFPolicy.from_pretrained(tmp_path / "ckpt", config=cfg)
+    # Turning the language input off for a checkpoint trained with it.
+    cfg.language_encoder = None
+    with pytest.raises(TextEncoderLoadError, match="trained with a language input"):
+        WorldFPolicy.from_pretrained(tmp_path / "ckpt", config=cfg)
+
+
+def test_task_reaches_the_policy_through_its_preprocessor(text_dir):
+    """lerobot-eval's observation (after `add_envs_task`) keeps `task` through world_f's preprocessor."""
+    from lerobot_policy_world_modality.world_f.processor_world_f import make_world_f_pre_post_processors
+
+    cfg = make_config(language_encoder=str(text_dir), world_latent_dim=None, encoder="pixels-2")
+    policy = WorldFPolicy(cfg)
+    pre, post = make_world_f_pre_post_processors(cfg)
+    obs = {
+        "observation.image": torch.rand(2, 3, 8, 8),
+        "observation.state": torch.randn(2, S),
+        "task": ["press the button", "open the drawer"],
+    }
+    batch = pre(obs)
+    assert batch["task"] == ["press the button", "open the drawer"]
+    policy.reset()
+    action = post(policy.select_action(batch))
+    assert action.shape == (2, A) and policy.text_encoder.num_encoded == 2

@@ -164,7 +164,7 @@ def stage_latents(args, work: Path, repo_id: str, root: Path) -> Path:
         pass
     cmd = [
         _bin("lerobot-wm-precompute"), f"--dataset.repo_id={repo_id}", f"--dataset.root={root}",
-        f"--encoder={args.encoder}", f"--cache_root={cache_root}", "--no_progress",
+        f"--encoder={args.encoder}", f"--cache_root={cache_root}",
     ]  # fmt: skip
     run_stage("latents", cmd, work / "logs" / "latents.log")
     text = (work / "logs" / "latents.log").read_text(errors="replace")
@@ -223,12 +223,39 @@ def stage_train(args, work: Path, repo_id: str, root: Path, view: Path) -> tuple
     return run_dir, record
 
 
+def lerobot_eval_capped() -> None:
+    """Run stock `lerobot-eval` (same argv) with MetaWorld episodes capped at `--env.episode_length`.
+
+    LeRobot 0.4.4's MetaWorld env ignores `--env.episode_length`: its rollouts always last up to
+    MetaWorld's 500 steps (`MetaworldEnv._max_episode_steps = max_path_length`), ~110 s per failing
+    episode here. This launcher sets that attribute to the requested length after the env is built
+    and then calls LeRobot's own entry point unchanged.
+    """
+    lengths = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--env.episode_length=")]
+    if lengths:
+        from lerobot.envs import metaworld
+
+        cap = int(lengths[-1])
+        original_init = metaworld.MetaworldEnv.__init__
+
+        def init(self, *a, **kw):
+            original_init(self, *a, **kw)
+            self._max_episode_steps = min(cap, self._max_episode_steps)
+
+        metaworld.MetaworldEnv.__init__ = init
+    from lerobot.scripts.lerobot_eval import main as eval_main
+
+    eval_main()
+
+
 def stage_eval(args, work: Path, run_dir: Path) -> tuple[Path, dict]:
     """Evaluate the final checkpoint in MetaWorld unless this evaluation already finished."""
     ckpt = run_dir / "checkpoints" / f"{args.steps:06d}" / "pretrained_model"
     eval_dir = work / "eval" / f"{run_dir.name}_n{args.eval_episodes}_len{args.episode_length}_seed{args.eval_seed}"
+    # Stock lerobot-eval, through a launcher that makes --env.episode_length effective for MetaWorld.
+    launcher = [sys.executable, "-c", "from lerobot_policy_world_modality.tools.demo import lerobot_eval_capped as m; m()"]
     cmd = [
-        _bin("lerobot-eval"), f"--policy.path={ckpt}", "--policy.device=cpu", "--env.type=metaworld",
+        *launcher, f"--policy.path={ckpt}", "--policy.device=cpu", "--env.type=metaworld",
         f"--env.task={args.task}", f"--env.episode_length={args.episode_length}",
         f"--eval.n_episodes={args.eval_episodes}", "--eval.batch_size=1", f"--seed={args.eval_seed}",
         f"--output_dir={eval_dir}",

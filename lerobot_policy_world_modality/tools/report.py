@@ -232,6 +232,12 @@ def metric_series(per_ckpt: list[dict], keys: list[str], labels: dict[str, str] 
     return out
 
 
+def _with_zero(series: dict) -> tuple[float, float] | None:
+    """A y range that includes 0 (so a gate opening is seen against its closed start)."""
+    ys = [y for s in series.values() for _, y in s if math.isfinite(y)]
+    return (min(0.0, *ys), max(0.0, *ys)) if ys else None
+
+
 def build_charts(report: dict) -> list[str]:
     """The report's SVG charts: losses, world cosine per horizon, gate opening, success rate."""
     per_ckpt = report.get("per_checkpoint_metrics", [])
@@ -249,7 +255,7 @@ def build_charts(report: dict) -> list[str]:
     return [
         line_chart(losses, "Training losses", ylabel="loss"),
         line_chart(cos, "World cosine per horizon", ylabel="cos(pred, true future latent)"),
-        line_chart(gate, "Gate opening over training", ylabel="tanh(gate)"),
+        line_chart(gate, "Gate opening over training", ylabel="tanh(gate)", y_range=_with_zero(gate)),
         bar_chart(bars, f"Success rate ({report.get('eval_episodes', '?')} episodes)", ylabel="success %"),
     ]
 

@@ -8,6 +8,7 @@ from lerobot.configs.policies import PreTrainedConfig
 from lerobot.configs.types import NormalizationMode
 from lerobot.optim.optimizers import AdamWConfig
 
+from ..language import LanguageOptions
 from ..latents.config import WorldLatentOptions
 from ..world.memory import MEMORY_MODES, ROLLOUT_MEMORY_MODES, SCHEDULE_SHAPES
 
@@ -17,12 +18,14 @@ VARIANTS = {"A": (False, False), "B_cont": (True, False), "F": (True, True)}
 
 @PreTrainedConfig.register_subclass("world_f")
 @dataclass
-class WorldFConfig(WorldLatentOptions, PreTrainedConfig):
+class WorldFConfig(WorldLatentOptions, LanguageOptions, PreTrainedConfig):
     """Config of `world_f`: world latent + state -> trunk -> action chunk, with optional Prophet memory.
 
     Inputs are the frozen-encoder world latent of the configured cameras (added to the batch by the
-    world-latent processor step) and the robot state. Does not subclass a LeRobot built-in config:
-    LeRobot 0.4.4 would then hand it the built-in processors and the world-latent step would never run.
+    world-latent processor step), the robot state and, when `language_encoder` is set, the instruction
+    (`task`) embedded by a frozen text encoder (see `language.py`). Does not subclass a LeRobot
+    built-in config: LeRobot 0.4.4 would then hand it the built-in processors and the world-latent
+    step would never run.
 
     Baselines of the research line are switches of this one class (or set `variant`):
     - A      (use_prophet=False, inject_memory=False): the trunk alone, no world prediction.
@@ -168,6 +171,8 @@ class WorldFConfig(WorldLatentOptions, PreTrainedConfig):
         for name in ("scheduled_prob_start", "scheduled_prob_end"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}.")
+        if self.language_max_length < 1:
+            raise ValueError(f"language_max_length must be >= 1, got {self.language_max_length}.")
         if self.scheduled_decay_steps < 0 or self.scheduled_warmup_steps < 0:
             raise ValueError("scheduled_decay_steps and scheduled_warmup_steps must be >= 0.")
 

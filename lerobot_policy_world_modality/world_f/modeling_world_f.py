@@ -1,13 +1,15 @@
 """The `world_f` policy: a compact transformer policy whose action queries read Prophet world memory.
 
     world latent z_t ─┐                                          ┌─> Prophet(history, obs states) ─> memory
-    robot state    ───┴─> trunk over [obs tokens, H action queries] ──> query states ──┐        │
+    robot state    ───┤
+    instruction*   ───┴─> trunk over [obs tokens, H action queries] ──> query states ──┐        │
                                                                                         v        v
                                                           GatedCrossAttention(query states, memory)
                                                                                         │
                                                                         action head ─> chunk [B, H, A]
 
 Variant A drops the Prophet and the cross-attention; B_cont keeps the Prophet and its loss only.
+* The instruction (`task`, through a frozen text encoder) is an input only when `language_encoder` is set.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from lerobot.utils.constants import ACTION, OBS_STATE
 from torch import Tensor, nn
 
 from ..constants import OBS_WORLD_FUTURE, OBS_WORLD_FUTURE_VALID, OBS_WORLD_HISTORY, OBS_WORLD_LATENT
+from ..language import FrozenTextEncoder, bind_language_encoder, instructions_from_batch
 from ..world.fusion import GatedCrossAttention
 from ..world.memory import per_horizon_cosine, scheduled_oracle_prob, select_memory, world_loss, world_targets
 from ..world.prophet import Prophet, TransformerBlock
@@ -34,7 +37,8 @@ class ActionTrunk(nn.Module):
     """Observation tokens + H learned action queries through a pre-norm transformer (reusable trunk).
 
     Observation tokens: the world latent (LayerNorm'd, since encoder latents come at any scale, then
-    projected to `width`) and, when given, the robot state (projected). Each token type has a learned
+    projected to `width`), when given the robot state (projected) and, with `language_dim`, the
+    instruction embedding (LayerNorm'd and projected, like the latent). Each token type has a learned
     embedding. Callers may insert extra tokens (e.g. world tokens) between observations and queries.
     """
 
@@ -48,25 +52,40 @@ class ActionTrunk(nn.Module):
         heads: int,
         ffn_dim: int | None = None,
         dropout: float = 0.0,
+        language_dim: int | None = None,
     ):
         super().__init__()
         self.latent_norm = nn.LayerNorm(latent_dim)
         self.latent_proj = nn.Linear(latent_dim, width)
         self.state_proj = nn.Linear(state_dim, width) if state_dim else None
-        self.num_obs_tokens = 2 if state_dim else 1
+        self.num_obs_tokens = (2 if state_dim else 1) + (1 if language_dim else 0)
         self.obs_embed = nn.Parameter(torch.randn(self.num_obs_tokens, width) * 0.02)
         self.action_queries = nn.Parameter(torch.randn(chunk_size, width) * 0.02)
         self.blocks = nn.ModuleList(TransformerBlock(width, heads, ffn_dim, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
+        # Created after every other parameter, so a trunk without language draws exactly the same
+        # initial weights as before the language input existed.
+        if language_dim:
+            self.language_norm = nn.LayerNorm(language_dim)
+            self.language_proj = nn.Linear(language_dim, width)
+        else:
+            self.language_norm = self.language_proj = None
 
-    def observation_tokens(self, latent: Tensor, state: Tensor | None) -> Tensor:
-        """[B, num_obs_tokens, W] from the world latent [B, D] and the state [B, S] (if the trunk has one)."""
+    def observation_tokens(self, latent: Tensor, state: Tensor | None, language: Tensor | None = None) -> Tensor:
+        """[B, num_obs_tokens, W] from the world latent [B, D], the state [B, S] and the instruction [B, L].
+
+        State and instruction are read only when the trunk was built with them.
+        """
         dtype = self.latent_proj.weight.dtype
         tokens = [self.latent_proj(self.latent_norm(latent.to(dtype)))]
         if self.state_proj is not None:
             if state is None:
                 raise KeyError(f"The policy was built with a robot state but the batch has no '{OBS_STATE}'.")
             tokens.append(self.state_proj(state.to(dtype)))
+        if self.language_proj is not None:
+            if language is None:
+                raise ValueError("The trunk was built with a language input but got no instruction embedding.")
+            tokens.append(self.language_proj(self.language_norm(language.to(dtype))))
         return torch.stack(tokens, dim=1) + self.obs_embed
 
     def queries(self, batch_size: int) -> Tensor:
@@ -84,10 +103,11 @@ class WorldFPolicy(PreTrainedPolicy):
     """LeRobot policy `world_f` (see `WorldFConfig` for the variants A / B_cont / F and memory modes).
 
     Training batches carry OBS_WORLD_LATENT [B, D], OBS_WORLD_HISTORY [B, T, D], OBS_WORLD_FUTURE
-    [B, K, D] and OBS_WORLD_FUTURE_VALID [B, K] (from the world-latent step), the state and the action
-    chunk. Evaluation batches carry OBS_WORLD_LATENT only: the policy keeps the history of the last T
-    latents itself, repeat-padded at an episode's first frame exactly like the training windows, and
-    clears it with the action queue in `reset()`.
+    [B, K, D] and OBS_WORLD_FUTURE_VALID [B, K] (from the world-latent step), the state, the action
+    chunk and, with the language input on, the instructions `task` (list of B strings). Evaluation
+    batches carry OBS_WORLD_LATENT (and the state and `task`) only: the policy keeps the history of
+    the last T latents itself, repeat-padded at an episode's first frame exactly like the training
+    windows, and clears it with the action queue in `reset()`.
     """
 
     config_class = WorldFConfig
@@ -120,6 +140,10 @@ class WorldFPolicy(PreTrainedPolicy):
                     "unset (it is filled from the encoder) or train a new policy for this encoder."
                 )
             config.world_latent_dim = dim
+        # Language input: only the identity is resolved here (cheap, and it fills or checks the recorded
+        # revision); the text model itself loads on first use and never enters the state dict.
+        self.language_identity = bind_language_encoder(config)
+        self._text_encoder: list[FrozenTextEncoder] = []  # a plain list: never a registered submodule
         state = config.robot_state_feature
         self.state_dim = state.shape[0] if state is not None else None
         self.action_dim = config.action_feature.shape[0]
@@ -127,6 +151,7 @@ class WorldFPolicy(PreTrainedPolicy):
         self.trunk = ActionTrunk(
             d, self.state_dim, config.chunk_size, config.width, config.depth, config.heads,
             config.ffn_dim, config.dropout,
+            language_dim=self.language_identity.dim if self.language_identity else None,
         )  # fmt: skip
         self.prophet = (
             Prophet(
@@ -194,6 +219,24 @@ class WorldFPolicy(PreTrainedPolicy):
         else:
             self._history = torch.cat([self._history[:, 1:], latent.unsqueeze(1).to(self._history.dtype)], dim=1)
         return self._history
+
+    @property
+    def text_encoder(self) -> FrozenTextEncoder | None:
+        """The frozen text encoder (loaded on first access), or None when the language input is off."""
+        if self.language_identity is None:
+            return None
+        if not self._text_encoder:
+            cfg = self.config
+            self._text_encoder.append(
+                FrozenTextEncoder(cfg.language_encoder, cfg.language_encoder_revision, cfg.language_max_length)
+            )
+        return self._text_encoder[0]
+
+    def _language(self, batch: dict, batch_size: int, device: torch.device) -> Tensor | None:
+        """Instruction embeddings [B, L] on `device`, or None when the language input is off."""
+        if self.language_identity is None:
+            return None
+        return self.text_encoder.encode(instructions_from_batch(batch, batch_size), device=device)
 
     @staticmethod
     def _latent(batch: dict[str, Tensor]) -> Tensor:
@@ -312,7 +355,8 @@ class WorldFPolicy(PreTrainedPolicy):
         reading them back would cost a device sync per inference).
         """
         latent = self._latent(batch)
-        obs = self.trunk.observation_tokens(latent, batch.get(OBS_STATE))
+        language = self._language(batch, latent.shape[0], latent.device)
+        obs = self.trunk.observation_tokens(latent, batch.get(OBS_STATE), language)
         n_obs = obs.shape[1]
         states = self.trunk(torch.cat([obs, self.trunk.queries(obs.shape[0])], dim=1))
         query_states = states[:, n_obs:]
