@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .latents.hf_encoders import EncoderLoadError
+from .latents.hf_encoders import EncoderLoadError, file_digest
 
 # The documented default choice when the language input is enabled (384-d, 22 M parameters).
 DEFAULT_TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
@@ -72,23 +72,6 @@ class TextEncoderIdentity:
     dim: int  # embedding size, read from the model config
 
 
-# Per-process memo of file digests keyed by (path, size, mtime): resolving again is free.
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
-def _file_digest(path: Path) -> str:
-    """sha256 of one file's bytes (memoised while the file is unchanged)."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _DIGESTS[key] = h.hexdigest()
-    return _DIGESTS[key]
-
-
 def text_local_revision(directory: str | Path) -> str:
     """sha256 over a local text encoder's weights, config and tokenizer files (sorted by name).
 
@@ -105,7 +88,7 @@ def text_local_revision(directory: str | Path) -> str:
     files = sorted([*weights, *(directory / n for n in _IDENTITY_FILES if (directory / n).is_file())], key=lambda p: p.name)
     h = hashlib.sha256()
     for p in files:
-        h.update(p.name.encode() + b"\0" + _file_digest(p).encode() + b"\n")
+        h.update(p.name.encode() + b"\0" + file_digest(p).encode() + b"\n")
     return "sha256:" + h.hexdigest()
 
 

@@ -5,10 +5,14 @@
 # Extra flags are passed on to lerobot-wm-demo (see `lerobot-wm-demo --help`).
 set -euo pipefail
 export MUJOCO_GL="${MUJOCO_GL:-egl}"
+# One torch thread per process: on a 2-core machine shared with other jobs, two spinning OpenMP threads
+# per process made training steps 10-30x slower (seen here: 3 s/step instead of 0.2 s/step).
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 command -v lerobot-wm-demo >/dev/null || {
   echo "lerobot-wm-demo not found: activate the environment you installed the project into" \
        "(pip install -e '.[metaworld]'), e.g. source .venv/bin/activate" >&2
   exit 1
 }
 exec lerobot-wm-demo --work_dir=outputs/demo --task=button-press-v3 --episodes=10 \
-  --size=small --steps=1500 --batch_size=32 --eval_episodes=10 --episode_length=150 "$@"
+  --size=small --steps=1500 --batch_size=32 --train_arg=--policy.optimizer_lr=3e-4 \
+  --eval_episodes=10 --episode_length=150 "$@"

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.cli import TINY_WORLD_F
 from support.datasets import make_synthetic_dataset
 
 BIN = Path(sys.executable).parent
@@ -24,20 +25,6 @@ BENCHMARKS = {
     "metaworld": ("HuggingFaceVLA/metaworld_mt50", ["observation.image"], 4, 4),
     "libero": ("HuggingFaceVLA/libero", ["observation.images.image"], 8, 7),
 }
-# Shrinks a config's model so two CPU training steps take seconds.
-TINY = [
-    "--policy.width=32",
-    "--policy.depth=1",
-    "--policy.heads=2",
-    "--policy.fusion_heads=2",
-    "--policy.prophet_width=32",
-    "--policy.prophet_depth=1",
-    "--policy.prophet_heads=2",
-    "--policy.chunk_size=4",
-    "--policy.n_action_steps=2",
-    "--policy.history_frames=3",
-    "--policy.future_frames=2",
-]
 
 
 def _split_name(path: Path) -> tuple[str, str]:
@@ -215,7 +202,7 @@ def test_two_training_steps_from_a_config(bench, tmp_path):
             f"--config_path={CONFIG_DIR / f'{bench}_world_f_F.json'}",
             "--policy.encoder=pixels",  # the configs' DINOv2 cannot be downloaded here
             "--policy.device=cpu",
-            *TINY,
+            *TINY_WORLD_F,
             f"--dataset.repo_id={repo}",
             f"--dataset.root={view}",
             "--batch_size=4",

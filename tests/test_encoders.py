@@ -33,7 +33,7 @@ from lerobot_policy_world_modality.latents.encoders import (
     preprocess_frames,
     resolve_encoder_identity,
 )
-from lerobot_policy_world_modality.latents.hf_encoders import IMAGENET_MEAN, IMAGENET_STD
+from lerobot_policy_world_modality.latents.hf_encoders import IMAGENET_MEAN, IMAGENET_STD, EncoderLoadError
 
 VIT = dict(num_hidden_layers=2, num_attention_heads=2, patch_size=8)
 
@@ -250,7 +250,7 @@ def test_identity_revision_tracks_the_weights_and_resolve_never_reads_them(tmp_p
     # loading them fails. This is what keeps the identity cheap.
     (tmp_path / "d" / "model.safetensors").write_bytes(b"not a safetensors file")
     assert resolve_encoder_identity(path).revision not in (before.revision, after.revision)
-    with pytest.raises(Exception):
+    with pytest.raises(EncoderLoadError, match="Cannot load the weights"):
         load_encoder(path)
 
 

@@ -17,26 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.cli import TINY_WORLD_F
 from support.datasets import make_synthetic_dataset
 
 BIN = Path(sys.executable).parent
 REPO = "local/world_f_accelerate"
 STEPS = 4
 BATCH = 4
-# Same tiny model as the end-to-end test: the point here is the multi-process path, not the model.
-TINY = [
-    "--policy.width=32",
-    "--policy.depth=1",
-    "--policy.heads=2",
-    "--policy.fusion_heads=2",
-    "--policy.prophet_width=32",
-    "--policy.prophet_depth=1",
-    "--policy.prophet_heads=2",
-    "--policy.chunk_size=4",
-    "--policy.n_action_steps=2",
-    "--policy.history_frames=3",
-    "--policy.future_frames=2",
-]
 
 
 def _free_port() -> int:
@@ -75,7 +62,7 @@ def test_accelerate_two_ranks_train_world_f_and_checkpoint_reloads(tmp_path):
         "--policy.encoder=pixels",
         "--policy.device=cpu",
         "--policy.push_to_hub=false",
-        *TINY,
+        *TINY_WORLD_F,
         f"--dataset.repo_id={REPO}",
         f"--dataset.root={view}",
         f"--batch_size={BATCH}",

@@ -8,24 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.cli import TINY_WORLD_F
 from support.datasets import make_synthetic_dataset
 
 BIN = Path(sys.executable).parent
 REPO = "local/world_f_e2e"
-# Small model so that the CPU-only training loop takes seconds.
-TINY = [
-    "--policy.width=32",
-    "--policy.depth=1",
-    "--policy.heads=2",
-    "--policy.fusion_heads=2",
-    "--policy.prophet_width=32",
-    "--policy.prophet_depth=1",
-    "--policy.prophet_heads=2",
-    "--policy.chunk_size=4",
-    "--policy.n_action_steps=2",
-    "--policy.history_frames=3",
-    "--policy.future_frames=2",
-]
 
 
 def _run(cmd, timeout=600, env_extra=None):
@@ -40,7 +27,7 @@ def _train_cmd(root, out, steps=6):
         "--policy.encoder=pixels",
         "--policy.device=cpu",
         "--policy.push_to_hub=false",
-        *TINY,
+        *TINY_WORLD_F,
         f"--dataset.repo_id={REPO}",
         f"--dataset.root={root}",
         "--dataset.video_backend=pyav",
@@ -64,7 +51,12 @@ def dataset_root(tmp_path):
 
 def test_stock_factory_builds_world_f_with_the_world_step(dataset_root, tmp_path):
     from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
-    from lerobot.policies.factory import get_policy_class, make_policy, make_policy_config, make_pre_post_processors
+    from lerobot.policies.factory import (
+        get_policy_class,
+        make_policy,
+        make_policy_config,
+        make_pre_post_processors,
+    )
 
     import lerobot_policy_world_modality  # noqa: F401
     from lerobot_policy_world_modality.latents.cache import LatentCacheError

@@ -60,7 +60,7 @@ class DatasetIdentity:
     episode_to: list[int] = field(default_factory=list)  # one past the last global index of each episode
 
     @classmethod
-    def from_meta(cls, meta: Any) -> "DatasetIdentity":
+    def from_meta(cls, meta: Any) -> DatasetIdentity:
         """Identity of an opened `LeRobotDatasetMetadata` (what `lerobot-train` hands policies)."""
         episodes = meta.episodes
         return cls(
@@ -73,7 +73,7 @@ class DatasetIdentity:
         )
 
     @classmethod
-    def from_dataset(cls, repo_id: str, root: str | Path | None = None) -> "DatasetIdentity":
+    def from_dataset(cls, repo_id: str, root: str | Path | None = None) -> DatasetIdentity:
         """Load the dataset's metadata (not its frames) and return its identity."""
         from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
 
@@ -269,7 +269,7 @@ class EpisodeBounds:
         self.end[frames] = owner_to
 
     @classmethod
-    def from_identity(cls, dataset: DatasetIdentity) -> "EpisodeBounds":
+    def from_identity(cls, dataset: DatasetIdentity) -> EpisodeBounds:
         """Bounds of a dataset identity."""
         return cls(dataset.episode_from, dataset.episode_to)
 
@@ -326,7 +326,7 @@ class LatentCache:
         dataset: DatasetIdentity,
         camera: str,
         encoder: EncoderIdentity,
-    ) -> "LatentCache":
+    ) -> LatentCache:
         """Find, validate and load the cache; raises `LatentCacheError` naming the fixing command.
 
         Checks, in order: the directory and meta.json exist; the fingerprint matches the current

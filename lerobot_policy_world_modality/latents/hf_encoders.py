@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .encoders import EncoderIdentity, WorldEncoder
 
@@ -237,7 +238,7 @@ def _preprocessing(family: str, config, proc: dict | None) -> tuple[tuple[int, i
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
     """sha256 of one file's bytes (memoised while the file is unchanged)."""
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
@@ -264,7 +265,7 @@ def local_revision(directory: str | Path) -> str:
         )
     h = hashlib.sha256()
     for p in [*weights, directory / "config.json"]:
-        h.update(p.name.encode() + b"\0" + _file_digest(p).encode() + b"\n")
+        h.update(p.name.encode() + b"\0" + file_digest(p).encode() + b"\n")
     return "sha256:" + h.hexdigest()
 
 
@@ -459,7 +460,7 @@ def load_hf_encoder(
             model = VJEPA2Model.from_pretrained(resolved.source, **kwargs)
             encoder = VJEPA2VideoEncoder(resolved.identity, model.encoder)
             del model
-    except OSError as err:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise EncoderLoadError(
             f"Cannot load the weights of encoder '{name_or_path}' ({err}). Fix: make sure the directory "
             "or Hub snapshot holds the weights written by `save_pretrained`."

@@ -41,7 +41,7 @@ from .cache import (
     write_meta,
     write_shard,
 )
-from .encoders import EncoderIdentity, WorldEncoder, load_encoder
+from .encoders import WorldEncoder, load_encoder
 from .train_view import default_view_root, write_training_view
 
 # LeRobotDataset's default timestamp tolerance; lerobot-train uses the same default.

@@ -32,7 +32,7 @@ from .train_view import source_of_view
 
 # Steps alive in this process, so that a policy's reset() can clear their online frame buffers:
 # lerobot-eval resets the policy at each rollout but never the preprocessor.
-_LIVE_STEPS: "weakref.WeakSet[WorldLatentStep]" = weakref.WeakSet()
+_LIVE_STEPS: weakref.WeakSet[WorldLatentStep] = weakref.WeakSet()
 
 # Validated caches, shared by bind_training_dataset (fail fast at policy construction) and the step,
 # so a large cache is read and checked once per process.
