@@ -14,6 +14,6 @@ command -v lerobot-wm-demo >/dev/null || {
   exit 1
 }
 exec lerobot-wm-demo --work_dir=outputs/learning_check --task=button-press-v3 --episodes=50 \
-  --size=small --chunk_size=10 --n_action_steps=5 --steps=2500 --batch_size=64 --save_freq=500 --log_freq=50 \
+  --size=small --chunk_size=10 --n_action_steps=5 --steps=1500 --batch_size=64 --save_freq=500 --log_freq=50 \
   --train_arg=--policy.optimizer_lr=3e-4 \
   --eval_episodes=20 --episode_length=200 "$@"

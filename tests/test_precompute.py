@@ -123,7 +123,9 @@ def test_sigkill_then_rerun_is_byte_identical(video_root, tmp_path):
         LatentCache.open(killed_root, DatasetIdentity.from_dataset("local/synthetic", video_root), CAMERAS[0], identity)
     # Resume in-process (same code as the script; spares a second ~10 s interpreter start-up).
     assert precompute.main(_args(video_root, killed_root, *common)) == 0
-    ref_dir = next(ref_root.glob("*/*/*"))
+    dataset = DatasetIdentity.from_dataset("local/synthetic", video_root)
+    ref_dir = cache_dir_for(ref_root, dataset, CAMERAS[0], load_encoder("pixels").identity)
+    assert cache_dir == cache_dir_for(killed_root, dataset, CAMERAS[0], load_encoder("pixels").identity)
     assert _dir_bytes(cache_dir) == _dir_bytes(ref_dir)
 
 

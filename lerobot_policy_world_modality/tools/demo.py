@@ -200,7 +200,10 @@ def train_flags(args, repo_id: str, view: Path, work: Path, camera: str) -> list
 def stage_train(args, work: Path, repo_id: str, root: Path, view: Path) -> tuple[Path, dict]:
     """Train (or reuse / resume) world_f; returns the run dir and {seconds, command}."""
     flags = train_flags(args, repo_id, view, work, _first_camera(root))
-    run_dir = work / "train" / f"{args.variant}_{args.size}_s{args.steps}_{_key(flags, str(root))}"
+    # The run is keyed by every flag except the loop length and logging: world_f has a constant learning
+    # rate, so the checkpoint at step N is the same whatever --steps was, and a longer run resumes it.
+    loop = ("--steps=", "--save_freq=", "--log_freq=")
+    run_dir = work / "train" / f"{args.variant}_{args.size}_{_key([f for f in flags if not f.startswith(loop)], str(root))}"
     final = run_dir / "checkpoints" / f"{args.steps:06d}" / "pretrained_model"
     record_path = run_dir / "demo_train.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {"seconds": 0.0}
@@ -209,8 +212,16 @@ def stage_train(args, work: Path, repo_id: str, root: Path, view: Path) -> tuple
         return run_dir, record
     last = run_dir / "checkpoints" / "last" / "pretrained_model" / "train_config.json"
     if last.exists():
-        _say(f"train: resuming the interrupted run in {run_dir}")
-        cmd = [_bin("lerobot-train"), f"--config_path={last}", "--resume=true"]
+        done = json.loads((last.parent.parent / "training_state" / "training_step.json").read_text())["step"]
+        if done >= args.steps:
+            raise DemoError(
+                f"{run_dir} already trained to step {done} but has no checkpoint at step {args.steps}. Pick "
+                f"--steps among {sorted(int(p.name) for p in (run_dir / 'checkpoints').iterdir() if p.name.isdigit())}"
+                " or a larger one."
+            )
+        _say(f"train: resuming {run_dir} from step {done} to {args.steps}")
+        cmd = [_bin("lerobot-train"), f"--config_path={last}", "--resume=true", f"--steps={args.steps}",
+               f"--save_freq={args.save_freq}", f"--log_freq={args.log_freq}", f"--output_dir={run_dir}"]
     else:
         shutil.rmtree(run_dir, ignore_errors=True)  # started but no checkpoint yet: nothing to keep
         cmd = [_bin("lerobot-train"), *flags, f"--output_dir={run_dir}"]

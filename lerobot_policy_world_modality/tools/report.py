@@ -14,6 +14,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from pathlib import Path
 
 # Colours of successive series (colour-blind friendly palette).
@@ -80,22 +81,24 @@ def checkpoint_metrics(
     return {key: value / count for key, value in sums.items()}
 
 
-def parse_train_log(text: str, log_freq: int, start_step: int = 0) -> list[tuple[int, float]]:
-    """(step, loss) pairs from lerobot-train's console lines (`step:... loss:0.123 ...`).
+def parse_train_log(text: str, log_freq: int) -> list[tuple[int, float]]:
+    """(step, loss) pairs from lerobot-train's console lines (`... step:750 ... loss:0.123 ...`).
 
-    The console prints steps rounded ("1K"), so the step is recovered from the line's position: the
-    n-th log line of a run is step start_step + n * log_freq.
+    The console rounds large steps ("1K"); then the step comes from the tqdm counter printed just
+    before the log line ("750/2500 [..]INFO ..."), or, failing that, from the line's position.
     """
-    points = []
+    points: dict[int, float] = {}
     for line in text.splitlines():
-        if " step:" not in f" {line}" or " loss:" not in f" {line}":
+        m = re.search(r" step:(\d+(?:\.\d+)?)([KMB]?) .*? loss:([-\d.e]+)", line)
+        if not m:
             continue
-        try:
-            loss = float(line.split(" loss:", 1)[1].split()[0])
-        except (IndexError, ValueError):
-            continue
-        points.append((start_step + (len(points) + 1) * log_freq, loss))
-    return points
+        if not m.group(2):
+            step = int(float(m.group(1)))
+        else:
+            counters = re.findall(r"(\d+)/\d+ \[[^\]]*\]", line.split("INFO", 1)[0])
+            step = int(counters[-1]) if counters else (len(points) + 1) * log_freq
+        points[step] = float(m.group(3))  # a resumed run overwrites the steps it repeats
+    return sorted(points.items())
 
 
 # ------------------------------------------------------------------------------------------------- SVG
