@@ -215,7 +215,10 @@ def bar_chart(bars: list[tuple[str, float]], title: str, ylabel: str = "", y_max
         x = left + i * slot + slot * 0.2
         out.append(f'<rect class="bar" x="{x:.1f}" y="{top + ph - h:.1f}" width="{slot * 0.6:.1f}" '
                    f'height="{h:.1f}" fill="{PALETTE[i % len(PALETTE)]}"/>')
-        out.append(f'<text x="{x + slot * 0.3:.1f}" y="{top + ph - h - 5:.1f}" text-anchor="middle" '
+        # The value sits above the bar, or inside it (in white) when the bar reaches the top.
+        inside = h > ph - 16
+        ty, fill = (top + ph - h + 16, "white") if inside else (top + ph - h - 5, "#222")
+        out.append(f'<text x="{x + slot * 0.3:.1f}" y="{ty:.1f}" text-anchor="middle" fill="{fill}" '
                    f'font-size="12">{value:.0f}%</text>')
         out.append(f'<text x="{x + slot * 0.3:.1f}" y="{top + ph + 16}" text-anchor="middle" font-size="11">'
                    f"{html.escape(label)}</text>")
