@@ -1,0 +1,1 @@
+"""Console tools: MetaWorld expert recorder, the quickstart demo and its report."""

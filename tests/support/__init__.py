@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: synthetic datasets, tiny text models, CLI flags."""
