@@ -20,14 +20,6 @@ from lerobot_policy_world_modality.world.prophet import Prophet
 B, T, K, D, W = 5, 3, 4, 6, 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine threads only contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ---------------------------------------------------------------------------------------------- Prophet
 @pytest.mark.parametrize("delta", [False, True])

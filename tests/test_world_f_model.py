@@ -17,14 +17,6 @@ from lerobot_policy_world_modality.world_f.modeling_world_f import WorldFPolicy
 B, D, S, A, T, K, H = 3, 12, 4, 4, 3, 2, 5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine threads only contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_config(**overrides) -> WorldFConfig:
     kw = dict(
