@@ -89,7 +89,8 @@ def write_training_view(repo_id: str, source_root: str | Path, view_root: str | 
 
     view_info = dict(info)
     view_info["features"] = {k: ft for k, ft in info["features"].items() if k not in cameras}
-    view_info["total_videos"] = 0 if "total_videos" in info else info.get("total_videos")
+    if "total_videos" in info:
+        view_info["total_videos"] = 0
     view_info[VIEW_INFO_KEY] = {
         "repo_id": repo_id,
         "root": str(source_root),
