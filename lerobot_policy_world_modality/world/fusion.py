@@ -51,7 +51,9 @@ class GatedCrossAttention(nn.Module):
     ):
         super().__init__()
         if width % heads != 0:
-            raise ValueError(f"Cross-attention width {width} is not divisible by its number of heads {heads}.")
+            raise ValueError(
+                f"Cross-attention width {width} is not divisible by its number of heads {heads}."
+            )
         self.heads = heads
         self.width = width
         self.memory_norm = nn.LayerNorm(memory_dim)

@@ -93,7 +93,9 @@ class Prophet(nn.Module):
     ):
         super().__init__()
         if history_len < 1 or num_future < 1:
-            raise ValueError(f"Prophet needs history_len >= 1 and num_future >= 1, got {history_len}, {num_future}.")
+            raise ValueError(
+                f"Prophet needs history_len >= 1 and num_future >= 1, got {history_len}, {num_future}."
+            )
         self.latent_dim = latent_dim
         self.history_len = history_len
         self.num_future = num_future

@@ -10,7 +10,7 @@ from lerobot.optim.optimizers import AdamWConfig
 
 from ..language import LanguageOptions
 from ..latents.config import WorldLatentOptions
-from ..world.memory import MEMORY_MODES, ROLLOUT_MEMORY_MODES, SCHEDULE_SHAPES
+from ..world.options import WorldMemoryOptions
 
 # The baselines of the research line, as (use_prophet, inject_memory).
 VARIANTS = {"A": (False, False), "B_cont": (True, False), "F": (True, True)}
@@ -18,7 +18,7 @@ VARIANTS = {"A": (False, False), "B_cont": (True, False), "F": (True, True)}
 
 @PreTrainedConfig.register_subclass("world_f")
 @dataclass
-class WorldFConfig(WorldLatentOptions, LanguageOptions, PreTrainedConfig):
+class WorldFConfig(WorldLatentOptions, WorldMemoryOptions, LanguageOptions, PreTrainedConfig):
     """Config of `world_f`: world latent + state -> trunk -> action chunk, with optional Prophet memory.
 
     Inputs are the frozen-encoder world latent of the configured cameras (added to the batch by the
@@ -74,45 +74,8 @@ class WorldFConfig(WorldLatentOptions, LanguageOptions, PreTrainedConfig):
     # Action loss: "l1" or "mse", averaged over non-padded steps.
     action_loss: str = "l1"
 
-    # Train a Prophet that predicts the next K world latents (variants B_cont and F).
-    use_prophet: bool = True
-    # Inject the memory into the action queries through gated cross-attention (variant F).
-    inject_memory: bool = True
     # The Prophet also reads the trunk's observation-token states (world loss shapes the trunk).
     prophet_reads_trunk: bool = True
-    # Prophet: width.
-    prophet_width: int = 128
-    # Prophet: number of transformer blocks.
-    prophet_depth: int = 2
-    # Prophet: attention heads.
-    prophet_heads: int = 4
-    # Predict deltas z_{t+k} - z_t instead of absolute latents (loss and memory in delta space).
-    delta_prediction: bool = False
-    # Weight of the world loss (1 - cosine, masked at episode ends) added to the action loss.
-    lambda_world: float = 1.0
-    # Memory read by the action path in training: pred, oracle, zero, random, shuffle, scheduled.
-    memory_mode_train: str = "pred"
-    # Memory read at rollout (select_action / predict_action_chunk): pred, zero, random, shuffle.
-    memory_mode_rollout: str = "pred"
-    # Stop action-loss gradients from flowing into the Prophet through the memory.
-    detach_memory: bool = False
-    # Cross-attention: attention heads.
-    fusion_heads: int = 4
-    # Cross-attention: initial gate value (tanh(0) = 0: the world path starts switched off).
-    gate_init: float = 0.0
-    # Cross-attention: one gate per channel instead of one scalar gate.
-    gate_per_channel: bool = False
-
-    # Scheduled sampling: oracle probability at the start.
-    scheduled_prob_start: float = 1.0
-    # Scheduled sampling: oracle probability at the end of the decay.
-    scheduled_prob_end: float = 0.0
-    # Scheduled sampling: training steps held at the start probability before decaying.
-    scheduled_warmup_steps: int = 0
-    # Scheduled sampling: training steps over which the probability decays.
-    scheduled_decay_steps: int = 10_000
-    # Scheduled sampling: shape of the decay ("linear", "cosine" or "exponential").
-    scheduled_shape: str = "linear"
 
     # Dimension of the world latent (all world cameras concatenated); filled at construction from the encoder.
     world_latent_dim: int | None = None
@@ -128,7 +91,9 @@ class WorldFConfig(WorldLatentOptions, LanguageOptions, PreTrainedConfig):
         super().__post_init__()
         if self.variant is not None:
             if self.variant not in VARIANTS:
-                raise ValueError(f"Unknown variant '{self.variant}'; use one of {sorted(VARIANTS)} or leave it unset.")
+                raise ValueError(
+                    f"Unknown variant '{self.variant}'; use one of {sorted(VARIANTS)} or leave it unset."
+                )
             self.use_prophet, self.inject_memory = VARIANTS[self.variant]
         if self.n_action_steps > self.chunk_size:
             raise ValueError(
@@ -141,40 +106,14 @@ class WorldFConfig(WorldLatentOptions, LanguageOptions, PreTrainedConfig):
             )
         if self.action_loss not in ("l1", "mse"):
             raise ValueError(f"action_loss must be 'l1' or 'mse', got '{self.action_loss}'.")
-        if self.width % self.heads or self.width % self.fusion_heads:
-            raise ValueError(
-                f"width ({self.width}) must be divisible by heads ({self.heads}) and fusion_heads ({self.fusion_heads})."
-            )
-        if self.prophet_width % self.prophet_heads:
-            raise ValueError(
-                f"prophet_width ({self.prophet_width}) must be divisible by prophet_heads ({self.prophet_heads})."
-            )
-        if self.inject_memory and not self.use_prophet:
-            raise ValueError(
-                "inject_memory=True needs use_prophet=True (variant F); for the baseline without world "
-                "prediction use --policy.variant=A."
-            )
-        if self.use_prophet and (self.history_frames < 1 or self.future_frames < 1):
-            raise ValueError(
-                f"The Prophet needs history_frames >= 1 and future_frames >= 1 (got {self.history_frames}, "
-                f"{self.future_frames}); set them, or use --policy.variant=A to train without a Prophet."
-            )
-        if self.memory_mode_train not in MEMORY_MODES:
-            raise ValueError(f"memory_mode_train '{self.memory_mode_train}' is not one of {MEMORY_MODES}.")
-        if self.memory_mode_rollout not in ROLLOUT_MEMORY_MODES:
-            raise ValueError(
-                f"memory_mode_rollout '{self.memory_mode_rollout}' is not one of {ROLLOUT_MEMORY_MODES}: the "
-                "true future (oracle, scheduled) is unknown at rollout."
-            )
-        if self.scheduled_shape not in SCHEDULE_SHAPES:
-            raise ValueError(f"scheduled_shape '{self.scheduled_shape}' is not one of {SCHEDULE_SHAPES}.")
-        for name in ("scheduled_prob_start", "scheduled_prob_end"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}.")
+        if self.width % self.heads:
+            raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads}).")
+        self.validate_world_memory(
+            hidden_width=self.width,
+            baseline_hint="For the baseline without world prediction use --policy.variant=A.",
+        )
         if self.language_max_length < 1:
             raise ValueError(f"language_max_length must be >= 1, got {self.language_max_length}.")
-        if self.scheduled_decay_steps < 0 or self.scheduled_warmup_steps < 0:
-            raise ValueError("scheduled_decay_steps and scheduled_warmup_steps must be >= 0.")
 
     def get_optimizer_preset(self) -> AdamWConfig:
         """AdamW with this config's learning rate, weight decay and clipping."""

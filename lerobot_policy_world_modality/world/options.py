@@ -1,0 +1,96 @@
+"""`WorldMemoryOptions`: the config fields of the world path, the same on every policy type.
+
+A dataclass mixin (like `WorldLatentOptions`): `world_f` and `smolvla_world` configs inherit it, so the
+Prophet, the gated cross-attention, the memory modes and scheduled sampling are set with the same
+`--policy.<field>` flags everywhere and validated by one function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .memory import MEMORY_MODES, ROLLOUT_MEMORY_MODES, SCHEDULE_SHAPES
+
+
+@dataclass
+class WorldMemoryOptions:
+    """Prophet + gated cross-attention + memory-mode fields (see `world/path.py` for what they drive)."""
+
+    # Train a Prophet that predicts the next K world latents.
+    use_prophet: bool = True
+    # Inject the memory into the action path through gated cross-attention (needs use_prophet).
+    inject_memory: bool = True
+    # Prophet: width.
+    prophet_width: int = 128
+    # Prophet: number of transformer blocks.
+    prophet_depth: int = 2
+    # Prophet: attention heads.
+    prophet_heads: int = 4
+    # Predict deltas z_{t+k} - z_t instead of absolute latents (loss and memory in delta space).
+    delta_prediction: bool = False
+    # Weight of the world loss (1 - cosine, masked at episode ends) added to the action loss.
+    lambda_world: float = 1.0
+    # Memory read by the action path in training: pred, oracle, zero, random, shuffle, scheduled.
+    memory_mode_train: str = "pred"
+    # Memory read at rollout (select_action / predict_action_chunk): pred, zero, random, shuffle.
+    memory_mode_rollout: str = "pred"
+    # Stop action-loss gradients from flowing into the Prophet through the memory.
+    detach_memory: bool = False
+    # Cross-attention: attention heads.
+    fusion_heads: int = 4
+    # Cross-attention: initial gate value (tanh(0) = 0: the world path starts switched off).
+    gate_init: float = 0.0
+    # Cross-attention: one gate per channel instead of one scalar gate.
+    gate_per_channel: bool = False
+
+    # Scheduled sampling: oracle probability at the start.
+    scheduled_prob_start: float = 1.0
+    # Scheduled sampling: oracle probability at the end of the decay.
+    scheduled_prob_end: float = 0.0
+    # Scheduled sampling: training steps held at the start probability before decaying.
+    scheduled_warmup_steps: int = 0
+    # Scheduled sampling: training steps over which the probability decays.
+    scheduled_decay_steps: int = 10_000
+    # Scheduled sampling: shape of the decay ("linear", "cosine" or "exponential").
+    scheduled_shape: str = "linear"
+
+    def validate_world_memory(self, hidden_width: int | None = None, baseline_hint: str = "") -> None:
+        """Raise ValueError, naming the flag to fix, for inconsistent world-path settings.
+
+        hidden_width: width of the stream the cross-attention writes into (checked against fusion_heads);
+        baseline_hint: how this policy type trains without a world path, quoted in the error.
+        """
+        if self.prophet_width % self.prophet_heads:
+            raise ValueError(
+                f"prophet_width ({self.prophet_width}) must be divisible by prophet_heads ({self.prophet_heads})."
+            )
+        if hidden_width is not None and self.inject_memory and hidden_width % self.fusion_heads:
+            raise ValueError(
+                f"The width the memory is injected into ({hidden_width}) must be divisible by fusion_heads "
+                f"({self.fusion_heads}): set --policy.fusion_heads accordingly."
+            )
+        if self.inject_memory and not self.use_prophet:
+            raise ValueError(
+                "inject_memory=True needs use_prophet=True: the injected memory is the Prophet's prediction."
+                + (f" {baseline_hint}" if baseline_hint else "")
+            )
+        if self.use_prophet and (self.history_frames < 1 or self.future_frames < 1):
+            raise ValueError(
+                f"The Prophet needs history_frames >= 1 and future_frames >= 1 (got {self.history_frames}, "
+                f"{self.future_frames}); set them, or turn the Prophet off (use_prophet=False)."
+                + (f" {baseline_hint}" if baseline_hint else "")
+            )
+        if self.memory_mode_train not in MEMORY_MODES:
+            raise ValueError(f"memory_mode_train '{self.memory_mode_train}' is not one of {MEMORY_MODES}.")
+        if self.memory_mode_rollout not in ROLLOUT_MEMORY_MODES:
+            raise ValueError(
+                f"memory_mode_rollout '{self.memory_mode_rollout}' is not one of {ROLLOUT_MEMORY_MODES}: the "
+                "true future (oracle, scheduled) is unknown at rollout."
+            )
+        if self.scheduled_shape not in SCHEDULE_SHAPES:
+            raise ValueError(f"scheduled_shape '{self.scheduled_shape}' is not one of {SCHEDULE_SHAPES}.")
+        for name in ("scheduled_prob_start", "scheduled_prob_end"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}.")
+        if self.scheduled_decay_steps < 0 or self.scheduled_warmup_steps < 0:
+            raise ValueError("scheduled_decay_steps and scheduled_warmup_steps must be >= 0.")

@@ -1,0 +1,104 @@
+"""The action trunk shared by the compact policy types, and their masked action loss.
+
+`ActionTrunk` turns the world latent, the robot state and (optionally) an instruction embedding into
+observation tokens, appends H learned action queries, and runs a pre-norm transformer over them;
+`world_f` reads the query states directly, `world_token_c` inserts its world tokens between the
+observations and the queries.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+from .prophet import TransformerBlock
+
+STATE_KEY = "observation.state"  # LeRobot's OBS_STATE, kept literal so this package stays LeRobot-free
+
+
+class ActionTrunk(nn.Module):
+    """Observation tokens + H learned action queries through a pre-norm transformer (reusable trunk).
+
+    Observation tokens: the world latent (LayerNorm'd, since encoder latents come at any scale, then
+    projected to `width`), when given the robot state (projected) and, with `language_dim`, the
+    instruction embedding (LayerNorm'd and projected, like the latent). Each token type has a learned
+    embedding. Callers may insert extra tokens (e.g. world tokens) between observations and queries.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        state_dim: int | None,
+        chunk_size: int,
+        width: int,
+        depth: int,
+        heads: int,
+        ffn_dim: int | None = None,
+        dropout: float = 0.0,
+        language_dim: int | None = None,
+    ):
+        super().__init__()
+        self.latent_norm = nn.LayerNorm(latent_dim)
+        self.latent_proj = nn.Linear(latent_dim, width)
+        self.state_proj = nn.Linear(state_dim, width) if state_dim else None
+        self.num_obs_tokens = (2 if state_dim else 1) + (1 if language_dim else 0)
+        self.obs_embed = nn.Parameter(torch.randn(self.num_obs_tokens, width) * 0.02)
+        self.action_queries = nn.Parameter(torch.randn(chunk_size, width) * 0.02)
+        self.blocks = nn.ModuleList(TransformerBlock(width, heads, ffn_dim, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        # Created after every other parameter, so a trunk without language draws exactly the same
+        # initial weights as before the language input existed.
+        if language_dim:
+            self.language_norm = nn.LayerNorm(language_dim)
+            self.language_proj = nn.Linear(language_dim, width)
+        else:
+            self.language_norm = self.language_proj = None
+
+    def observation_tokens(
+        self, latent: Tensor, state: Tensor | None, language: Tensor | None = None
+    ) -> Tensor:
+        """[B, num_obs_tokens, W] from the world latent [B, D], the state [B, S] and the instruction [B, L].
+
+        State and instruction are read only when the trunk was built with them.
+        """
+        dtype = self.latent_proj.weight.dtype
+        tokens = [self.latent_proj(self.latent_norm(latent.to(dtype)))]
+        if self.state_proj is not None:
+            if state is None:
+                raise KeyError(f"The policy was built with a robot state but the batch has no '{STATE_KEY}'.")
+            tokens.append(self.state_proj(state.to(dtype)))
+        if self.language_proj is not None:
+            if language is None:
+                raise ValueError(
+                    "The trunk was built with a language input but got no instruction embedding."
+                )
+            tokens.append(self.language_proj(self.language_norm(language.to(dtype))))
+        return torch.stack(tokens, dim=1) + self.obs_embed
+
+    def queries(self, batch_size: int) -> Tensor:
+        """The H learned action-query tokens, [B, H, W]."""
+        return self.action_queries.unsqueeze(0).expand(batch_size, -1, -1)
+
+    def forward(self, tokens: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        """Run the blocks and the final norm over a token sequence [B, N, W]."""
+        for block in self.blocks:
+            tokens = block(tokens, attn_mask)
+        return self.norm(tokens)
+
+
+def action_loss(pred: Tensor, target: Tensor, is_pad: Tensor | None = None, kind: str = "l1") -> Tensor:
+    """Mean L1 (`kind="l1"`) or squared error (`"mse"`) of an action chunk [B, H, A], padded steps excluded.
+
+    is_pad: [B, H] bool (LeRobot's `action_is_pad`), True where the chunk ran past the episode end.
+    """
+    if kind == "l1":
+        err = F.l1_loss(pred, target, reduction="none")
+    elif kind == "mse":
+        err = F.mse_loss(pred, target, reduction="none")
+    else:
+        raise ValueError(f"action_loss must be 'l1' or 'mse', got '{kind}'.")
+    if is_pad is None:
+        return err.mean()
+    keep = (~is_pad).unsqueeze(-1).expand_as(err)
+    return torch.where(keep, err, torch.zeros_like(err)).sum() / keep.sum().clamp(min=1)
