@@ -243,7 +243,7 @@ GROUPS = {
         "delta_prediction", "lambda_world",
     ],
     "Memory and gated cross-attention": [
-        "inject_memory", "memory_mode_train", "memory_mode_rollout", "detach_memory", "fusion_heads", "gate_init",
+        "inject_memory", "memory_mode_train", "memory_mode_rollout", "detach_memory", "fusion_heads", "fusion_dim", "gate_init",
         "gate_per_channel",
     ],
     "Scheduled sampling (memory_mode_train=scheduled)": [

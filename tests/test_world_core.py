@@ -141,6 +141,18 @@ def test_attention_entropy_is_log_m_for_identical_slots():
     assert res.attn_entropy.item() == pytest.approx(math.log(K), rel=1e-5)
 
 
+def test_rollout_kernel_matches_the_training_path():
+    """The fused attention used at rollout (no entropy) gives the training path's output, NaN rows included."""
+    fusion = _fusion(gate_init=0.8, attn_dim=8).eval()
+    hidden, memory = torch.randn(B, 3, W), torch.randn(B, K, D)
+    memory[0] = float("nan")
+    memory[1, 1] = float("inf")
+    train_path = fusion(hidden, memory, with_entropy=True)
+    rollout = fusion(hidden, memory, with_entropy=False)
+    torch.testing.assert_close(rollout.hidden, train_path.hidden)
+    assert torch.equal(rollout.hidden[0], hidden[0]) and rollout.attn_entropy.item() == 0.0
+
+
 def test_per_channel_gate_shape_and_value():
     fusion = _fusion(gate_init=0.5, per_channel=True)
     assert fusion.gate.shape == (W,)

@@ -61,9 +61,13 @@ class FitOptions:
         if self.factorisation not in FACTORISATIONS:
             raise CodebookError(f"factorisation must be one of {FACTORISATIONS}, got '{self.factorisation}'.")
         if self.factorisation == "none" and self.factors != 1:
-            raise CodebookError("factorisation 'none' uses one codebook: set --factors=1 (or pick product/residual).")
+            raise CodebookError(
+                "factorisation 'none' uses one codebook: set --factors=1 (or pick product/residual)."
+            )
         if self.factorisation != "none" and self.factors < 2:
-            raise CodebookError(f"factorisation '{self.factorisation}' needs --factors >= 2, got {self.factors}.")
+            raise CodebookError(
+                f"factorisation '{self.factorisation}' needs --factors >= 2, got {self.factors}."
+            )
         if self.codes < 2 or self.iters < 0 or self.batch_size < 1 or self.lloyd_iters < 0:
             raise CodebookError("Need --codes >= 2, --iters >= 0, --batch_size >= 1 and --lloyd_iters >= 0.")
 
@@ -95,7 +99,7 @@ def nearest(x: Tensor, centroids: Tensor, chunk: int = 16384) -> tuple[Tensor, T
     idx, dist = [], []
     for start in range(0, x.shape[0], chunk):
         xb = x[start : start + chunk]
-        d2 = (xb * xb).sum(-1, keepdim=True) - 2.0 * xb @ centroids.T + c_sq
+        d2 = torch.addmm(c_sq, xb, centroids.T, alpha=-2.0) + (xb * xb).sum(-1, keepdim=True)
         m, i = d2.min(dim=1)
         idx.append(i)
         dist.append(m.clamp(min=0))
@@ -107,9 +111,15 @@ def nearest(x: Tensor, centroids: Tensor, chunk: int = 16384) -> tuple[Tensor, T
 def kmeans_plus_plus(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
     """k initial centroids picked from the rows of x [n, d] by k-means++ (D^2 sampling)."""
     n = x.shape[0]
+    x_sq = (x * x).sum(-1)
+
+    def sq_dist(i: int) -> Tensor:
+        # ||x - x_i||^2 through one matrix-vector product: no [n, d] temporary per step.
+        return (x_sq - 2.0 * (x @ x[i]) + x_sq[i]).clamp(min=0)
+
     first = int(torch.randint(n, (1,), generator=gen))
     centroids = [x[first]]
-    closest = ((x - x[first]) ** 2).sum(-1)
+    closest = sq_dist(first)
     for _ in range(1, k):
         weights = closest.double().cpu()
         total = float(weights.sum())
@@ -118,8 +128,17 @@ def kmeans_plus_plus(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
             torch.randint(n, (1,), generator=gen)
         )
         centroids.append(x[pick])
-        closest = torch.minimum(closest, ((x - x[pick]) ** 2).sum(-1))
+        closest = torch.minimum(closest, sq_dist(pick))
     return torch.stack(centroids)
+
+
+def _cluster_sums(x: Tensor, assign: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per-code sums [k, d] and counts [k] of the rows of x assigned to each code.
+
+    A one-hot matrix product: deterministic, and on CPU far faster than `index_add_`.
+    """
+    onehot = torch.zeros(x.shape[0], k, device=x.device, dtype=x.dtype).scatter_(1, assign.unsqueeze(1), 1.0)
+    return onehot.T @ x, onehot.sum(0)
 
 
 def fit_kmeans(x: Tensor, options: FitOptions, gen: torch.Generator, device: torch.device) -> Tensor:
@@ -137,14 +156,13 @@ def fit_kmeans(x: Tensor, options: FitOptions, gen: torch.Generator, device: tor
     for it in range(1, options.iters + 1):
         xb = x[torch.randint(n, (min(options.batch_size, n),), generator=gen)].to(device, torch.float32)
         assign, dist = nearest(xb, centroids)
-        hits = torch.bincount(assign, minlength=k).to(centroids.dtype)
-        sums = torch.zeros_like(centroids).index_add_(0, assign, xb)
+        sums, hits = _cluster_sums(xb, assign, k)
         counts += hits
         recent += hits
-        hit = hits > 0
-        # Sculley's update with a per-code rate 1 / (hits so far): c <- c + (h / H) (mean_batch - c).
-        rate = (hits[hit] / counts[hit]).unsqueeze(1)
-        centroids[hit] += rate * (sums[hit] / hits[hit].unsqueeze(1) - centroids[hit])
+        # Sculley's update with a per-code rate h / H (hits in this batch / hits so far):
+        # c <- c + (h / H) (batch mean - c); codes without hits keep their place (h = 0).
+        rate = (hits / counts.clamp(min=1)).unsqueeze(1)
+        centroids += rate * (sums / hits.clamp(min=1).unsqueeze(1) - centroids)
         if it % 10 == 0:
             # Codes unused for 10 mini-batches are moved onto the worst-quantised rows of this batch.
             dead = (recent == 0).nonzero().flatten()
@@ -156,11 +174,11 @@ def fit_kmeans(x: Tensor, options: FitOptions, gen: torch.Generator, device: tor
     for _ in range(options.lloyd_iters):
         sums = torch.zeros_like(centroids)
         hits = torch.zeros(k, device=device)
-        for start in range(0, n, 65536):
-            xb = x[start : start + 65536].to(device, torch.float32)
-            assign, _ = nearest(xb, centroids)
-            sums.index_add_(0, assign, xb)
-            hits += torch.bincount(assign, minlength=k)
+        for start in range(0, n, 16384):
+            xb = x[start : start + 16384].to(device, torch.float32)
+            chunk_sums, chunk_hits = _cluster_sums(xb, nearest(xb, centroids)[0], k)
+            sums += chunk_sums
+            hits += chunk_hits
         hit = hits > 0  # an empty cluster keeps its centroid
         centroids[hit] = sums[hit] / hits[hit].unsqueeze(1)
     return centroids
@@ -173,7 +191,9 @@ class Codebook(nn.Module):
     space when `normalise`), `flat(tokens) -> [...]` one index in [0, v**G).
     """
 
-    def __init__(self, dim: int, codes: int, factors: int = 1, factorisation: str = "none", normalise: bool = False):
+    def __init__(
+        self, dim: int, codes: int, factors: int = 1, factorisation: str = "none", normalise: bool = False
+    ):
         super().__init__()
         if factorisation not in FACTORISATIONS:
             raise CodebookError(f"factorisation must be one of {FACTORISATIONS}, got '{factorisation}'.")
@@ -187,16 +207,21 @@ class Codebook(nn.Module):
         """Number of distinct tokens, v ** G."""
         return self.codes**self.factors
 
-    def encode(self, z: Tensor) -> Tensor:
-        """Tokens [..., G] of latents z [..., D]; distances in float64 (batch-independent ties)."""
+    def encode(self, z: Tensor, exact: bool = True) -> Tensor:
+        """Tokens [..., G] of latents z [..., D].
+
+        `exact` computes distances in float64, so a latent gets the same token in any batch (what the
+        policy uses); False uses float32, faster for statistics over a whole cache.
+        """
         if z.shape[-1] != self.dim:
             raise CodebookError(
                 f"Latent dim {z.shape[-1]} does not match the codebook's dim {self.dim}: the codebook was "
                 "fitted on another encoder or camera set. Refit it with lerobot-wm-fit-codebook."
             )
         lead = z.shape[:-1]
-        x = _prepare(z.reshape(-1, self.dim).double(), self.normalise)
-        c = self.centroids.double()
+        dtype = torch.float64 if exact else torch.float32
+        x = _prepare(z.reshape(-1, self.dim).to(dtype), self.normalise)
+        c = self.centroids.to(dtype)
         if self.factorisation == "product":
             parts = _split_parts(x, self.factors, c.shape[-1])
             tokens = [nearest(parts[:, g], c[g])[0] for g in range(self.factors)]
@@ -233,7 +258,9 @@ class Codebook(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def fit_codebook(latents: Tensor, options: FitOptions, device: str | torch.device = "cpu") -> tuple[Codebook, dict]:
+def fit_codebook(
+    latents: Tensor, options: FitOptions, device: str | torch.device = "cpu"
+) -> tuple[Codebook, dict]:
     """Fit a codebook on latents [N, D]; returns it (on CPU) and its statistics for the metadata.
 
     Rows beyond `options.sample_cap` are dropped at random (with the seed) before fitting; usage,
@@ -250,7 +277,9 @@ def fit_codebook(latents: Tensor, options: FitOptions, device: str | torch.devic
     if options.sample_cap is not None and n_total > options.sample_cap:
         x = x[torch.randperm(n_total, generator=gen)[: options.sample_cap].sort().values]
     x = _prepare(x, options.normalise)
-    book = Codebook(latents.shape[1], options.codes, options.factors, options.factorisation, options.normalise)
+    book = Codebook(
+        latents.shape[1], options.codes, options.factors, options.factorisation, options.normalise
+    )
     d = book.centroids.shape[-1]
     if options.factorisation == "product":
         parts = _split_parts(x, options.factors, d)
@@ -265,7 +294,12 @@ def fit_codebook(latents: Tensor, options: FitOptions, device: str | torch.devic
                 residual = residual - book.centroids[g][idx.cpu()]
     seconds = time.perf_counter() - started
     stats = codebook_stats(book, x, prepared=True)
-    return book, {**stats, "rows_total": n_total, "rows_fitted": int(x.shape[0]), "fit_seconds": round(seconds, 3)}
+    return book, {
+        **stats,
+        "rows_total": n_total,
+        "rows_fitted": int(x.shape[0]),
+        "fit_seconds": round(seconds, 3),
+    }
 
 
 def codebook_stats(book: Codebook, latents: Tensor, prepared: bool = False) -> dict:
@@ -275,14 +309,17 @@ def codebook_stats(book: Codebook, latents: Tensor, prepared: bool = False) -> d
     codebook does not explain); `mse` the mean squared error per latent element.
     """
     x = latents.float() if prepared else _prepare(latents.float(), book.normalise)
-    tokens = torch.cat([book.encode(x[s : s + 65536]) for s in range(0, x.shape[0], 65536)])
+    tokens = torch.cat([book.encode(x[s : s + 65536], exact=False) for s in range(0, x.shape[0], 65536)])
     usage, perplexity = [], []
     for g in range(book.factors):
         p = torch.bincount(tokens[:, g], minlength=book.codes).double() / max(1, tokens.shape[0])
         usage.append(round(float((p > 0).double().mean()), 6))
         entropy = -(p[p > 0] * p[p > 0].log()).sum()
         perplexity.append(round(float(entropy.exp()), 4))
-    sq = sum(float(((x[s : s + 65536] - book.decode(tokens[s : s + 65536])) ** 2).sum()) for s in range(0, x.shape[0], 65536))
+    sq = sum(
+        float(((x[s : s + 65536] - book.decode(tokens[s : s + 65536])) ** 2).sum())
+        for s in range(0, x.shape[0], 65536)
+    )
     total_var = float(((x - x.mean(0)) ** 2).sum())
     return {
         "usage": usage,
@@ -337,7 +374,9 @@ def load_codebook(path: str | Path) -> tuple[Codebook, dict]:
             meta = json.loads((f.metadata() or {})[META_KEY])
             centroids = f.get_tensor("centroids")
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
-        raise CodebookError(f"Damaged codebook file {path} ({err!r}); refit it with lerobot-wm-fit-codebook.") from err
+        raise CodebookError(
+            f"Damaged codebook file {path} ({err!r}); refit it with lerobot-wm-fit-codebook."
+        ) from err
     if meta.get("format_version") != CODEBOOK_FORMAT_VERSION:
         raise CodebookError(
             f"Codebook {path} has format version {meta.get('format_version')}, this plugin reads "

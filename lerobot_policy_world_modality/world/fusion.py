@@ -14,6 +14,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 
@@ -21,7 +22,8 @@ class FusionOutput(NamedTuple):
     """Result of `GatedCrossAttention.forward`.
 
     hidden: [B, H, W] updated states. attn_entropy: detached scalar, mean entropy (nats) of the
-    attention over memory slots, averaged over samples that have at least one finite slot (0 if none).
+    attention over memory slots, averaged over samples that have at least one finite slot (0 if none,
+    or when it was not asked for).
     valid_slots: [B, M] bool, which memory rows were finite.
     """
 
@@ -31,12 +33,14 @@ class FusionOutput(NamedTuple):
 
 
 class GatedCrossAttention(nn.Module):
-    """hidden + tanh(gate) * CrossAttn(LN(hidden), proj(memory)), with a learnable gate.
+    """hidden + tanh(gate) * CrossAttn(LN(hidden), LN(memory)), with a learnable gate.
 
     hidden [B, H, W] (e.g. action-query states) attends to memory [B, M, memory_dim] (e.g. predicted
-    future latents). The memory is LayerNorm'd and projected to W, plus an optional learned per-slot
-    embedding so attention can tell horizons apart. `gate` is a scalar, or one value per channel with
-    `per_channel=True`, initialised to `gate_init` (0 = the block starts as the identity).
+    future latents). Attention runs in `attn_dim` channels (default W): queries are projected W ->
+    attn_dim, the LayerNorm'd memory (plus an optional learned per-slot embedding, so attention can
+    tell horizons apart) straight to keys and values, and the result back to W. A narrow `attn_dim`
+    keeps the world path cheap next to the stream it writes into. `gate` is a scalar, or one value
+    per channel with `per_channel=True`, initialised to `gate_init` (0 = the block starts as the identity).
     """
 
     def __init__(
@@ -48,58 +52,68 @@ class GatedCrossAttention(nn.Module):
         per_channel: bool = False,
         num_slots: int | None = None,
         dropout: float = 0.0,
+        attn_dim: int | None = None,
     ):
         super().__init__()
-        if width % heads != 0:
+        attn_dim = attn_dim or width
+        if attn_dim % heads != 0:
             raise ValueError(
-                f"Cross-attention width {width} is not divisible by its number of heads {heads}."
+                f"Cross-attention dimension {attn_dim} is not divisible by its number of heads {heads}."
             )
         self.heads = heads
         self.width = width
+        self.attn_dim = attn_dim
+        self.dropout = dropout
         self.memory_norm = nn.LayerNorm(memory_dim)
-        self.memory_proj = nn.Linear(memory_dim, width)
-        self.slot_embed = nn.Parameter(torch.randn(num_slots, width) * 0.02) if num_slots else None
+        self.slot_embed = nn.Parameter(torch.randn(num_slots, memory_dim) * 0.02) if num_slots else None
         self.query_norm = nn.LayerNorm(width)
-        self.q = nn.Linear(width, width)
-        self.kv = nn.Linear(width, 2 * width)
+        self.q = nn.Linear(width, attn_dim)
+        self.kv = nn.Linear(memory_dim, 2 * attn_dim)
         # Default (non-zero) init on purpose: a zero-initialised output projection together with a
         # zero gate gives both of them zero gradient, and the world path could never switch on.
-        self.out = nn.Linear(width, width)
-        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(attn_dim, width)
         self.gate = nn.Parameter(torch.full((width if per_channel else 1,), float(gate_init)))
 
     def gate_value(self) -> Tensor:
         """tanh(gate): the factor the cross-attention result is scaled by ([1] or [W])."""
         return torch.tanh(self.gate)
 
-    def forward(self, hidden: Tensor, memory: Tensor) -> FusionOutput:
-        """hidden: [B, H, W]; memory: [B, M, memory_dim] (any float dtype; non-finite rows allowed)."""
-        b, h, w = hidden.shape
+    def forward(self, hidden: Tensor, memory: Tensor, with_entropy: bool = True) -> FusionOutput:
+        """hidden: [B, H, W]; memory: [B, M, memory_dim] (any float dtype; non-finite rows allowed).
+
+        with_entropy=False skips the attention-entropy statistic (returned as 0) and runs the fused
+        attention kernel: the cheaper path for rollout.
+        """
+        b, h, _ = hidden.shape
         m = memory.shape[1]
         memory = memory.to(hidden.dtype)
         # A row with any NaN/Inf is unusable; replace it by zeros (finite) and mask it out of attention.
         valid = torch.isfinite(memory).all(dim=-1)  # [B, M]
         memory = torch.where(valid.unsqueeze(-1), memory, torch.zeros_like(memory))
-        mem = self.memory_proj(self.memory_norm(memory))
+        mem = self.memory_norm(memory)
         if self.slot_embed is not None:
             mem = mem + self.slot_embed[:m]
-        hd = w // self.heads
+        hd = self.attn_dim // self.heads
         q = self.q(self.query_norm(hidden)).view(b, h, self.heads, hd).transpose(1, 2)  # [B, nh, H, hd]
         k, v = self.kv(mem).view(b, m, 2, self.heads, hd).permute(2, 0, 3, 1, 4)  # [B, nh, M, hd] each
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)  # [B, nh, H, M]
         any_valid = valid.any(dim=-1)  # [B]
         # Samples without any finite row would softmax over all -inf (NaN); let them attend to the zeroed
         # rows instead and discard their context below.
-        key_ok = valid | ~any_valid.unsqueeze(-1)
-        scores = scores.masked_fill(~key_ok[:, None, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1)
-        ctx = (self.drop(probs) @ v).transpose(1, 2).reshape(b, h, w)
-        ctx = self.out(ctx)
+        key_ok = (valid | ~any_valid.unsqueeze(-1))[:, None, None, :]
+        p_drop = self.dropout if self.training else 0.0
+        if with_entropy:
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)  # [B, nh, H, M]
+            probs = scores.masked_fill(~key_ok, float("-inf")).softmax(dim=-1)
+            ctx = F.dropout(probs, p_drop, self.training) @ v
+            with torch.no_grad():
+                ent = -torch.special.xlogy(probs, probs).sum(-1).mean(dim=(1, 2))  # [B]
+                n = any_valid.sum()
+                entropy = (ent * any_valid).sum() / n.clamp(min=1)
+        else:
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=key_ok, dropout_p=p_drop)
+            entropy = hidden.new_zeros(())
+        ctx = self.out(ctx.transpose(1, 2).reshape(b, h, self.attn_dim))
         # where(), not multiplication: the context of a sample with no finite memory is exactly zero.
         ctx = torch.where(any_valid[:, None, None], ctx, torch.zeros_like(ctx))
         out = hidden + torch.tanh(self.gate) * ctx
-        with torch.no_grad():
-            ent = -torch.special.xlogy(probs, probs).sum(-1).mean(dim=(1, 2))  # [B]
-            n = any_valid.sum()
-            entropy = (ent * any_valid).sum() / n if n > 0 else ent.new_zeros(())
         return FusionOutput(hidden=out, attn_entropy=entropy, valid_slots=valid)

@@ -38,6 +38,8 @@ class WorldMemoryOptions:
     detach_memory: bool = False
     # Cross-attention: attention heads.
     fusion_heads: int = 4
+    # Cross-attention: channels queries, keys and values are projected to (narrow keeps the world path cheap).
+    fusion_dim: int = 64
     # Cross-attention: initial gate value (tanh(0) = 0: the world path starts switched off).
     gate_init: float = 0.0
     # Cross-attention: one gate per channel instead of one scalar gate.
@@ -54,20 +56,19 @@ class WorldMemoryOptions:
     # Scheduled sampling: shape of the decay ("linear", "cosine" or "exponential").
     scheduled_shape: str = "linear"
 
-    def validate_world_memory(self, hidden_width: int | None = None, baseline_hint: str = "") -> None:
+    def validate_world_memory(self, baseline_hint: str = "") -> None:
         """Raise ValueError, naming the flag to fix, for inconsistent world-path settings.
 
-        hidden_width: width of the stream the cross-attention writes into (checked against fusion_heads);
+        Reads history_frames / future_frames of the `WorldLatentOptions` the concrete config also has.
         baseline_hint: how this policy type trains without a world path, quoted in the error.
         """
         if self.prophet_width % self.prophet_heads:
             raise ValueError(
                 f"prophet_width ({self.prophet_width}) must be divisible by prophet_heads ({self.prophet_heads})."
             )
-        if hidden_width is not None and self.inject_memory and hidden_width % self.fusion_heads:
+        if self.inject_memory and self.fusion_dim % self.fusion_heads:
             raise ValueError(
-                f"The width the memory is injected into ({hidden_width}) must be divisible by fusion_heads "
-                f"({self.fusion_heads}): set --policy.fusion_heads accordingly."
+                f"fusion_dim ({self.fusion_dim}) must be divisible by fusion_heads ({self.fusion_heads})."
             )
         if self.inject_memory and not self.use_prophet:
             raise ValueError(

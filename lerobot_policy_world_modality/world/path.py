@@ -19,6 +19,20 @@ from .options import WorldMemoryOptions
 from .prophet import Prophet
 
 
+def build_fusion(
+    options: WorldMemoryOptions, width: int, latent_dim: int, dropout: float = 0.0
+) -> GatedCrossAttention:
+    """A gated cross-attention from a stream of width `width` into the world memory, set by `options`.
+
+    For policies with extra fusion points (e.g. smolvla_world's early and prefix injections): every
+    fusion point reads the memory with the same heads, inner dimension, gate initialisation and slots.
+    """
+    return GatedCrossAttention(
+        width, latent_dim, options.fusion_heads, options.gate_init, options.gate_per_channel,
+        num_slots=options.future_frames, dropout=dropout, attn_dim=options.fusion_dim,
+    )  # fmt: skip
+
+
 class WorldPath(nn.Module):
     """Prophet (when `use_prophet`) + gated cross-attention into `hidden_width` (when `inject_memory`).
 
@@ -127,7 +141,7 @@ class WorldPath(nn.Module):
             raise RuntimeError("This policy was built without memory injection (inject_memory=False).")
         memory = prediction.detach() if self.options.detach_memory else prediction
         memory = select_memory(mode, memory, oracle, oracle_prob)
-        fused = self.fusion(hidden, memory)
+        fused = self.fusion(hidden, memory, with_entropy=stats)
         info: dict = {}
         if stats:
             info["attn_entropy"] = fused.attn_entropy.item()

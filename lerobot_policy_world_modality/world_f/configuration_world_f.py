@@ -108,10 +108,7 @@ class WorldFConfig(WorldLatentOptions, WorldMemoryOptions, LanguageOptions, PreT
             raise ValueError(f"action_loss must be 'l1' or 'mse', got '{self.action_loss}'.")
         if self.width % self.heads:
             raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads}).")
-        self.validate_world_memory(
-            hidden_width=self.width,
-            baseline_hint="For the baseline without world prediction use --policy.variant=A.",
-        )
+        self.validate_world_memory("For the baseline without world prediction use --policy.variant=A.")
         if self.language_max_length < 1:
             raise ValueError(f"language_max_length must be >= 1, got {self.language_max_length}.")
 
