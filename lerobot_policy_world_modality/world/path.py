@@ -69,19 +69,7 @@ class WorldPath(nn.Module):
             if o.use_prophet
             else None
         )
-        self.fusion = (
-            GatedCrossAttention(
-                hidden_width,
-                latent_dim,
-                o.fusion_heads,
-                o.gate_init,
-                o.gate_per_channel,
-                num_slots=o.future_frames,
-                dropout=dropout,
-            )  # fmt: skip
-            if o.inject_memory
-            else None
-        )
+        self.fusion = build_fusion(o, hidden_width, latent_dim, dropout) if o.inject_memory else None
         self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
 
     def predict(self, history: Tensor, context: Tensor | None = None) -> Tensor:
