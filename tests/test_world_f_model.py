@@ -275,6 +275,14 @@ def test_config_variants_and_errors():
     assert cfg.observation_delta_indices is None and cfg.reward_delta_indices is None
     assert cfg.action_delta_indices == list(range(H))
     assert cfg.get_optimizer_preset().lr == cfg.optimizer_lr and cfg.type == "world_f"
+    with pytest.raises(ValueError, match="fusion_dim"):
+        make_config(fusion_dim=10, fusion_heads=4)
+
+
+def test_cross_attention_runs_at_fusion_dim():
+    fusion = make_policy(fusion_dim=8, fusion_heads=2).fusion
+    assert (fusion.attn_dim, fusion.q.out_features, fusion.kv.out_features) == (8, 8, 16)
+    assert fusion.out.in_features == 8 and fusion.out.out_features == 32  # back to the trunk width
 
 
 # ---------------------------------------------------------------------------------------------- language input
