@@ -350,6 +350,11 @@ def main(argv: list[str] | None = None) -> int:
             view = write_training_view(args.repo_id, dataset.root, default_view_root(root, args.repo_id, dataset.root))
             print(f"Latent-only training view (no frames to decode in training): {view}")
         print(f"All caches complete under {root}. Train with:\n  lerobot-train {_train_flags(args, cameras, view)} ...")
+        if view is not None:
+            print(
+                "Policies that read camera images in training (smolvla_world) train on the dataset itself:\n"
+                f"  lerobot-train {_train_flags(args, cameras, None)} ..."
+            )
     return 0
 
 

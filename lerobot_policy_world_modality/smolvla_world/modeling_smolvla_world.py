@@ -1,0 +1,272 @@
+"""The `smolvla_world` policy: LeRobot's SmolVLA whose action expert reads Prophet world memory.
+
+    images, instruction, state ──> VLM prefix ──(kv)──> action expert ──> hidden ──> action_out_proj ──> v_t
+                                      ^ [prefix]          ^ [expert_input]   ^ [expert_output, default]
+    world-latent history ──> Prophet ──> memory ──────────┴──────────────────┘  (gated cross-attention)
+
+The SmolVLA part is a stock `SmolVLAPolicy` held inside (composition); the world path is the shared
+`WorldPath` (Prophet, memory modes, gated cross-attention, world loss) of `world_f`. The memory enters
+SmolVLA's unchanged forward and sampling code through PyTorch module hooks at the three fusion
+points, so the late injection acts at every denoising step, and with every gate at 0 the actions are
+exactly SmolVLA's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections import deque
+from pathlib import Path
+
+import torch
+from lerobot.policies.pretrained import PreTrainedPolicy
+from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+from torch import Tensor
+
+from ..constants import OBS_WORLD_HISTORY
+from ..world.fusion import GatedCrossAttention
+from ..world.history import LatentHistory, latent_from_batch
+from ..world.memory import select_memory
+from ..world.path import WorldPath, build_fusion
+from .configuration_smolvla_world import ARCHITECTURE_FIELDS, SmolVLAWorldConfig
+
+
+def init_weights_file(init_from: str) -> str:
+    """Path of the `model.safetensors` of a SmolVLA checkpoint given as a local directory or Hub id."""
+    from huggingface_hub.constants import SAFETENSORS_SINGLE_FILE
+
+    if Path(init_from).is_dir():
+        path = Path(init_from) / SAFETENSORS_SINGLE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"--policy.init_from={init_from} has no {SAFETENSORS_SINGLE_FILE}.")
+        return str(path)
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(repo_id=init_from, filename=SAFETENSORS_SINGLE_FILE)
+
+
+def refuse_training_view(dataset_meta) -> None:
+    """Stop with the fix when lerobot-train was pointed at a latent-only training view (it has no images)."""
+    from ..latents.train_view import source_of_view
+
+    view = source_of_view(dataset_meta.info)
+    if view is not None:
+        raise ValueError(
+            f"smolvla_world reads camera images in training, but {dataset_meta.root} is a latent-only "
+            f"training view without them. Train on the source dataset: --dataset.root={view['root']} "
+            "(its latent caches are the ones lerobot-wm-precompute wrote)."
+        )
+
+
+class SmolVLAWorldPolicy(PreTrainedPolicy):
+    """LeRobot policy `smolvla_world` (see `SmolVLAWorldConfig` for the fusion points and `init_from`).
+
+    Training batches carry SmolVLA's inputs (images, state, tokenised instruction, action chunk) and
+    the world-latent step's OBS_WORLD_HISTORY / OBS_WORLD_FUTURE / OBS_WORLD_FUTURE_VALID; evaluation
+    batches carry OBS_WORLD_LATENT, whose last T values the policy keeps itself (`LatentHistory`).
+    """
+
+    config_class = SmolVLAWorldConfig
+    name = "smolvla_world"
+
+    def __init__(self, config: SmolVLAWorldConfig, dataset_stats=None, dataset_meta=None, **kwargs):
+        """Build SmolVLA + world path; with `dataset_meta` (from lerobot-train) bind the training dataset.
+
+        With `init_from` not yet loaded, the SmolVLA part is initialised from that checkpoint.
+        `dataset_stats` is accepted for LeRobot's factory; normalisation lives in the processors.
+        """
+        super().__init__(config)
+        if dataset_meta is not None:
+            refuse_training_view(dataset_meta)
+        config.validate_features()
+        self.config = config
+        if dataset_meta is not None:
+            self._bind_dataset(dataset_meta)
+        elif config.world_latent_dim is None:
+            from ..latents.processor import resolve_world_latent_dim
+
+            config.world_latent_dim = resolve_world_latent_dim(config)
+        self.smolvla = SmolVLAPolicy(config.smolvla_config())
+        model = self.smolvla.model
+        expert_width = model.vlm_with_expert.expert_hidden_size
+        vlm_width = model.vlm_with_expert.config.text_config.hidden_size
+        d = config.world_latent_dim
+        self.world = WorldPath(config, d, expert_width, dropout=config.world_dropout)
+        drop = config.world_dropout
+        self.expert_input_fusion = (
+            build_fusion(config, expert_width, d, drop) if config.inject_expert_input else None
+        )
+        self.prefix_fusion = build_fusion(config, vlm_width, d, drop) if config.inject_prefix else None
+        # The memory the hooks inject during the current call (None: SmolVLA runs untouched).
+        self._memory: Tensor | None = None
+        self._stats: dict | None = None
+        model.action_out_proj.register_forward_pre_hook(self._expert_output_hook)
+        model.action_time_mlp_out.register_forward_hook(self._expert_input_hook)
+        if self.prefix_fusion is not None:
+            # The prefix is assembled by a method, not one module: wrap that method of the held model.
+            model.embed_prefix = functools.partial(self._embed_prefix, model.embed_prefix)
+        self.history = LatentHistory(config.history_frames)
+        self._action_queue: deque = deque(maxlen=config.n_action_steps)
+        if config.init_from and not config.init_from_loaded:
+            self.load_init_weights(config.init_from)
+            config.init_from_loaded = True
+        self.reset()
+
+    def _bind_dataset(self, dataset_meta) -> None:
+        """Record the training dataset (its latent cache must exist) and fill world_latent_dim."""
+        from ..latents.processor import bind_training_dataset, resolve_world_latent_dim
+
+        bind_training_dataset(self.config, dataset_meta)
+        dim = resolve_world_latent_dim(self.config)
+        if self.config.world_latent_dim not in (None, dim):
+            raise ValueError(
+                f"world_latent_dim={self.config.world_latent_dim} in the config, but encoder "
+                f"'{self.config.encoder}' with cameras {self.config.resolved_world_cameras()} gives {dim}. Leave "
+                "world_latent_dim unset (it is filled from the encoder) or train a new policy for this encoder."
+            )
+        self.config.world_latent_dim = dim
+
+    def load_init_weights(self, init_from: str) -> None:
+        """Load a SmolVLA checkpoint's weights into the SmolVLA part; clear error when they do not fit."""
+        from safetensors import safe_open
+        from safetensors.torch import load_model
+
+        path = init_weights_file(init_from)
+        own = self.smolvla.state_dict()
+        with safe_open(path, "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        wrong = [f"{k}: checkpoint {s} vs model {tuple(own[k].shape)}"
+                 for k, s in shapes.items() if k in own and tuple(own[k].shape) != s]  # fmt: skip
+        missing, unexpected = ([], []) if wrong else load_model(self.smolvla, path, strict=False)
+        if wrong or missing or unexpected:
+            raise ValueError(
+                f"The weights of --policy.init_from={init_from} do not fit the SmolVLA built from this config "
+                f"(shape mismatches: {wrong[:3]}, unexpected: {sorted(unexpected)[:3]}, missing: "
+                f"{sorted(missing)[:3]}). Use the checkpoint's VLM (vlm_model_name) and architecture options "
+                f"({', '.join(ARCHITECTURE_FIELDS)}): drop the --policy flags that change them."
+            )
+
+    # ------------------------------------------------------------------ fusion hooks
+    def _fuse(self, fusion: GatedCrossAttention, hidden: Tensor) -> Tensor:
+        out = fusion(hidden.float(), self._memory).hidden
+        return out.to(hidden.dtype)
+
+    def _expert_output_hook(self, module, args):
+        """Late injection: the expert's hidden states right before `action_out_proj`."""
+        if self._memory is None or self.world.fusion is None:
+            return None
+        hidden, info = self.world.inject(args[0], self._memory, "pred", stats=self._stats is not None)
+        if self._stats is not None:
+            self._stats.update(info)
+        return (hidden.to(args[0].dtype),)
+
+    def _expert_input_hook(self, module, args, output):
+        """Early injection: the expert's input (suffix) embeddings, the output of `action_time_mlp_out`."""
+        if self._memory is None or self.expert_input_fusion is None:
+            return None
+        return self._fuse(self.expert_input_fusion, output)
+
+    def _embed_prefix(self, embed_prefix, *args, **kwargs):
+        """Prefix injection: SmolVLA's `embed_prefix`, then the prefix tokens read the memory."""
+        embs, pad_masks, att_masks = embed_prefix(*args, **kwargs)
+        if self._memory is not None:
+            embs = self._fuse(self.prefix_fusion, embs)
+        return embs, pad_masks, att_masks
+
+    @contextlib.contextmanager
+    def _reading(self, memory: Tensor | None, stats: dict | None = None):
+        """Let the hooks inject `memory` during the SmolVLA call inside the block."""
+        self._memory, self._stats = memory, stats
+        try:
+            yield
+        finally:
+            self._memory, self._stats = None, None
+
+    @property
+    def injects(self) -> bool:
+        """Whether any fusion point reads the memory."""
+        return any(m is not None for m in (self.world.fusion, self.expert_input_fusion, self.prefix_fusion))
+
+    def _select(
+        self, prediction: Tensor, mode: str, oracle: Tensor | None = None, prob: float = 0.0
+    ) -> Tensor:
+        """The memory of this call, chosen once so every fusion point and denoising step reads the same."""
+        memory = prediction.detach() if self.config.detach_memory else prediction
+        return select_memory(mode, memory, oracle, prob)
+
+    # ------------------------------------------------------------------ LeRobot interface
+    def get_optim_params(self):
+        """All parameters, as SmolVLA (frozen ones carry no gradient)."""
+        return self.parameters()
+
+    def reset(self):
+        """Start a new episode: clear the latent history, the action queues and the encoders' frame buffers."""
+        self.history.reset()
+        self._action_queue.clear()
+        self.smolvla.reset()
+        from ..latents.processor import reset_online_state
+
+        reset_online_state()
+
+    def _rollout_memory(self, batch: dict[str, Tensor], history: Tensor | None) -> Tensor | None:
+        if not self.injects:
+            return None
+        if history is None:
+            history = batch.get(OBS_WORLD_HISTORY)
+        if history is None:
+            history = self.history.push(latent_from_batch(batch))
+        return self._select(self.world.predict(history), self.config.memory_mode_rollout)
+
+    @torch.no_grad()
+    def predict_action_chunk(self, batch: dict[str, Tensor], noise: Tensor | None = None, **kwargs) -> Tensor:
+        """Action chunk [B, H, A]; SmolVLA's keyword options (e.g. RTC's) pass through.
+
+        Uses OBS_WORLD_HISTORY when the batch has it; otherwise the call is the next step of the
+        episode and advances the policy's own latent history.
+        """
+        self.eval()
+        with self._reading(self._rollout_memory(batch, None)):
+            return self.smolvla.predict_action_chunk(batch, noise, **kwargs)
+
+    @torch.no_grad()
+    def select_action(self, batch: dict[str, Tensor], noise: Tensor | None = None, **kwargs) -> Tensor:
+        """One action [B, A] per environment step; the latent history advances at every call."""
+        if self.smolvla._rtc_enabled():
+            raise ValueError(
+                "RTC is not supported by select_action (as in SmolVLA): use predict_action_chunk."
+            )
+        self.eval()
+        history = self.history.push(latent_from_batch(batch)) if self.injects else None
+        if len(self._action_queue) == 0:
+            with self._reading(self._rollout_memory(batch, history)):
+                chunk = self.smolvla.predict_action_chunk(batch, noise)
+            self._action_queue.extend(chunk.transpose(0, 1)[: self.config.n_action_steps])
+        return self._action_queue.popleft()
+
+    def forward(self, batch: dict[str, Tensor], noise=None, time=None, reduction: str = "mean"):
+        """SmolVLA's flow-matching loss (with the memory injected) + lambda_world * world loss, and logs."""
+        cfg = self.config
+        prediction = targets = valid = memory = None
+        if self.world.prophet is not None:
+            history, targets, valid = self.world.training_inputs(batch)
+            prediction = self.world.predict(history)
+            if self.injects:
+                memory = self._select(prediction, cfg.memory_mode_train, targets, self.world.oracle_prob())
+        stats: dict = {}
+        with self._reading(memory, stats):
+            loss, info = self.smolvla.forward(batch, noise, time, reduction)
+        info = {"action_loss": info["loss"], **info}
+        world_loss, world_info = self.world.loss_terms(prediction, targets, valid)
+        if world_loss is not None:
+            loss = loss + cfg.lambda_world * world_loss
+        info.update(world_info)
+        info.update(stats)
+        for name, fusion in (
+            ("gate_expert_input", self.expert_input_fusion),
+            ("gate_prefix", self.prefix_fusion),
+        ):
+            if fusion is not None:
+                info[name] = fusion.gate_value().detach().mean().item()
+        info["loss"] = loss.mean().item()
+        self.world.step()
+        return loss, info

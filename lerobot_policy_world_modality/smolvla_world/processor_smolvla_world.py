@@ -1,0 +1,119 @@
+"""Pre- and post-processing pipelines of `smolvla_world`: SmolVLA's steps plus the world-latent step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lerobot.configs.types import PipelineFeatureType, PolicyFeature
+from lerobot.processor import (
+    AddBatchDimensionProcessorStep,
+    ComplementaryDataProcessorStep,
+    DeviceProcessorStep,
+    NormalizerProcessorStep,
+    PolicyAction,
+    PolicyProcessorPipeline,
+    ProcessorStepRegistry,
+    RenameObservationsProcessorStep,
+    TokenizerProcessorStep,
+    UnnormalizerProcessorStep,
+)
+from lerobot.processor.converters import policy_action_to_transition, transition_to_policy_action
+from lerobot.utils.constants import POLICY_POSTPROCESSOR_DEFAULT_NAME, POLICY_PREPROCESSOR_DEFAULT_NAME
+
+from ..latents.processor import make_world_latent_step
+from .configuration_smolvla_world import SmolVLAWorldConfig
+
+
+@ProcessorStepRegistry.register(name="smolvla_world_instruction")
+@dataclass
+class InstructionStep(ComplementaryDataProcessorStep):
+    """Checks the instruction of every sample and ends it with a newline, as SmolVLA's prompt expects.
+
+    A missing or blank instruction is an error: SmolVLA conditions on it, and a blank prompt trains
+    (or runs) a VLA that ignores the task without any sign of it.
+    """
+
+    # Complementary-data key of the instruction (LeRobot datasets and envs use "task").
+    key: str = "task"
+
+    def complementary_data(self, complementary_data):
+        """The complementary data with the instruction(s) under `key` checked and newline-terminated."""
+        task = (complementary_data or {}).get(self.key)
+        texts = [task] if isinstance(task, str) else task
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+            raise ValueError(
+                f"smolvla_world needs the instruction under '{self.key}' (a string per sample), got "
+                f"{type(task).__name__}. Use a dataset/env with a task description, or point "
+                "--policy.instruction_key at the key that holds it."
+            )
+        empty = [i for i, t in enumerate(texts) if not t.strip()]
+        if empty:
+            raise ValueError(
+                f"Empty instruction under '{self.key}' for batch sample(s) {empty[:8]}. SmolVLA would read a blank "
+                "prompt. Fill the dataset's task for every episode (or evaluate on an env with task "
+                "descriptions), or set --policy.instruction_key to the key that holds the instruction."
+            )
+        texts = [t if t.endswith("\n") else f"{t}\n" for t in texts]
+        return {**complementary_data, self.key: texts[0] if isinstance(task, str) else texts}
+
+    def get_config(self) -> dict[str, Any]:
+        """JSON config that rebuilds this step from a saved pipeline."""
+        return {"key": self.key}
+
+    def transform_features(
+        self, features: dict[PipelineFeatureType, dict[str, PolicyFeature]]
+    ) -> dict[PipelineFeatureType, dict[str, PolicyFeature]]:
+        """Features are unchanged (the instruction is complementary data)."""
+        return features
+
+
+def make_smolvla_world_pre_post_processors(
+    config: SmolVLAWorldConfig,
+    dataset_stats: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> tuple[
+    PolicyProcessorPipeline[dict[str, Any], dict[str, Any]],
+    PolicyProcessorPipeline[PolicyAction, PolicyAction],
+]:
+    """SmolVLA's pipelines (rename, batch, instruction + tokenizer, device, normalise / unnormalise, to CPU)
+    with the instruction checked and the world-latent step after device placement.
+
+    Images are resized with padding inside the model, exactly as in SmolVLA.
+    """
+    input_steps = [
+        RenameObservationsProcessorStep(rename_map={}),
+        AddBatchDimensionProcessorStep(),
+        InstructionStep(key=config.instruction_key),
+        TokenizerProcessorStep(
+            tokenizer_name=config.vlm_model_name,
+            padding=config.pad_language_to,
+            padding_side="right",
+            max_length=config.tokenizer_max_length,
+            task_key=config.instruction_key,
+        ),
+        DeviceProcessorStep(device=config.device),
+        make_world_latent_step(config),
+        NormalizerProcessorStep(
+            features={**config.input_features, **config.output_features},
+            norm_map=config.normalization_mapping,
+            stats=dataset_stats,
+        ),
+    ]
+    output_steps = [
+        UnnormalizerProcessorStep(
+            features=config.output_features, norm_map=config.normalization_mapping, stats=dataset_stats
+        ),
+        DeviceProcessorStep(device="cpu"),
+    ]
+    return (
+        PolicyProcessorPipeline[dict[str, Any], dict[str, Any]](
+            steps=input_steps, name=POLICY_PREPROCESSOR_DEFAULT_NAME
+        ),
+        PolicyProcessorPipeline[PolicyAction, PolicyAction](
+            steps=output_steps,
+            name=POLICY_POSTPROCESSOR_DEFAULT_NAME,
+            to_transition=policy_action_to_transition,
+            to_output=transition_to_policy_action,
+        ),
+    )

@@ -1,0 +1,260 @@
+"""`smolvla_world` on a tiny offline SmolVLM: options, do-no-harm vs SmolVLA, init_from, save/load, processors."""
+
+import dataclasses
+import json
+import shutil
+
+import draccus
+import pytest
+import torch
+from lerobot.configs.policies import PreTrainedConfig
+from lerobot.configs.types import FeatureType, PolicyFeature
+from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
+from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+from support import vlm
+from support.vlm import TINY_SMOLVLA
+
+from lerobot_policy_world_modality.constants import (
+    OBS_WORLD_FUTURE,
+    OBS_WORLD_FUTURE_VALID,
+    OBS_WORLD_HISTORY,
+    OBS_WORLD_LATENT,
+)
+from lerobot_policy_world_modality.smolvla_world.configuration_smolvla_world import (
+    SMOLVLA_FIELDS,
+    SmolVLAOptions,
+    SmolVLAWorldConfig,
+)
+from lerobot_policy_world_modality.smolvla_world.modeling_smolvla_world import SmolVLAWorldPolicy
+
+tiny_vlm = vlm.tiny_vlm  # the session fixture: one tiny SmolVLM for every test
+
+B, S, A, T, K = 2, 4, 4, 3, 2
+H = TINY_SMOLVLA["chunk_size"]
+FEATURES = {
+    "input_features": {
+        "observation.image": PolicyFeature(FeatureType.VISUAL, (3, 48, 48)),
+        "observation.state": PolicyFeature(FeatureType.STATE, (S,)),
+    },
+    "output_features": {"action": PolicyFeature(FeatureType.ACTION, (A,))},
+}
+TINY_WORLD = dict(
+    prophet_width=32, prophet_depth=1, prophet_heads=2, fusion_heads=2, history_frames=T, future_frames=K
+)
+
+
+def make_config(vlm_dir, **overrides) -> SmolVLAWorldConfig:
+    kw = dict(vlm_model_name=str(vlm_dir), device="cpu", **TINY_SMOLVLA, **TINY_WORLD)
+    kw.update({k: dict(v) for k, v in FEATURES.items()})
+    kw.update(overrides)
+    return SmolVLAWorldConfig(**kw)
+
+
+def make_smolvla(vlm_dir, **overrides) -> SmolVLAPolicy:
+    cfg = SmolVLAConfig(vlm_model_name=str(vlm_dir), device="cpu", **{**TINY_SMOLVLA, **overrides})
+    cfg.input_features, cfg.output_features = (dict(v) for v in FEATURES.values())
+    return SmolVLAPolicy(cfg)
+
+
+def batch(vlm_dir, dim, seed=0, tasks=("move the square\n", "press the red button\n")):
+    """A preprocessed batch (tokenised instructions, world latents) as the pipeline would give it."""
+    from transformers import AutoTokenizer
+
+    g = torch.Generator().manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(str(vlm_dir))(list(tasks), padding="longest", return_tensors="pt")
+    history = torch.randn(B, T, dim, generator=g)
+    return {
+        "observation.image": torch.rand(B, 3, 48, 48, generator=g),
+        "observation.state": torch.randn(B, S, generator=g),
+        "observation.language.tokens": tok["input_ids"],
+        "observation.language.attention_mask": tok["attention_mask"].bool(),
+        "action": torch.randn(B, H, A, generator=g),
+        OBS_WORLD_LATENT: history[:, -1].clone(),
+        OBS_WORLD_HISTORY: history,
+        OBS_WORLD_FUTURE: torch.randn(B, K, dim, generator=g),
+        OBS_WORLD_FUTURE_VALID: torch.tensor([[True, False], [True, True]]),
+    }
+
+
+def gates(policy):
+    return {n: p for n, p in policy.named_parameters() if n.endswith("gate")}
+
+
+def test_config_carries_every_smolvla_option_with_its_default_and_parses_from_the_cli():
+    base = {f.name for f in dataclasses.fields(PreTrainedConfig)}
+    theirs = {f.name: f for f in dataclasses.fields(SmolVLAConfig) if f.name not in base}
+    ours = {f.name: f for f in dataclasses.fields(SmolVLAOptions)}
+    assert list(ours) == list(theirs) and SMOLVLA_FIELDS == tuple(theirs)
+    for name, f in theirs.items():
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        mine = (
+            ours[name].default_factory() if ours[name].default is dataclasses.MISSING else ours[name].default
+        )
+        assert mine == default, name
+    assert not issubclass(SmolVLAWorldConfig, SmolVLAConfig)
+
+    # As `--policy.type=smolvla_world --policy.chunk_size=8 ...` (or a --config_path file) is decoded.
+    cfg = draccus.decode(
+        PreTrainedConfig,
+        {"type": "smolvla_world", "chunk_size": 8, "n_action_steps": 3, "resize_imgs_with_padding": [64, 64],
+         "train_expert_only": False, "inject_prefix": True, "device": "cpu"},
+    )  # fmt: skip
+    assert isinstance(cfg, SmolVLAWorldConfig) and cfg.type == "smolvla_world"
+    inner = cfg.smolvla_config()
+    assert (inner.chunk_size, inner.n_action_steps, inner.resize_imgs_with_padding) == (8, 3, (64, 64))
+    assert inner.train_expert_only is False and cfg.inject_prefix
+    with pytest.raises(ValueError, match="chunk size"):
+        SmolVLAWorldConfig(device="cpu", chunk_size=4, n_action_steps=5)
+    with pytest.raises(ValueError, match="use_prophet"):
+        SmolVLAWorldConfig(device="cpu", use_prophet=False, inject_memory=False, inject_prefix=True)
+
+
+@pytest.mark.parametrize("points", [{}, {"inject_expert_input": True, "inject_prefix": True}])
+def test_closed_gates_give_smolvla_actions_exactly_and_every_gate_gets_a_gradient(tiny_vlm, points):
+    torch.manual_seed(0)
+    world = SmolVLAWorldPolicy(make_config(tiny_vlm, **points))
+    smolvla = make_smolvla(tiny_vlm)
+    smolvla.load_state_dict(world.smolvla.state_dict())
+    dim = world.config.world_latent_dim
+    noise = torch.randn(B, H, TINY_SMOLVLA["max_action_dim"])
+    for step in range(3):  # the second call is served from the queue, the third predicts a new chunk
+        b = batch(tiny_vlm, dim, seed=step)
+        assert torch.equal(
+            world.select_action(dict(b), noise=noise), smolvla.select_action(dict(b), noise=noise)
+        )
+
+    # The policy's own history advanced at every step (queue-served ones too), oldest first.
+    assert torch.equal(world.history.value[:, -1], batch(tiny_vlm, dim, seed=2)[OBS_WORLD_LATENT])
+    assert torch.equal(world.history.value[:, -3], batch(tiny_vlm, dim, seed=0)[OBS_WORLD_LATENT])
+    world.reset()
+    assert world.history.value is None and len(world._action_queue) == 0
+
+    # Opening a gate changes the actions: the memory really reaches the action expert.
+    with torch.no_grad():
+        for g in gates(world).values():
+            g.fill_(0.5)
+    b = batch(tiny_vlm, dim)
+    assert not torch.allclose(
+        world.predict_action_chunk(dict(b), noise=noise), smolvla.predict_action_chunk(b, noise)
+    )
+
+    with torch.no_grad():
+        for g in gates(world).values():
+            g.zero_()
+    world.train()
+    loss, info = world.forward(batch(tiny_vlm, dim))
+    loss.backward()
+    expected = 1 + len(points)
+    assert len(gates(world)) == expected
+    for name, g in gates(world).items():
+        assert g.grad is not None and g.grad.abs().sum() > 0, name
+    assert info["gate"] == 0.0 and "world_loss" in info and "world_cos_h2" in info
+    assert all(isinstance(v, float) for v in info.values())
+    assert int(world.world.train_step) == 1
+
+
+def test_memory_modes_and_world_loss_only_configuration(tiny_vlm):
+    torch.manual_seed(0)
+    world = SmolVLAWorldPolicy(make_config(tiny_vlm, memory_mode_rollout="zero", gate_init=0.5))
+    b = batch(tiny_vlm, world.config.world_latent_dim)
+    noise = torch.randn(B, H, TINY_SMOLVLA["max_action_dim"])
+    zero = world.predict_action_chunk(dict(b), noise=noise)
+    world.config.memory_mode_rollout = "pred"
+    assert not torch.allclose(zero, world.predict_action_chunk(dict(b), noise=noise))
+
+    # World loss without injection (B_cont-like): no gate, no world module at rollout.
+    torch.manual_seed(0)
+    cont = SmolVLAWorldPolicy(make_config(tiny_vlm, inject_memory=False))
+    assert not gates(cont) and not cont.injects
+    cont.train()
+    loss, info = cont.forward(batch(tiny_vlm, cont.config.world_latent_dim))
+    assert loss.item() == pytest.approx(info["action_loss"] + info["world_loss"], rel=1e-5)
+    assert "gate" not in info
+
+
+def test_init_from_loads_smolvla_weights_keeps_user_fields_and_reloads_without_it(
+    tiny_vlm, tmp_path, monkeypatch
+):
+    torch.manual_seed(1)
+    init = make_smolvla(tiny_vlm, num_steps=2, n_action_steps=3, optimizer_lr=3e-4)
+    init_dir = tmp_path / "smolvla_init"
+    init.save_pretrained(init_dir)
+
+    # As on the command line: num_steps given explicitly at its default value still counts as set by the user.
+    monkeypatch.setattr(
+        "sys.argv", ["lerobot-train", "--policy.num_steps=10", f"--policy.init_from={init_dir}"]
+    )
+    cfg = make_config(tiny_vlm, init_from=str(init_dir), n_action_steps=1, num_steps=10)
+    assert cfg.num_steps == 10 and cfg.n_action_steps == 1  # user-set: kept
+    assert cfg.optimizer_lr == 3e-4  # not set by the user: read from the checkpoint
+    # Fields of a --config_path file count as set too (here: the default 48 against the checkpoint's 16).
+    config_file = tmp_path / "train.json"
+    config_file.write_text(json.dumps({"policy": {"type": "smolvla_world", "tokenizer_max_length": 48}}))
+    monkeypatch.setattr("sys.argv", ["lerobot-train", f"--config_path={config_file}"])
+    from_file = make_config(tiny_vlm, init_from=str(init_dir), tokenizer_max_length=48)
+    assert from_file.tokenizer_max_length == 48 and from_file.optimizer_lr == 3e-4
+    torch.manual_seed(2)
+    policy = SmolVLAWorldPolicy(cfg)
+    assert cfg.init_from_loaded
+    for k, v in init.state_dict().items():
+        assert torch.equal(policy.smolvla.state_dict()[k], v), k
+    assert all(float(g.detach()) == 0.0 for g in gates(policy).values())
+
+    ckpt = tmp_path / "ckpt"
+    policy.save_pretrained(ckpt)
+    shutil.rmtree(init_dir)  # the trained checkpoint must not need the init checkpoint any more
+    reloaded = SmolVLAWorldPolicy.from_pretrained(ckpt)
+    assert reloaded.config.init_from == str(init_dir) and reloaded.config.num_steps == 10
+    b = batch(tiny_vlm, cfg.world_latent_dim)
+    noise = torch.randn(B, H, TINY_SMOLVLA["max_action_dim"])
+    assert torch.equal(
+        reloaded.predict_action_chunk(dict(b), noise=noise), policy.predict_action_chunk(b, noise)
+    )
+
+
+def test_init_from_refuses_incompatible_checkpoints_clearly(tiny_vlm, tmp_path):
+    init_dir = tmp_path / "smolvla_init"
+    make_smolvla(tiny_vlm).save_pretrained(init_dir)
+    with pytest.raises(ValueError, match=r"num_vlm_layers=1 \(checkpoint: 2\)"):
+        make_config(tiny_vlm, init_from=str(init_dir), num_vlm_layers=1)
+
+    # Weights that do not fit (here: a file missing a tensor) are refused with the options to check.
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(init_dir / "model.safetensors")
+    dropped = next(k for k in state if "action_out_proj" in k)
+    del state[dropped]
+    save_file(state, init_dir / "model.safetensors")
+    with pytest.raises(ValueError, match=f"missing: .*{dropped}"):
+        SmolVLAWorldPolicy(make_config(tiny_vlm, init_from=str(init_dir)))
+
+    other = tmp_path / "world_ckpt"
+    make_config(tiny_vlm).save_pretrained(other)
+    with pytest.raises(ValueError, match="must be a 'smolvla' one"):
+        make_config(tiny_vlm, init_from=str(other))
+
+
+def test_stock_factory_resolves_smolvla_world_and_its_pipeline_checks_instructions(tiny_vlm, tmp_path):
+    from lerobot.policies.factory import get_policy_class, make_pre_post_processors
+    from lerobot.processor import PolicyProcessorPipeline, TokenizerProcessorStep
+
+    from lerobot_policy_world_modality.latents.processor import WorldLatentStep
+
+    assert get_policy_class("smolvla_world") is SmolVLAWorldPolicy
+    cfg = make_config(tiny_vlm)
+    pre, _ = make_pre_post_processors(cfg, dataset_stats=None)
+    kinds = [type(s) for s in pre.steps]
+    assert WorldLatentStep in kinds and TokenizerProcessorStep in kinds
+    assert kinds.index(TokenizerProcessorStep) < kinds.index(WorldLatentStep)
+    pre.save_pretrained(tmp_path / "pre")
+    pre = PolicyProcessorPipeline.from_pretrained(
+        tmp_path / "pre", config_filename="policy_preprocessor.json"
+    )
+    assert [type(s) for s in pre.steps] == kinds
+
+    obs = {"observation.image": torch.rand(B, 3, 48, 48), "observation.state": torch.randn(B, S)}
+    out = pre({**obs, "task": ["press the button", "open the drawer"]})
+    assert out[OBS_WORLD_LATENT].shape[0] == B and torch.isfinite(out[OBS_WORLD_LATENT]).all()
+    assert out["observation.language.tokens"].shape[0] == B
+    with pytest.raises(ValueError, match=r"Empty instruction under 'task' for batch sample\(s\) \[1\]"):
+        pre({**obs, "task": ["press the button", "  "]})

@@ -1,0 +1,144 @@
+"""`smolvla_world` through the stock LeRobot entry points with the tiny SmolVLM: factory, train, eval."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from support import vlm
+from support.cli import BIN
+from support.datasets import make_synthetic_dataset
+from support.vlm import TINY_SMOLVLA
+
+tiny_vlm = vlm.tiny_vlm  # the session fixture: one tiny SmolVLM for every test
+
+REPO = "local/smolvla_world_e2e"
+
+
+def _run(cmd, timeout=600):
+    env = {**os.environ, "MUJOCO_GL": "egl", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _tiny_flags(vlm_dir) -> list[str]:
+    """--policy flags that set the tiny SmolVLA options (what a user passes for a real backbone)."""
+    flags = [f"--policy.vlm_model_name={vlm_dir}"]
+    for k, v in TINY_SMOLVLA.items():
+        flags.append(f"--policy.{k}=" + (f"[{v[0]},{v[1]}]" if isinstance(v, tuple) else str(v).lower()))
+    return flags
+
+
+def _train_cmd(policy_flags, root, out, steps):
+    return [
+        BIN / "lerobot-train",
+        *policy_flags,
+        "--policy.device=cpu",
+        "--policy.push_to_hub=false",
+        f"--dataset.repo_id={REPO}",
+        f"--dataset.root={root}",
+        "--dataset.video_backend=pyav",
+        "--batch_size=2",
+        f"--steps={steps}",
+        f"--save_freq={steps}",
+        "--log_freq=1",
+        "--num_workers=0",
+        "--eval_freq=0",
+        "--wandb.enable=false",
+        f"--output_dir={out}",
+    ]
+
+
+@pytest.fixture
+def dataset_root(tmp_path):
+    root = tmp_path / "ds"
+    make_synthetic_dataset(
+        root, repo_id=REPO, episode_lengths=(8, 1, 6), image_hw=(48, 48), task="press the button"
+    )
+    return root
+
+
+def test_factory_binds_the_camera_dataset_and_refuses_the_latent_only_view(dataset_root, tiny_vlm, capsys):
+    from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
+    from lerobot.policies.factory import make_policy, make_policy_config, make_pre_post_processors
+
+    from lerobot_policy_world_modality.latents.precompute import main as precompute
+    from lerobot_policy_world_modality.latents.processor import WorldLatentStep
+    from lerobot_policy_world_modality.smolvla_world.modeling_smolvla_world import SmolVLAWorldPolicy
+
+    assert precompute([f"--dataset.repo_id={REPO}", f"--dataset.root={dataset_root}", "--no_progress"]) == 0
+    view = next(line for line in capsys.readouterr().out.splitlines() if "training view" in line).split(
+        ": ", 1
+    )[1]
+
+    def config():
+        return make_policy_config("smolvla_world", device="cpu", vlm_model_name=str(tiny_vlm), **TINY_SMOLVLA)
+
+    with pytest.raises(ValueError, match=f"--dataset.root={dataset_root.resolve()}"):
+        make_policy(config(), ds_meta=LeRobotDatasetMetadata(REPO, root=view.strip()))
+
+    cfg = config()
+    meta = LeRobotDatasetMetadata(REPO, root=dataset_root)
+    policy = make_policy(cfg, ds_meta=meta)
+    assert isinstance(policy, SmolVLAWorldPolicy) and cfg.dataset_repo_id == REPO
+    pre, _ = make_pre_post_processors(cfg, dataset_stats=meta.stats)
+    (step,) = [s for s in pre.steps if isinstance(s, WorldLatentStep)]
+    assert step.dataset_repo_id == REPO and step.cameras == ["observation.image"]
+    assert step.history_frames == cfg.history_frames and step.future_frames == cfg.future_frames
+
+
+@pytest.mark.slow
+def test_precompute_then_e0_smolvla_then_e2_smolvla_world_from_it_then_metaworld_eval(
+    dataset_root, tiny_vlm, tmp_path
+):
+    res = _run([BIN / "lerobot-wm-precompute", f"--dataset.repo_id={REPO}", f"--dataset.root={dataset_root}"])
+    assert res.returncode == 0, res.stderr
+
+    # E0: a plain SmolVLA fine-tune; its checkpoint is the init weights of the world variant.
+    e0 = tmp_path / "e0"
+    res = _run(_train_cmd(["--policy.type=smolvla", *_tiny_flags(tiny_vlm)], dataset_root, e0, steps=1))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    init = e0 / "checkpoints" / "last" / "pretrained_model"
+
+    # E2: smolvla_world from the same weights, on the dataset with its cameras (SmolVLA reads images).
+    e2 = tmp_path / "e2"
+    world_flags = ["--policy.type=smolvla_world", f"--policy.init_from={init}", "--policy.n_action_steps=1",
+                   "--policy.history_frames=2", "--policy.future_frames=2", "--policy.prophet_width=32",
+                   "--policy.prophet_heads=2", "--policy.prophet_depth=1"]  # fmt: skip
+    res = _run(_train_cmd(world_flags, dataset_root, e2, steps=3))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    ckpt = e2 / "checkpoints" / "last" / "pretrained_model"
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "world.fusion.gate" in keys and any(k.startswith("world.prophet.") for k in keys)
+    assert any(k.startswith("smolvla.model.vlm_with_expert.lm_expert.") for k in keys)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["type"] == "smolvla_world" and cfg["init_from_loaded"] and cfg["dataset_repo_id"] == REPO
+    assert cfg["n_action_steps"] == 1 and cfg["num_steps"] == TINY_SMOLVLA["num_steps"]  # user's / init's
+    pre = json.loads((ckpt / "policy_preprocessor.json").read_text())
+    names = [s.get("registry_name") for s in pre["steps"]]
+    assert "world_modality_latents" in names and "smolvla_world_instruction" in names
+
+    eval_dir = tmp_path / "eval"
+    launcher = "from lerobot_policy_world_modality.tools.demo import lerobot_eval_capped as m; m()"
+    res = _run(
+        [
+            sys.executable,
+            "-c",
+            launcher,
+            f"--policy.path={ckpt}",
+            "--env.type=metaworld",
+            "--env.task=button-press-v3",
+            "--env.episode_length=6",
+            "--eval.n_episodes=1",
+            "--eval.batch_size=1",
+            "--policy.device=cpu",
+            f"--output_dir={eval_dir}",
+        ]
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    info = json.loads((eval_dir / "eval_info.json").read_text())
+    overall = info.get("overall", info.get("aggregated", {}))
+    assert torch.isfinite(torch.tensor(float(overall["avg_sum_reward"])))
