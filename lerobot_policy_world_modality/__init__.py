@@ -7,5 +7,6 @@ which is what `lerobot-train` / `lerobot-eval` rely on when they discover `lerob
 from .latents import processor as _latent_step  # noqa: F401  registers the world-latent step
 from .smolvla_world import configuration_smolvla_world as _smolvla_world  # noqa: F401  `smolvla_world`
 from .world_f import configuration_world_f as _world_f  # noqa: F401  registers `world_f`
+from .world_token_c import configuration_world_token_c as _world_token_c  # noqa: F401  registers `world_token_c`
 
 __version__ = "0.1.0"

@@ -326,11 +326,13 @@ def render_config_reference() -> str:
 
     from lerobot_policy_world_modality.language import LanguageOptions
     from lerobot_policy_world_modality.latents.config import WorldLatentOptions
+    from lerobot_policy_world_modality.trunk_policy import TrunkPolicyOptions
     from lerobot_policy_world_modality.world.options import WorldMemoryOptions
     from lerobot_policy_world_modality.world_f.configuration_world_f import WorldFConfig
 
     docs = {
         **BASE_DOCS,
+        **_field_comments(TrunkPolicyOptions),
         **_field_comments(WorldLatentOptions),
         **_field_comments(WorldMemoryOptions),
         **_field_comments(LanguageOptions),

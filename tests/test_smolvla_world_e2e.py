@@ -3,13 +3,12 @@
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 from support import vlm
-from support.cli import BIN
+from support.cli import BIN, capped_eval_cmd, short_train_flags
 from support.datasets import make_synthetic_dataset
 from support.vlm import TINY_SMOLVLA
 
@@ -35,19 +34,9 @@ def _train_cmd(policy_flags, root, out, steps):
     return [
         BIN / "lerobot-train",
         *policy_flags,
-        "--policy.device=cpu",
-        "--policy.push_to_hub=false",
         f"--dataset.repo_id={REPO}",
         f"--dataset.root={root}",
-        "--dataset.video_backend=pyav",
-        "--batch_size=2",
-        f"--steps={steps}",
-        f"--save_freq={steps}",
-        "--log_freq=1",
-        "--num_workers=0",
-        "--eval_freq=0",
-        "--wandb.enable=false",
-        f"--output_dir={out}",
+        *short_train_flags(out, steps, batch_size=2, log_freq=1),
     ]
 
 
@@ -122,22 +111,7 @@ def test_precompute_then_e0_smolvla_then_e2_smolvla_world_from_it_then_metaworld
     assert "world_modality_latents" in names and "smolvla_world_instruction" in names
 
     eval_dir = tmp_path / "eval"
-    launcher = "from lerobot_policy_world_modality.tools.demo import lerobot_eval_capped as m; m()"
-    res = _run(
-        [
-            sys.executable,
-            "-c",
-            launcher,
-            f"--policy.path={ckpt}",
-            "--env.type=metaworld",
-            "--env.task=button-press-v3",
-            "--env.episode_length=6",
-            "--eval.n_episodes=1",
-            "--eval.batch_size=1",
-            "--policy.device=cpu",
-            f"--output_dir={eval_dir}",
-        ]
-    )
+    res = _run(capped_eval_cmd(ckpt, eval_dir, episode_length=6))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     info = json.loads((eval_dir / "eval_info.json").read_text())
     overall = info.get("overall", info.get("aggregated", {}))

@@ -3,15 +3,13 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from support.cli import TINY_WORLD_F
+from support.cli import BIN, TINY_WORLD_F, short_train_flags
 from support.datasets import make_synthetic_dataset
 
-BIN = Path(sys.executable).parent
 REPO = "local/world_f_e2e"
 
 
@@ -25,20 +23,10 @@ def _train_cmd(root, out, steps=6):
         BIN / "lerobot-train",
         "--policy.type=world_f",
         "--policy.encoder=pixels",
-        "--policy.device=cpu",
-        "--policy.push_to_hub=false",
         *TINY_WORLD_F,
         f"--dataset.repo_id={REPO}",
         f"--dataset.root={root}",
-        "--dataset.video_backend=pyav",
-        "--batch_size=4",
-        f"--steps={steps}",
-        f"--save_freq={steps}",
-        "--log_freq=2",
-        "--num_workers=0",
-        "--eval_freq=0",
-        "--wandb.enable=false",
-        f"--output_dir={out}",
+        *short_train_flags(out, steps),
     ]
 
 

@@ -38,6 +38,8 @@ class WorldLatentOptions:
     dataset_repo_id: str | None = None
     # Local root of that dataset; filled automatically by lerobot-train.
     dataset_root: str | None = None
+    # Dimension of the world latent (all world cameras concatenated); filled at construction from the encoder.
+    world_latent_dim: int | None = None
 
     def resolved_world_cameras(self) -> list[str]:
         """The configured world cameras, or the first visual input feature when none is configured."""

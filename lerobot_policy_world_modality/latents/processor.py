@@ -63,7 +63,9 @@ def open_latent_cache(
 
 def resolve_world_latent_dim(config: WorldLatentOptions) -> int:
     """Dimension of the concatenated world latent of all world cameras, read from the encoder."""
-    identity = resolve_encoder_identity(config.encoder, config.encoder_pooling, config.encoder_window, config.encoder_dtype)
+    identity = resolve_encoder_identity(
+        config.encoder, config.encoder_pooling, config.encoder_window, config.encoder_dtype
+    )
     return identity.dim * len(config.resolved_world_cameras())
 
 
@@ -95,9 +97,35 @@ def bind_training_dataset(config: WorldLatentOptions, dataset_meta: Any) -> None
                 # Dataset features store images as (H, W, C); policy features are channel-first.
                 chw = (shape[2], shape[0], shape[1]) if shape[-1] in (1, 3) else tuple(shape)
                 config.input_features[cam] = PolicyFeature(type=FeatureType.VISUAL, shape=tuple(chw))
-    identity = resolve_encoder_identity(config.encoder, config.encoder_pooling, config.encoder_window, config.encoder_dtype)
+    identity = resolve_encoder_identity(
+        config.encoder, config.encoder_pooling, config.encoder_window, config.encoder_dtype
+    )
     for camera in config.resolved_world_cameras():
-        open_latent_cache(config.latent_cache_root, config.dataset_repo_id, config.dataset_root, camera, identity)
+        open_latent_cache(
+            config.latent_cache_root, config.dataset_repo_id, config.dataset_root, camera, identity
+        )
+
+
+def bind_policy_world_latents(config: WorldLatentOptions, dataset_meta: Any = None) -> int:
+    """What every policy constructor does first: bind the training dataset (when `lerobot-train` gives
+    `dataset_meta`) and fill, or check, `config.world_latent_dim` from the encoder; returns the dim.
+
+    A config rebuilt from a checkpoint (dim already filled, no dataset) is left untouched, so loading a
+    policy never needs the encoder or the cache.
+    """
+    if dataset_meta is not None:
+        # First, so the dimension below is resolved for the cameras of the dataset actually trained on.
+        bind_training_dataset(config, dataset_meta)
+    if config.world_latent_dim is None or dataset_meta is not None:
+        dim = resolve_world_latent_dim(config)
+        if config.world_latent_dim is not None and config.world_latent_dim != dim:
+            raise ValueError(
+                f"world_latent_dim={config.world_latent_dim} in the config, but encoder '{config.encoder}' "
+                f"with cameras {config.resolved_world_cameras()} gives {dim}. Leave world_latent_dim "
+                "unset (it is filled from the encoder) or train a new policy for this encoder."
+            )
+        config.world_latent_dim = dim
+    return config.world_latent_dim
 
 
 @ProcessorStepRegistry.register(WORLD_LATENT_STEP_NAME)
@@ -276,7 +304,9 @@ class WorldLatentStep(ProcessorStep):
 
 def make_world_latent_step(config: WorldLatentOptions) -> WorldLatentStep:
     """Build the world-latent step from a policy config's shared world fields."""
-    identity = resolve_encoder_identity(config.encoder, config.encoder_pooling, config.encoder_window, config.encoder_dtype)
+    identity = resolve_encoder_identity(
+        config.encoder, config.encoder_pooling, config.encoder_window, config.encoder_dtype
+    )
     return WorldLatentStep(
         encoder=config.encoder,
         cameras=config.resolved_world_cameras(),

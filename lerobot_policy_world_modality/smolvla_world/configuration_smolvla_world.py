@@ -206,8 +206,6 @@ class SmolVLAWorldConfig(WorldMemoryOptions, WorldLatentOptions, SmolVLAOptions,
     inject_prefix: bool = False
     # Dropout in the Prophet and the cross-attentions.
     world_dropout: float = 0.0
-    # Dimension of the world latent (all world cameras concatenated); filled from the encoder.
-    world_latent_dim: int | None = None
 
     def __post_init__(self):
         super().__post_init__()

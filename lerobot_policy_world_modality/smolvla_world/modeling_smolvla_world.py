@@ -80,12 +80,9 @@ class SmolVLAWorldPolicy(PreTrainedPolicy):
             refuse_training_view(dataset_meta)
         config.validate_features()
         self.config = config
-        if dataset_meta is not None:
-            self._bind_dataset(dataset_meta)
-        elif config.world_latent_dim is None:
-            from ..latents.processor import resolve_world_latent_dim
+        from ..latents.processor import bind_policy_world_latents
 
-            config.world_latent_dim = resolve_world_latent_dim(config)
+        bind_policy_world_latents(config, dataset_meta)
         self.smolvla = SmolVLAPolicy(config.smolvla_config())
         model = self.smolvla.model
         expert_width = model.vlm_with_expert.expert_hidden_size
@@ -111,20 +108,6 @@ class SmolVLAWorldPolicy(PreTrainedPolicy):
             self.load_init_weights(config.init_from)
             config.init_from_loaded = True
         self.reset()
-
-    def _bind_dataset(self, dataset_meta) -> None:
-        """Record the training dataset (its latent cache must exist) and fill world_latent_dim."""
-        from ..latents.processor import bind_training_dataset, resolve_world_latent_dim
-
-        bind_training_dataset(self.config, dataset_meta)
-        dim = resolve_world_latent_dim(self.config)
-        if self.config.world_latent_dim not in (None, dim):
-            raise ValueError(
-                f"world_latent_dim={self.config.world_latent_dim} in the config, but encoder "
-                f"'{self.config.encoder}' with cameras {self.config.resolved_world_cameras()} gives {dim}. Leave "
-                "world_latent_dim unset (it is filled from the encoder) or train a new policy for this encoder."
-            )
-        self.config.world_latent_dim = dim
 
     def load_init_weights(self, init_from: str) -> None:
         """Load a SmolVLA checkpoint's weights into the SmolVLA part; clear error when they do not fit."""

@@ -8,21 +8,14 @@ from typing import Any
 import torch
 from lerobot.configs.types import PipelineFeatureType, PolicyFeature
 from lerobot.processor import (
-    AddBatchDimensionProcessorStep,
     ComplementaryDataProcessorStep,
-    DeviceProcessorStep,
-    NormalizerProcessorStep,
     PolicyAction,
     PolicyProcessorPipeline,
     ProcessorStepRegistry,
-    RenameObservationsProcessorStep,
     TokenizerProcessorStep,
-    UnnormalizerProcessorStep,
 )
-from lerobot.processor.converters import policy_action_to_transition, transition_to_policy_action
-from lerobot.utils.constants import POLICY_POSTPROCESSOR_DEFAULT_NAME, POLICY_PREPROCESSOR_DEFAULT_NAME
 
-from ..latents.processor import make_world_latent_step
+from ..pipelines import make_world_policy_pipelines
 from .configuration_smolvla_world import SmolVLAWorldConfig
 
 
@@ -81,9 +74,7 @@ def make_smolvla_world_pre_post_processors(
 
     Images are resized with padding inside the model, exactly as in SmolVLA.
     """
-    input_steps = [
-        RenameObservationsProcessorStep(rename_map={}),
-        AddBatchDimensionProcessorStep(),
+    instruction = [
         InstructionStep(key=config.instruction_key),
         TokenizerProcessorStep(
             tokenizer_name=config.vlm_model_name,
@@ -92,28 +83,5 @@ def make_smolvla_world_pre_post_processors(
             max_length=config.tokenizer_max_length,
             task_key=config.instruction_key,
         ),
-        DeviceProcessorStep(device=config.device),
-        make_world_latent_step(config),
-        NormalizerProcessorStep(
-            features={**config.input_features, **config.output_features},
-            norm_map=config.normalization_mapping,
-            stats=dataset_stats,
-        ),
     ]
-    output_steps = [
-        UnnormalizerProcessorStep(
-            features=config.output_features, norm_map=config.normalization_mapping, stats=dataset_stats
-        ),
-        DeviceProcessorStep(device="cpu"),
-    ]
-    return (
-        PolicyProcessorPipeline[dict[str, Any], dict[str, Any]](
-            steps=input_steps, name=POLICY_PREPROCESSOR_DEFAULT_NAME
-        ),
-        PolicyProcessorPipeline[PolicyAction, PolicyAction](
-            steps=output_steps,
-            name=POLICY_POSTPROCESSOR_DEFAULT_NAME,
-            to_transition=policy_action_to_transition,
-            to_output=transition_to_policy_action,
-        ),
-    )
+    return make_world_policy_pipelines(config, dataset_stats, batch_steps=instruction)

@@ -124,8 +124,10 @@ def kmeans_plus_plus(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
         weights = closest.double().cpu()
         total = float(weights.sum())
         # All rows already coincide with a centroid (fewer distinct rows than codes): pick uniformly.
-        pick = int(torch.multinomial(weights / total, 1, generator=gen)) if total > 0 else int(
-            torch.randint(n, (1,), generator=gen)
+        pick = (
+            int(torch.multinomial(weights / total, 1, generator=gen))
+            if total > 0
+            else int(torch.randint(n, (1,), generator=gen))
         )
         centroids.append(x[pick])
         closest = torch.minimum(closest, sq_dist(pick))

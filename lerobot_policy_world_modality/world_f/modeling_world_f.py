@@ -14,15 +14,12 @@ Variant A drops the Prophet and the cross-attention; B_cont keeps the Prophet an
 
 from __future__ import annotations
 
-from collections import deque
-
 import torch
-from lerobot.policies.pretrained import PreTrainedPolicy
 from lerobot.utils.constants import ACTION, OBS_STATE
 from torch import Tensor, nn
 
 from ..constants import OBS_WORLD_HISTORY
-from ..language import FrozenTextEncoder, bind_language_encoder, instructions_from_batch
+from ..trunk_policy import TrunkWorldPolicy
 from ..world.fusion import GatedCrossAttention
 from ..world.history import LatentHistory, latent_from_batch
 from ..world.path import WorldPath
@@ -31,7 +28,7 @@ from ..world.trunk import ActionTrunk, action_loss
 from .configuration_world_f import WorldFConfig
 
 
-class WorldFPolicy(PreTrainedPolicy):
+class WorldFPolicy(TrunkWorldPolicy):
     """LeRobot policy `world_f` (see `WorldFConfig` for the variants A / B_cont / F and memory modes).
 
     Training batches carry OBS_WORLD_LATENT [B, D], OBS_WORLD_HISTORY [B, T, D], OBS_WORLD_FUTURE
@@ -48,42 +45,14 @@ class WorldFPolicy(PreTrainedPolicy):
     def __init__(self, config: WorldFConfig, dataset_stats=None, dataset_meta=None, **kwargs):
         """Build the policy; with `dataset_meta` (given by lerobot-train) bind it to the training dataset.
 
-        Binding records the dataset in the config and fails fast when its latent cache is missing or
-        stale. `dataset_stats` is accepted for LeRobot's factory; normalisation lives in the processors.
+        `dataset_stats` is accepted for LeRobot's factory; normalisation lives in the processors.
         """
-        super().__init__(config)
-        config.validate_features()
-        self.config = config
-        # Imported lazily: the latent pipeline pulls in encoders and caches, which a policy rebuilt from a
-        # saved config (world_latent_dim already filled, no dataset) does not need.
-        if dataset_meta is not None:
-            # First, so the dimension below is resolved for the cameras of the dataset actually trained on.
-            from ..latents.processor import bind_training_dataset
-
-            bind_training_dataset(config, dataset_meta)
-        if config.world_latent_dim is None or dataset_meta is not None:
-            from ..latents.processor import resolve_world_latent_dim
-
-            dim = resolve_world_latent_dim(config)
-            if config.world_latent_dim is not None and config.world_latent_dim != dim:
-                raise ValueError(
-                    f"world_latent_dim={config.world_latent_dim} in the config, but encoder '{config.encoder}' "
-                    f"with cameras {config.resolved_world_cameras()} gives {dim}. Leave world_latent_dim "
-                    "unset (it is filled from the encoder) or train a new policy for this encoder."
-                )
-            config.world_latent_dim = dim
-        # Language input: only the identity is resolved here (cheap, and it fills or checks the recorded
-        # revision); the text model itself loads on first use and never enters the state dict.
-        self.language_identity = bind_language_encoder(config)
-        self._text_encoder: list[FrozenTextEncoder] = []  # a plain list: never a registered submodule
-        state = config.robot_state_feature
-        self.state_dim = state.shape[0] if state is not None else None
-        self.action_dim = config.action_feature.shape[0]
+        super().__init__(config, dataset_meta)
         d = config.world_latent_dim
         self.trunk = ActionTrunk(
             d, self.state_dim, config.chunk_size, config.width, config.depth, config.heads,
             config.ffn_dim, config.dropout,
-            language_dim=self.language_identity.dim if self.language_identity else None,
+            language_dim=self.language_dim,
         )  # fmt: skip
         self.world = WorldPath(
             config, d, config.width, context_dim=config.width if config.prophet_reads_trunk else None,
@@ -94,26 +63,10 @@ class WorldFPolicy(PreTrainedPolicy):
         self.reset()
 
     # ------------------------------------------------------------------ LeRobot interface
-    def get_optim_params(self) -> list[dict]:
-        """Two AdamW groups: matrices with weight decay; biases, norm scales and gates without it."""
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim < 2 or "gate" in name else decay).append(p)
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-
     def reset(self):
         """Start a new episode: clear the latent history, the action queue and the encoders' frame buffers."""
         self._history.reset()
-        self._action_queue = deque([], maxlen=self.config.n_action_steps)
-        try:
-            from ..latents import processor as latent_processor
-        except ImportError:  # the latent pipeline is optional for the pure model (e.g. unit tests)
-            return
-        reset_online = getattr(latent_processor, "reset_online_state", None)
-        if reset_online is not None:
-            reset_online()
+        super().reset()
 
     @property
     def prophet(self) -> Prophet | None:
@@ -134,26 +87,6 @@ class WorldFPolicy(PreTrainedPolicy):
     def world_history(self) -> Tensor | None:
         """The [B, T, D] latent history the policy holds at evaluation (None right after reset)."""
         return self._history.value
-
-    @property
-    def text_encoder(self) -> FrozenTextEncoder | None:
-        """The frozen text encoder (loaded on first access), or None when the language input is off."""
-        if self.language_identity is None:
-            return None
-        if not self._text_encoder:
-            cfg = self.config
-            self._text_encoder.append(
-                FrozenTextEncoder(
-                    cfg.language_encoder, cfg.language_encoder_revision, cfg.language_max_length
-                )
-            )
-        return self._text_encoder[0]
-
-    def _language(self, batch: dict, batch_size: int, device: torch.device) -> Tensor | None:
-        """Instruction embeddings [B, L] on `device`, or None when the language input is off."""
-        if self.language_identity is None:
-            return None
-        return self.text_encoder.encode(instructions_from_batch(batch, batch_size), device=device)
 
     @torch.no_grad()
     def select_action(self, batch: dict[str, Tensor], **kwargs) -> Tensor:

@@ -20,3 +20,30 @@ TINY_WORLD_F = [
     "--policy.history_frames=3",
     "--policy.future_frames=2",
 ]
+
+
+def short_train_flags(out, steps: int, batch_size: int = 4, log_freq: int = 2) -> list[str]:
+    """lerobot-train flags of a short CPU run that saves its last step (policy and dataset flags apart)."""
+    return [
+        "--policy.device=cpu",
+        "--policy.push_to_hub=false",
+        "--dataset.video_backend=pyav",
+        f"--batch_size={batch_size}",
+        f"--steps={steps}",
+        f"--save_freq={steps}",
+        f"--log_freq={log_freq}",
+        "--num_workers=0",
+        "--eval_freq=0",
+        "--wandb.enable=false",
+        f"--output_dir={out}",
+    ]
+
+
+def capped_eval_cmd(ckpt, out, task: str = "button-press-v3", episode_length: int = 20) -> list[str]:
+    """Stock lerobot-eval of one MetaWorld episode of `episode_length` steps (see `lerobot_eval_capped`)."""
+    launcher = "from lerobot_policy_world_modality.tools.demo import lerobot_eval_capped as m; m()"
+    return [
+        sys.executable, "-c", launcher, f"--policy.path={ckpt}", "--policy.device=cpu", "--env.type=metaworld",
+        f"--env.task={task}", f"--env.episode_length={episode_length}", "--eval.n_episodes=1",
+        "--eval.batch_size=1", f"--output_dir={out}",
+    ]  # fmt: skip

@@ -23,7 +23,7 @@ from lerobot_policy_world_modality.tools.setup_libero import (
     wheel_assets_dir,
 )
 
-from .cli import BIN
+from .cli import BIN, short_train_flags
 from .datasets import make_synthetic_dataset
 
 # HuggingFaceVLA/libero conventions: agent view, wrist view, 8-d state, 7-d action, instruction in `task`.
@@ -176,20 +176,10 @@ def train_policy(
         [
             BIN / "lerobot-train",
             f"--policy.type={policy_type}",
-            "--policy.device=cpu",
-            "--policy.push_to_hub=false",
             *flags,
             f"--dataset.repo_id={repo_id}",
             f"--dataset.root={dataset_root}",
-            "--dataset.video_backend=pyav",
-            "--batch_size=4",
-            f"--steps={steps}",
-            f"--save_freq={steps}",
-            "--log_freq=2",
-            "--num_workers=0",
-            "--eval_freq=0",
-            "--wandb.enable=false",
-            f"--output_dir={out}",
+            *short_train_flags(out, steps),
         ],
         env=env,
     )

@@ -1,0 +1,183 @@
+"""What the compact trunk policies (`world_f`, `world_token_c`) share: config fields and policy plumbing.
+
+Both run `world/trunk.py`'s `ActionTrunk` over world-latent, state and (optional) instruction tokens
+and predict an action chunk like ACT. `TrunkPolicyOptions` holds their common config fields and the
+LeRobot config methods; `TrunkWorldPolicy` binds the training dataset's world latents, the optional
+frozen text encoder and the optimiser groups, once for both.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from lerobot.configs.policies import PreTrainedConfig
+from lerobot.configs.types import NormalizationMode
+from lerobot.optim.optimizers import AdamWConfig
+from lerobot.policies.pretrained import PreTrainedPolicy
+from torch import Tensor
+
+from .language import FrozenTextEncoder, bind_language_encoder, instructions_from_batch
+
+
+@dataclass
+class TrunkPolicyOptions:
+    """Mixin dataclass: action chunking, trunk size, action loss and optimiser of a trunk policy."""
+
+    # Action chunk length H predicted per inference (one action-query token per step).
+    chunk_size: int = 20
+    # Actions of each chunk executed before the next inference (<= chunk_size).
+    n_action_steps: int = 10
+
+    normalization_mapping: dict[str, NormalizationMode] = field(
+        default_factory=lambda: {
+            "VISUAL": NormalizationMode.IDENTITY,  # images only feed the frozen world encoder
+            "STATE": NormalizationMode.MEAN_STD,
+            "ACTION": NormalizationMode.MEAN_STD,
+        }
+    )
+
+    # Trunk: model width.
+    width: int = 256
+    # Trunk: number of transformer blocks.
+    depth: int = 4
+    # Trunk: attention heads (width must be divisible by it).
+    heads: int = 8
+    # Trunk: hidden size of the MLPs; None = 4 x width.
+    ffn_dim: int | None = None
+    # Dropout in the trunk and the world modules.
+    dropout: float = 0.1
+    # Action loss: "l1" or "mse", averaged over non-padded steps.
+    action_loss: str = "l1"
+
+    # AdamW learning rate (constant: no schedule).
+    optimizer_lr: float = 1e-4
+    # AdamW weight decay (not applied to biases, norms, gates).
+    optimizer_weight_decay: float = 1e-4
+    # Gradient-norm clipping.
+    optimizer_grad_clip_norm: float = 10.0
+
+    def validate_trunk(self) -> None:
+        """Raise ValueError, naming the flag to fix, for inconsistent chunking / trunk settings."""
+        if self.n_action_steps > self.chunk_size:
+            raise ValueError(
+                f"n_action_steps ({self.n_action_steps}) cannot exceed chunk_size ({self.chunk_size}): "
+                "set --policy.n_action_steps <= --policy.chunk_size."
+            )
+        if self.n_obs_steps != 1:
+            raise ValueError(
+                f"{self.type} reads one observation step (its history comes from the world latents): "
+                "set n_obs_steps=1."
+            )
+        if self.action_loss not in ("l1", "mse"):
+            raise ValueError(f"action_loss must be 'l1' or 'mse', got '{self.action_loss}'.")
+        if self.width % self.heads:
+            raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads}).")
+        if self.language_max_length < 1:
+            raise ValueError(f"language_max_length must be >= 1, got {self.language_max_length}.")
+
+    def get_optimizer_preset(self) -> AdamWConfig:
+        """AdamW with this config's learning rate, weight decay and clipping."""
+        return AdamWConfig(
+            lr=self.optimizer_lr,
+            weight_decay=self.optimizer_weight_decay,
+            grad_clip_norm=self.optimizer_grad_clip_norm,
+        )
+
+    def get_scheduler_preset(self) -> None:
+        """No learning-rate schedule (constant), as in LeRobot's ACT."""
+        return None
+
+    def validate_features(self) -> None:
+        """An action output is needed; the world latent comes from the processor step, not a feature."""
+        if self.action_feature is None:
+            raise ValueError(
+                f"{self.type} needs an 'action' output feature: train on a dataset with an 'action' column."
+            )
+
+    @property
+    def observation_delta_indices(self) -> None:
+        """One observation frame: world histories and futures come from the latent cache, not decoded frames."""
+        return None
+
+    @property
+    def action_delta_indices(self) -> list[int]:
+        """The action chunk a_t .. a_{t+H-1}."""
+        return list(range(self.chunk_size))
+
+    @property
+    def reward_delta_indices(self) -> None:
+        """Rewards are not used."""
+        return None
+
+
+class TrunkWorldPolicy(PreTrainedPolicy):
+    """Base of the trunk policies: world-latent binding, optional instruction input, optimiser groups.
+
+    Subclasses call `super().__init__(config, dataset_meta)` and then build their modules with
+    `config.world_latent_dim`, `self.state_dim`, `self.action_dim` and `self.language_dim`.
+    """
+
+    # Placeholders that LeRobot requires of every policy class; each subclass sets its own.
+    config_class = PreTrainedConfig
+    name = "trunk_world_base"
+
+    def __init__(self, config, dataset_meta=None):
+        """Bind the training dataset (when `lerobot-train` gives `dataset_meta`) and the language input.
+
+        Binding records the dataset in the config and fails fast when its latent cache is missing or
+        stale; a policy rebuilt from a checkpoint needs neither the dataset nor the encoder.
+        """
+        super().__init__(config)
+        config.validate_features()
+        self.config = config
+        # Imported lazily: the latent pipeline pulls in encoders and caches.
+        from .latents.processor import bind_policy_world_latents
+
+        bind_policy_world_latents(config, dataset_meta)
+        # Only the text encoder's identity is resolved here (cheap; it fills or checks the recorded
+        # revision); the text model itself loads on first use and never enters the state dict.
+        self.language_identity = bind_language_encoder(config)
+        self._text_encoder: list[FrozenTextEncoder] = []  # a plain list: never a registered submodule
+        state = config.robot_state_feature
+        self.state_dim = state.shape[0] if state is not None else None
+        self.action_dim = config.action_feature.shape[0]
+        self.language_dim = self.language_identity.dim if self.language_identity else None
+        self._action_queue: deque = deque([], maxlen=config.n_action_steps)
+
+    def get_optim_params(self) -> list[dict]:
+        """Two AdamW groups: matrices with weight decay; biases, norm scales and gates without it."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "gate" in name else decay).append(p)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def reset(self):
+        """Start a new episode: clear the action queue and the world step's online frame buffers."""
+        self._action_queue = deque([], maxlen=self.config.n_action_steps)
+        from .latents.processor import reset_online_state
+
+        reset_online_state()
+
+    @property
+    def text_encoder(self) -> FrozenTextEncoder | None:
+        """The frozen text encoder (loaded on first access), or None when the language input is off."""
+        if self.language_identity is None:
+            return None
+        if not self._text_encoder:
+            cfg = self.config
+            self._text_encoder.append(
+                FrozenTextEncoder(
+                    cfg.language_encoder, cfg.language_encoder_revision, cfg.language_max_length
+                )
+            )
+        return self._text_encoder[0]
+
+    def _language(self, batch: dict, batch_size: int, device: torch.device) -> Tensor | None:
+        """Instruction embeddings [B, L] on `device`, or None when the language input is off."""
+        if self.language_identity is None:
+            return None
+        return self.text_encoder.encode(instructions_from_batch(batch, batch_size), device=device)

@@ -1,0 +1,1 @@
+"""The `world_token_c` policy type: configuration, model and processors, found by LeRobot by naming convention."""
