@@ -277,6 +277,8 @@ def test_config_variants_and_errors():
     assert cfg.get_optimizer_preset().lr == cfg.optimizer_lr and cfg.type == "world_f"
     with pytest.raises(ValueError, match="fusion_dim"):
         make_config(fusion_dim=10, fusion_heads=4)
+    with pytest.raises(ValueError, match="scheduled_prob_end"):  # exponential decay towards 0 is undefined
+        make_config(memory_mode_train="scheduled", scheduled_shape="exponential")
 
 
 def test_cross_attention_runs_at_fusion_dim():

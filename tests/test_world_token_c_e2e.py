@@ -8,19 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.cli import BIN, capped_eval_cmd, short_train_flags
+from support.cli import BIN, TINY_WORLD_TOKEN_C, capped_eval_cmd, short_train_flags
 from support.datasets import make_synthetic_dataset
 
 REPO = "local/world_token_c_e2e"
 # lerobot-train flags that shrink world_token_c so a few CPU training steps take seconds.
-TINY = [
-    "--policy.width=32",
-    "--policy.depth=1",
-    "--policy.heads=2",
-    "--policy.chunk_size=4",
-    "--policy.n_action_steps=2",
-    "--policy.future_frames=2",
-]
 
 
 def _run(cmd, timeout=600):
@@ -145,7 +137,7 @@ def test_precompute_fit_train_eval_metaworld(dataset_root, tmp_path):
             BIN / "lerobot-train",
             *flags,
             "--policy.mask_world_from_actions=true",
-            *TINY,
+            *TINY_WORLD_TOKEN_C,
             *short_train_flags(out, steps=4),
         ]
     )

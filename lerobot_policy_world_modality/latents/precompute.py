@@ -307,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="The video decoding and encoding capabilities of torchvision")
     if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
         raise SystemExit(f"--shard_index must be in [0, --num_shards={args.num_shards}), got {args.shard_index}.")
+    if args.shard_frames is not None and args.shard_frames < 1:
+        raise SystemExit(f"--shard_frames must be >= 1 (frames per cache shard file), got {args.shard_frames}.")
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     dataset = LeRobotDataset(args.repo_id, root=args.root, video_backend=args.video_backend)

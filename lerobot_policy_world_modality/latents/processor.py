@@ -90,7 +90,7 @@ def bind_training_dataset(config: WorldLatentOptions, dataset_meta: Any) -> None
             if cam not in view["camera_features"]:
                 raise ValueError(
                     f"World camera '{cam}' is not a camera of the dataset behind this training view "
-                    f"(cameras: {view['cameras']})."
+                    f"(cameras: {view['cameras']}): set --policy.world_cameras to some of those."
                 )
             if cam not in config.input_features:
                 shape = view["camera_features"][cam]["shape"]

@@ -66,7 +66,7 @@ class WorldMemoryOptions:
             raise ValueError(
                 f"prophet_width ({self.prophet_width}) must be divisible by prophet_heads ({self.prophet_heads})."
             )
-        if self.inject_memory and self.fusion_dim % self.fusion_heads:
+        if self.fusion_dim % self.fusion_heads:
             raise ValueError(
                 f"fusion_dim ({self.fusion_dim}) must be divisible by fusion_heads ({self.fusion_heads})."
             )
@@ -90,6 +90,14 @@ class WorldMemoryOptions:
             )
         if self.scheduled_shape not in SCHEDULE_SHAPES:
             raise ValueError(f"scheduled_shape '{self.scheduled_shape}' is not one of {SCHEDULE_SHAPES}.")
+        if (
+            self.scheduled_shape == "exponential"
+            and min(self.scheduled_prob_start, self.scheduled_prob_end) <= 0
+        ):
+            raise ValueError(
+                "The exponential schedule needs scheduled_prob_start > 0 and scheduled_prob_end > 0: set "
+                "--policy.scheduled_prob_end to a small positive value (e.g. 0.01) or use another scheduled_shape."
+            )
         for name in ("scheduled_prob_start", "scheduled_prob_end"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}.")

@@ -66,7 +66,10 @@ class ActionTrunk(nn.Module):
         tokens = [self.latent_proj(self.latent_norm(latent.to(dtype)))]
         if self.state_proj is not None:
             if state is None:
-                raise KeyError(f"The policy was built with a robot state but the batch has no '{STATE_KEY}'.")
+                raise KeyError(
+                    f"The policy was built with a robot state but the batch has no '{STATE_KEY}': give the "
+                    "environment's state (for LeRobot envs, an obs_type with the agent position)."
+                )
             tokens.append(self.state_proj(state.to(dtype)))
         if self.language_proj is not None:
             if language is None:

@@ -21,6 +21,16 @@ TINY_WORLD_F = [
     "--policy.future_frames=2",
 ]
 
+# lerobot-train flags that shrink world_token_c so a few CPU training steps take seconds.
+TINY_WORLD_TOKEN_C = [
+    "--policy.width=32",
+    "--policy.depth=1",
+    "--policy.heads=2",
+    "--policy.chunk_size=4",
+    "--policy.n_action_steps=2",
+    "--policy.future_frames=2",
+]
+
 
 def short_train_flags(out, steps: int, batch_size: int = 4, log_freq: int = 2) -> list[str]:
     """lerobot-train flags of a short CPU run that saves its last step (policy and dataset flags apart)."""
