@@ -23,7 +23,6 @@ Implementations (a library that is not importable is reported as skipped):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -34,6 +33,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_io import write_result  # sibling module: benchmarks run as scripts from this folder
+
 from lerobot_policy_world_modality.world.codebook import FitOptions, fit_codebook, nearest  # noqa: E402
 
 
@@ -177,8 +178,7 @@ def main() -> None:
         )
         # Written after every implementation, so a run cut short keeps what it measured.
         out["load_average_1_5_15_after"] = os.getloadavg()
-        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"Wrote {args.out}")
+        write_result(args.out, out)
 
 
 if __name__ == "__main__":

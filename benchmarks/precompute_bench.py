@@ -20,7 +20,6 @@ The target of issue 3 is precompute >= 0.8x the raw forward rate. Prints a table
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import subprocess
@@ -31,6 +30,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from bench_io import write_result  # sibling module: benchmarks run as scripts from this folder
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the synthetic dataset writer lives with the tests
@@ -150,10 +150,7 @@ def main() -> None:
         print(f"{name:50s} {fps:10.2f}")
     print(f"precompute / raw encode(): in-process {result['ratio_inprocess_vs_raw_encode']:.2f}, "
           f"command {result['ratio_command_vs_raw_encode']:.2f} (target >= 0.8)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out, result)
     shutil.rmtree(tmp, ignore_errors=True)  # the 480x480 dataset and caches are throwaway
 
 

@@ -25,7 +25,6 @@ processes may share the machine, so compare the ratios of one run, not absolute 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -36,6 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from bench_io import write_result  # sibling module: benchmarks run as scripts from this folder
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the tiny SmolVLM writer lives with the tests
@@ -282,12 +282,7 @@ def main() -> None:
         "wall_s": time.perf_counter() - wall,
     }
     print_table(result)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    tmp_out.replace(out)
-    print(f"wrote {out}")
+    write_result(args.out, result)
 
 
 def print_table(r: dict) -> None:

@@ -41,7 +41,6 @@ processes may share the machine, so compare ratios measured in the same run, not
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -57,6 +56,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from bench_io import write_result  # sibling module: benchmarks run as scripts from this folder
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the synthetic dataset writer lives with the tests
@@ -445,12 +445,7 @@ def main() -> None:
         "wall_s": time.perf_counter() - t_begin,
     }  # fmt: skip
     print_table(result)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    tmp_out.replace(out)
-    print(f"wrote {out}")
+    write_result(args.out, result)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -58,6 +58,16 @@ class TrunkPolicyOptions:
     # Gradient-norm clipping.
     optimizer_grad_clip_norm: float = 10.0
 
+    def variant_preset(self, variants: dict):
+        """The preset that `self.variant` names in `variants`, or None when no variant is set."""
+        if self.variant is None:
+            return None
+        if self.variant not in variants:
+            raise ValueError(
+                f"Unknown variant '{self.variant}'; use one of {sorted(variants)} or leave it unset."
+            )
+        return variants[self.variant]
+
     def validate_trunk(self) -> None:
         """Raise ValueError, naming the flag to fix, for inconsistent chunking / trunk settings."""
         if self.n_action_steps > self.chunk_size:

@@ -54,11 +54,8 @@ class WorldFConfig(
 
     def __post_init__(self):
         super().__post_init__()
-        if self.variant is not None:
-            if self.variant not in VARIANTS:
-                raise ValueError(
-                    f"Unknown variant '{self.variant}'; use one of {sorted(VARIANTS)} or leave it unset."
-                )
-            self.use_prophet, self.inject_memory = VARIANTS[self.variant]
+        preset = self.variant_preset(VARIANTS)
+        if preset is not None:
+            self.use_prophet, self.inject_memory = preset
         self.validate_trunk()
         self.validate_world_memory("For the baseline without world prediction use --policy.variant=A.")

@@ -74,12 +74,9 @@ class WorldTokenCConfig(TrunkPolicyOptions, WorldLatentOptions, LanguageOptions,
 
     def __post_init__(self):
         super().__post_init__()
-        if self.variant is not None:
-            if self.variant not in VARIANTS:
-                raise ValueError(
-                    f"Unknown variant '{self.variant}'; use one of {sorted(VARIANTS)} or leave it unset."
-                )
-            self.world_token_input = VARIANTS[self.variant]
+        preset = self.variant_preset(VARIANTS)
+        if preset is not None:
+            self.world_token_input = preset
         self.validate_trunk()
         if self.future_frames < 1 or self.history_frames < 1:
             raise ValueError(
