@@ -131,6 +131,27 @@ def test_optim_groups_cover_every_parameter_once():
     assert any(p is policy.fusion.gate for p in groups[1]["params"])  # no weight decay on the gate
 
 
+def test_fused_adamw_groups_train_like_the_per_tensor_optimizer():
+    """The groups ask for the fused kernel (CPU, torch >= 2.4) and LeRobot's preset then takes the same steps."""
+    fused_policy, plain_policy = make_policy(), make_policy()
+    fused_groups = fused_policy.get_optim_params()
+    assert all(g.get("fused") for g in fused_groups)
+    plain_groups = [{k: v for k, v in g.items() if k != "fused"} for g in plain_policy.get_optim_params()]
+    opts = [fused_policy.config.get_optimizer_preset().build(g) for g in (fused_groups, plain_groups)]
+    assert opts[0].param_groups[0]["fused"] and not opts[1].param_groups[0]["fused"]
+    before = [p.detach().clone() for p in plain_policy.parameters()]
+    # One step from identical weights and gradients (later steps amplify rounding: Adam normalises tiny gradients).
+    for policy, opt in zip((fused_policy, plain_policy), opts):
+        loss, _ = policy.forward(train_batch())
+        loss.backward()
+        opt.step()
+    moved = 0
+    for a, b, b0 in zip(fused_policy.parameters(), plain_policy.parameters(), before):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+        moved += int(not torch.equal(b, b0))
+    assert moved > 0
+
+
 # ---------------------------------------------------------------------------------------------- non-finite memory
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_memory_leaves_actions_finite_and_equal_to_closed_gate(bad):
