@@ -26,7 +26,6 @@ from torch import Tensor
 from ..constants import OBS_WORLD_HISTORY
 from ..world.fusion import GatedCrossAttention
 from ..world.history import LatentHistory, latent_from_batch
-from ..world.memory import select_memory
 from ..world.path import WorldPath, build_fusion
 from .configuration_smolvla_world import ARCHITECTURE_FIELDS, SmolVLAWorldConfig
 
@@ -138,7 +137,7 @@ class SmolVLAWorldPolicy(PreTrainedPolicy):
         """Late injection: the expert's hidden states right before `action_out_proj`."""
         if self._memory is None or self.world.fusion is None:
             return None
-        hidden, info = self.world.inject(args[0], self._memory, "pred", stats=self._stats is not None)
+        hidden, info = self.world.inject(args[0], self._memory, stats=self._stats is not None)
         if self._stats is not None:
             self._stats.update(info)
         return (hidden.to(args[0].dtype),)
@@ -170,13 +169,6 @@ class SmolVLAWorldPolicy(PreTrainedPolicy):
         """Whether any fusion point reads the memory."""
         return any(m is not None for m in (self.world.fusion, self.expert_input_fusion, self.prefix_fusion))
 
-    def _select(
-        self, prediction: Tensor, mode: str, oracle: Tensor | None = None, prob: float = 0.0
-    ) -> Tensor:
-        """The memory of this call, chosen once so every fusion point and denoising step reads the same."""
-        memory = prediction.detach() if self.config.detach_memory else prediction
-        return select_memory(mode, memory, oracle, prob)
-
     # ------------------------------------------------------------------ LeRobot interface
     def get_optim_params(self):
         """All parameters, as SmolVLA (frozen ones carry no gradient)."""
@@ -198,7 +190,7 @@ class SmolVLAWorldPolicy(PreTrainedPolicy):
             history = batch.get(OBS_WORLD_HISTORY)
         if history is None:
             history = self.history.push(latent_from_batch(batch))
-        return self._select(self.world.predict(history), self.config.memory_mode_rollout)
+        return self.world.select(self.world.predict(history), self.config.memory_mode_rollout)
 
     @torch.no_grad()
     def predict_action_chunk(self, batch: dict[str, Tensor], noise: Tensor | None = None, **kwargs) -> Tensor:
@@ -234,7 +226,9 @@ class SmolVLAWorldPolicy(PreTrainedPolicy):
             history, targets, valid = self.world.training_inputs(batch)
             prediction = self.world.predict(history)
             if self.injects:
-                memory = self._select(prediction, cfg.memory_mode_train, targets, self.world.oracle_prob())
+                memory = self.world.select(
+                    prediction, cfg.memory_mode_train, targets, self.world.oracle_prob()
+                )
         stats: dict = {}
         with self._reading(memory, stats):
             loss, info = self.smolvla.forward(batch, noise, time, reduction)

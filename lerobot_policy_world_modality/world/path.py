@@ -111,24 +111,24 @@ class WorldPath(nn.Module):
         if self.training:
             self.train_step += 1
 
-    def inject(
-        self,
-        hidden: Tensor,
-        prediction: Tensor,
-        mode: str,
-        oracle: Tensor | None = None,
-        oracle_prob: float = 0.0,
-        stats: bool = False,
-    ) -> tuple[Tensor, dict]:
-        """hidden [B, N, W] after reading the memory chosen by `mode` through the gated cross-attention.
+    def select(
+        self, prediction: Tensor, mode: str, oracle: Tensor | None = None, oracle_prob: float = 0.0
+    ) -> Tensor:
+        """The memory [B, K, D] the action path reads under `mode` (detached with `detach_memory`).
+
+        Chosen once per policy call, so every fusion point (and every denoising step) reads the same.
+        """
+        memory = prediction.detach() if self.options.detach_memory else prediction
+        return select_memory(mode, memory, oracle, oracle_prob)
+
+    def inject(self, hidden: Tensor, memory: Tensor, stats: bool = False) -> tuple[Tensor, dict]:
+        """hidden [B, N, W] after reading `memory` (from `select`) through the gated cross-attention.
 
         With `stats`, also returns `memory_norm` and `attn_entropy` (skipped at rollout, where reading
         them back would cost a device sync per inference).
         """
         if self.fusion is None:
             raise RuntimeError("This policy was built without memory injection (inject_memory=False).")
-        memory = prediction.detach() if self.options.detach_memory else prediction
-        memory = select_memory(mode, memory, oracle, oracle_prob)
         fused = self.fusion(hidden, memory, with_entropy=stats)
         info: dict = {}
         if stats:

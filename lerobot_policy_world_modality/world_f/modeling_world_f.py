@@ -161,13 +161,10 @@ class WorldFPolicy(TrunkWorldPolicy):
         out: dict = {"stats": {}}
         # B_cont's Prophet only matters for its loss: skip it at rollout, where nothing reads it.
         if self.prophet is not None and (stats or self.fusion is not None):
-            if history is None:
-                raise KeyError(f"The Prophet needs '{OBS_WORLD_HISTORY}' [B, T, D].")
             context = states[:, :n_obs] if self.config.prophet_reads_trunk else None
             out["prediction"] = pred = self.world.predict(history, context)
             if self.fusion is not None:
-                query_states, out["stats"] = self.world.inject(
-                    query_states, pred, memory_mode, oracle, oracle_prob, stats
-                )
+                memory = self.world.select(pred, memory_mode, oracle, oracle_prob)
+                query_states, out["stats"] = self.world.inject(query_states, memory, stats)
         out["actions"] = self.action_head(query_states)
         return out
