@@ -30,7 +30,6 @@ from lerobot_policy_world_modality.tools.fit_codebook import main as fit_codeboo
 from lerobot_policy_world_modality.world.codebook import load_codebook
 
 pytestmark = requires_libero
-# lerobot-train flags that shrink world_token_c so a few CPU training steps take seconds.
 # Codes of the fitted codebook: few, so 10 k-means iterations on the 22 frames fit it.
 CODES = 4
 

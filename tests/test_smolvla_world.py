@@ -126,6 +126,8 @@ def test_closed_gates_give_smolvla_actions_exactly_and_every_gate_gets_a_gradien
     # The policy's own history advanced at every step (queue-served ones too), oldest first.
     assert torch.equal(world.history.value[:, -1], batch(tiny_vlm, dim, seed=2)[OBS_WORLD_LATENT])
     assert torch.equal(world.history.value[:, -3], batch(tiny_vlm, dim, seed=0)[OBS_WORLD_LATENT])
+    # The history advances on calls served from the action queue too.
+    assert torch.equal(world.history.value[:, -2], batch(tiny_vlm, dim, seed=1)[OBS_WORLD_LATENT])
     world.reset()
     assert world.history.value is None and len(world._action_queue) == 0
 

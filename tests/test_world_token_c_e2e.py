@@ -12,7 +12,6 @@ from support.cli import BIN, TINY_WORLD_TOKEN_C, capped_eval_cmd, short_train_fl
 from support.datasets import make_synthetic_dataset
 
 REPO = "local/world_token_c_e2e"
-# lerobot-train flags that shrink world_token_c so a few CPU training steps take seconds.
 
 
 def _run(cmd, timeout=600):

@@ -118,6 +118,13 @@ def test_attention_mask_routes_world_token_through_future_queries(codebook, dept
     actions_b, logits_b = _actions_and_logits(policy, batch, 6)
     assert not torch.allclose(logits_a, logits_b)  # future queries always read the token
     assert torch.equal(actions_a, actions_b) != actions_see_token
+    attn = policy.attention_mask(policy.trunk.num_obs_tokens, torch.device("cpu"))
+    if mask:  # WORLD_CUR is read by itself and the future queries only, not by observations or actions
+        n_obs, k = policy.trunk.num_obs_tokens, policy.config.future_frames
+        assert not attn[:n_obs, n_obs].any() and not attn[n_obs + 1 + k :, n_obs].any()
+        assert attn[n_obs : n_obs + 1 + k, n_obs].all()
+    else:
+        assert attn is None
 
 
 def test_variant_b_has_no_token_input(codebook):
@@ -160,8 +167,21 @@ def test_factorised_codebook_gives_factorised_heads(tmp_path):
     assert logits.shape == (B, K, 2, 4)
     policy.train()
     loss, info = policy.forward(batch)
-    # The token NLL sums the factors: each factor's CE is about log(4) at init, the sum about log(16).
-    assert 0.5 * torch.log(torch.tensor(16.0)) < info["world_ce"] < 2 * torch.log(torch.tensor(16.0))
+    # The token NLL is the sum of the factors' cross-entropies (not their mean).
+    with torch.no_grad():
+        logits = policy._run(batch, policy.tokens(batch[OBS_WORLD_LATENT]))["logits"]
+        future = policy.tokens(batch[OBS_WORLD_FUTURE])
+        valid = batch[OBS_WORLD_FUTURE_VALID]
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 2), future.flatten(), reduction="none")
+        expected = (ce.view(future.shape).sum(-1) * valid).sum() / valid.sum()
+    assert info["world_ce"] == pytest.approx(expected.item(), rel=1e-5)
+    # WORLD_CUR sums one embedding row per factor, factor g reading rows g * v ...: (0, 1) != (1, 0).
+    tokens = torch.tensor([[0, 1], [1, 0]])
+    policy.eval()
+    cur = policy._world_cur(tokens)[:, 0]
+    rows = policy.token_embed.weight
+    torch.testing.assert_close(cur[0], rows[0] + rows[4 + 1] + policy.token_type)
+    assert not torch.allclose(cur[0], cur[1])
 
 
 def test_save_load_round_trip_without_the_codebook_file(codebook, tmp_path):

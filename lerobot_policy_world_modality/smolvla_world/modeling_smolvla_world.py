@@ -130,7 +130,8 @@ class SmolVLAWorldPolicy(PreTrainedPolicy):
 
     # ------------------------------------------------------------------ fusion hooks
     def _fuse(self, fusion: GatedCrossAttention, hidden: Tensor) -> Tensor:
-        out = fusion(hidden.float(), self._memory).hidden
+        """hidden after reading this call's memory through `fusion` (fused kernel: no statistics needed)."""
+        out = fusion(hidden.float(), self._memory, with_entropy=False).hidden
         return out.to(hidden.dtype)
 
     def _expert_output_hook(self, module, args):
