@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .latents.hf_encoders import EncoderLoadError, file_digest
+from .sources import resolve_source
 
 # The documented default choice when the language input is enabled (384-d, 22 M parameters).
 DEFAULT_TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
@@ -93,18 +94,13 @@ def text_local_revision(directory: str | Path) -> str:
 
 
 def _source(name_or_path: str) -> tuple[str, bool]:
-    """Return (what to give from_pretrained, is_local_dir); catch mistyped local paths early."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return str(path.resolve()), True
-    # A Hub id is "org/name"; anything spelled like a filesystem path must exist locally.
-    looks_local = name_or_path.startswith(("/", "./", "../", "~", ".\\")) or name_or_path.count("/") > 1
-    if looks_local or path.exists():
-        raise TextEncoderLoadError(
-            f"Text encoder path '{name_or_path}' is not a directory. Pass a directory written by "
-            f"`save_pretrained` (config, weights and tokenizer) or a Hub id such as '{DEFAULT_TEXT_ENCODER}'."
-        )
-    return name_or_path, False
+    """Return (what to give from_pretrained, is_local_dir with an absolute path); catch mistyped paths."""
+    source, is_local = resolve_source(
+        name_or_path, "Text encoder path",
+        f"a directory written by `save_pretrained` (config, weights and tokenizer) or a Hub id such as "
+        f"'{DEFAULT_TEXT_ENCODER}'", TextEncoderLoadError,
+    )  # fmt: skip
+    return (str(Path(source).resolve()), True) if is_local else (source, False)
 
 
 def _embedding_dim(config, name: str) -> int:

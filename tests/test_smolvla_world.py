@@ -234,6 +234,9 @@ def test_init_from_refuses_incompatible_checkpoints_clearly(tiny_vlm, tmp_path):
     make_config(tiny_vlm).save_pretrained(other)
     with pytest.raises(ValueError, match="must be a 'smolvla' one"):
         make_config(tiny_vlm, init_from=str(other))
+    # A mistyped local path is named as such (not sent to the Hub as a repo id).
+    with pytest.raises(FileNotFoundError, match="--policy.init_from .*is not a directory"):
+        make_config(tiny_vlm, init_from=str(tmp_path / "no_such" / "pretrained_model"))
 
 
 def test_stock_factory_resolves_smolvla_world_and_its_pipeline_checks_instructions(tiny_vlm, tmp_path):

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from ..sources import resolve_source
 from .encoders import EncoderIdentity, WorldEncoder
 
 # model_type values of each supported family (the config's `model_type`).
@@ -93,17 +94,11 @@ class _Resolved:
 
 def _source(name_or_path: str) -> tuple[str, bool]:
     """Return (what to give from_pretrained, is_local_dir); catch mistyped local paths early."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return str(path), True
-    # A Hub id is "org/name"; anything spelled like a filesystem path must exist locally.
-    looks_local = name_or_path.startswith(("/", "./", "../", "~", ".\\")) or name_or_path.count("/") > 1
-    if looks_local or path.exists():
-        raise EncoderLoadError(
-            f"Encoder path '{name_or_path}' is not a directory. Pass a directory written by "
-            "`save_pretrained` (with config.json and weights) or a Hub id such as 'facebook/dinov2-small'."
-        )
-    return name_or_path, False
+    return resolve_source(
+        name_or_path, "Encoder path",
+        "a directory written by `save_pretrained` (with config.json and weights) or a Hub id such as "
+        "'facebook/dinov2-small'", EncoderLoadError,
+    )  # fmt: skip
 
 
 def _load_config(source: str, is_local: bool):

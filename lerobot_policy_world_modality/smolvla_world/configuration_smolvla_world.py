@@ -20,6 +20,7 @@ from lerobot.policies.rtc.configuration_rtc import RTCConfig
 from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
 
 from ..latents.config import WorldLatentOptions
+from ..sources import checkpoint_file
 from ..world.options import WorldMemoryOptions
 
 logger = logging.getLogger(__name__)
@@ -130,6 +131,13 @@ ARCHITECTURE_FIELDS = (
 FUSION_POINTS = ("expert_output", "expert_input", "prefix")
 
 
+# What --policy.init_from must name (quoted in its errors).
+INIT_FROM_EXPECTED = (
+    "a smolvla checkpoint directory (its pretrained_model folder, with config.json and model.safetensors) or a "
+    "Hub id such as 'lerobot/smolvla_base'"
+)
+
+
 def read_checkpoint_config(name_or_path: str) -> PreTrainedConfig:
     """The policy config saved in a checkpoint (local directory or Hub id), decoded as LeRobot saved it."""
     import json
@@ -138,16 +146,7 @@ def read_checkpoint_config(name_or_path: str) -> PreTrainedConfig:
     import draccus
     from huggingface_hub.constants import CONFIG_NAME
 
-    if Path(name_or_path).is_dir():
-        path = Path(name_or_path) / CONFIG_NAME
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"--policy.init_from={name_or_path} has no {CONFIG_NAME}: not a policy checkpoint."
-            )
-    else:
-        from huggingface_hub import hf_hub_download
-
-        path = hf_hub_download(repo_id=name_or_path, filename=CONFIG_NAME)
+    path = checkpoint_file(name_or_path, CONFIG_NAME, "--policy.init_from", INIT_FROM_EXPECTED)
     # decode() rather than LeRobot's from_pretrained(): the same json decoding without building a CLI
     # parser, which costs seconds.
     with draccus.config_type("json"):

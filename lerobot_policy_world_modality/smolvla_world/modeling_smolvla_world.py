@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections import deque
-from pathlib import Path
 
 import torch
 from lerobot.policies.pretrained import PreTrainedPolicy
@@ -24,24 +23,18 @@ from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 from torch import Tensor
 
 from ..constants import OBS_WORLD_HISTORY
+from ..sources import checkpoint_file
 from ..world.fusion import GatedCrossAttention
 from ..world.history import LatentHistory, latent_from_batch
 from ..world.path import WorldPath, build_fusion
-from .configuration_smolvla_world import ARCHITECTURE_FIELDS, SmolVLAWorldConfig
+from .configuration_smolvla_world import ARCHITECTURE_FIELDS, INIT_FROM_EXPECTED, SmolVLAWorldConfig
 
 
 def init_weights_file(init_from: str) -> str:
     """Path of the `model.safetensors` of a SmolVLA checkpoint given as a local directory or Hub id."""
     from huggingface_hub.constants import SAFETENSORS_SINGLE_FILE
 
-    if Path(init_from).is_dir():
-        path = Path(init_from) / SAFETENSORS_SINGLE_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"--policy.init_from={init_from} has no {SAFETENSORS_SINGLE_FILE}.")
-        return str(path)
-    from huggingface_hub import hf_hub_download
-
-    return hf_hub_download(repo_id=init_from, filename=SAFETENSORS_SINGLE_FILE)
+    return checkpoint_file(init_from, SAFETENSORS_SINGLE_FILE, "--policy.init_from", INIT_FROM_EXPECTED)
 
 
 def refuse_training_view(dataset_meta) -> None:
