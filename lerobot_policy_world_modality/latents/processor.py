@@ -61,12 +61,27 @@ def open_latent_cache(
     return _OPEN_CACHES[key]
 
 
-def resolve_world_latent_dim(config: WorldLatentOptions) -> int:
-    """Dimension of the concatenated world latent of all world cameras, read from the encoder."""
-    identity = resolve_encoder_identity(
+def world_encoder_identity(config: WorldLatentOptions) -> EncoderIdentity:
+    """The identity of the config's world encoder (cheap: no model is built)."""
+    return resolve_encoder_identity(
         config.encoder, config.encoder_pooling, config.encoder_window, config.encoder_dtype
     )
-    return identity.dim * len(config.resolved_world_cameras())
+
+
+def open_world_caches(config: WorldLatentOptions) -> list[LatentCache]:
+    """The validated latent cache of each world camera of the config's training dataset, in camera order."""
+    identity = world_encoder_identity(config)
+    return [
+        open_latent_cache(
+            config.latent_cache_root, config.dataset_repo_id, config.dataset_root, cam, identity
+        )
+        for cam in config.resolved_world_cameras()
+    ]
+
+
+def resolve_world_latent_dim(config: WorldLatentOptions) -> int:
+    """Dimension of the concatenated world latent of all world cameras, read from the encoder."""
+    return world_encoder_identity(config).dim * len(config.resolved_world_cameras())
 
 
 def bind_training_dataset(config: WorldLatentOptions, dataset_meta: Any) -> None:
@@ -97,13 +112,7 @@ def bind_training_dataset(config: WorldLatentOptions, dataset_meta: Any) -> None
                 # Dataset features store images as (H, W, C); policy features are channel-first.
                 chw = (shape[2], shape[0], shape[1]) if shape[-1] in (1, 3) else tuple(shape)
                 config.input_features[cam] = PolicyFeature(type=FeatureType.VISUAL, shape=tuple(chw))
-    identity = resolve_encoder_identity(
-        config.encoder, config.encoder_pooling, config.encoder_window, config.encoder_dtype
-    )
-    for camera in config.resolved_world_cameras():
-        open_latent_cache(
-            config.latent_cache_root, config.dataset_repo_id, config.dataset_root, camera, identity
-        )
+    open_world_caches(config)
 
 
 def bind_policy_world_latents(config: WorldLatentOptions, dataset_meta: Any = None) -> int:
@@ -304,9 +313,7 @@ class WorldLatentStep(ProcessorStep):
 
 def make_world_latent_step(config: WorldLatentOptions) -> WorldLatentStep:
     """Build the world-latent step from a policy config's shared world fields."""
-    identity = resolve_encoder_identity(
-        config.encoder, config.encoder_pooling, config.encoder_window, config.encoder_dtype
-    )
+    identity = world_encoder_identity(config)
     return WorldLatentStep(
         encoder=config.encoder,
         cameras=config.resolved_world_cameras(),

@@ -78,19 +78,10 @@ def bind_codebook(config: WorldTokenCConfig, training: bool) -> Codebook:
 
 def _check_codebook_cache(config: WorldTokenCConfig, meta: dict) -> None:
     """Fail when the codebook was fitted on other latents than the training dataset's caches."""
-    from ..latents.encoders import resolve_encoder_identity
-    from ..latents.processor import open_latent_cache
+    from ..latents.processor import open_world_caches
 
     cameras = config.resolved_world_cameras()
-    identity = resolve_encoder_identity(
-        config.encoder, config.encoder_pooling, config.encoder_window, config.encoder_dtype
-    )
-    now = [
-        open_latent_cache(
-            config.latent_cache_root, config.dataset_repo_id, config.dataset_root, cam, identity
-        ).meta["fingerprint"]
-        for cam in cameras
-    ]
+    now = [cache.meta["fingerprint"] for cache in open_world_caches(config)]
     fitted = [c.get("fingerprint") for c in meta.get("caches", [])]
     if meta.get("cameras") != cameras or fitted != now:
         raise CodebookError(
