@@ -179,6 +179,15 @@ class TrunkWorldPolicy(PreTrainedPolicy):
         fused = {"fused": True} if fused_adamw_supported([*decay, *no_decay]) else {}
         return [{"params": decay, **fused}, {"params": no_decay, "weight_decay": 0.0, **fused}]
 
+    def ensure_eval(self) -> None:
+        """Put the policy in eval mode for inference; free when it already is.
+
+        `nn.Module.eval()` walks every submodule (about 1 ms per call for world_f on a CPU), and
+        select_action runs at every environment step.
+        """
+        if self.training:
+            self.eval()
+
     def reset(self):
         """Start a new episode: clear the action queue and the world step's online frame buffers."""
         self._action_queue = deque([], maxlen=self.config.n_action_steps)

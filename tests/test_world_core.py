@@ -84,6 +84,38 @@ def test_prophet_reads_context_and_passes_gradient_to_it():
     assert context.grad is not None and context.grad.abs().sum() > 0
 
 
+def _full_block(block, x, attn_mask=None):
+    """Reference pre-norm block written out from its weights: every token updated (no `last`)."""
+    b, n, w = x.shape
+    hd = w // block.heads
+    q, k, v = block.qkv(block.norm1(x)).view(b, n, 3, block.heads, hd).permute(2, 0, 3, 1, 4)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    x = x + block.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, w))
+    return x + block.mlp(block.norm2(x))
+
+
+def test_prophet_last_block_computes_only_the_slots_and_matches_the_full_stack():
+    torch.manual_seed(0)
+    prophet = Prophet(D, T, K, width=W, depth=3, heads=2, context_dim=8, delta=True)
+    history, context = torch.randn(B, T, D), torch.randn(B, 2, 8)
+    scale = history.pow(2).mean(dim=(1, 2), keepdim=True).sqrt()
+    x = torch.cat([prophet.in_proj(history / scale) + prophet.history_pos,
+                   prophet.context_proj(context) + prophet.context_type,
+                   prophet.queries.expand(B, -1, -1)], dim=1)  # fmt: skip
+    for block in prophet.blocks:
+        x = _full_block(block, x)
+    expected = prophet.out_proj(prophet.out_norm(x[:, -K:])) * scale
+    torch.testing.assert_close(prophet(history, context).delta, expected, rtol=1e-5, atol=1e-6)
+    # A masked block keeps the mask rows of the tokens it updates.
+    block = prophet.blocks[0]
+    x = torch.randn(B, 7, W)
+    mask = torch.rand(7, 7) > 0.3
+    mask |= torch.eye(7, dtype=torch.bool)
+    torch.testing.assert_close(block(x, mask, last=3), _full_block(block, x, mask)[:, -3:], rtol=1e-5, atol=1e-6)
+
+
 def test_prophet_rejects_wrong_history_shape():
     prophet = Prophet(D, T, K, width=W, depth=1, heads=2)
     with pytest.raises(ValueError, match="history_frames"):
@@ -141,16 +173,29 @@ def test_attention_entropy_is_log_m_for_identical_slots():
     assert res.attn_entropy.item() == pytest.approx(math.log(K), rel=1e-5)
 
 
-def test_rollout_kernel_matches_the_training_path():
-    """The fused attention used at rollout (no entropy) gives the training path's output, NaN rows included."""
-    fusion = _fusion(gate_init=0.8, attn_dim=8).eval()
-    hidden, memory = torch.randn(B, 3, W), torch.randn(B, K, D)
+def test_fusion_matches_written_out_attention_and_entropy_is_read_from_it():
+    """Output = hidden + tanh(gate) * out(softmax(q k^T / sqrt(d)) v) over the finite rows, with or without
+    the entropy statistic; the entropy is that attention's, averaged over samples with a finite row."""
+    fusion = _fusion(gate_init=0.8, attn_dim=8, num_slots=K)
+    hidden, memory = torch.randn(B, 3, W), torch.randn(B, K, D) * 3
     memory[0] = float("nan")
     memory[1, 1] = float("inf")
-    train_path = fusion(hidden, memory, with_entropy=True)
-    rollout = fusion(hidden, memory, with_entropy=False)
-    torch.testing.assert_close(rollout.hidden, train_path.hidden)
-    assert torch.equal(rollout.hidden[0], hidden[0]) and rollout.attn_entropy.item() == 0.0
+    valid = torch.isfinite(memory).all(-1)
+    mem = fusion.memory_norm(torch.where(valid[..., None], memory, 0.0)) + fusion.slot_embed
+    hd = 8 // fusion.heads
+    q = fusion.q(fusion.query_norm(hidden)).view(B, 3, fusion.heads, hd).transpose(1, 2)
+    k, v = fusion.kv(mem).view(B, K, 2, fusion.heads, hd).permute(2, 0, 3, 1, 4)
+    probs = (q @ k.transpose(-1, -2) / math.sqrt(hd)).masked_fill(~valid[:, None, None], float("-inf")).softmax(-1)
+    ctx = fusion.out((probs[1:] @ v[1:]).transpose(1, 2).reshape(B - 1, 3, 8))
+    expected = torch.cat([hidden[:1], hidden[1:] + math.tanh(0.8) * ctx])
+    entropy = -(probs[1:] * probs[1:].log()).nan_to_num().sum(-1).mean()
+    for with_entropy in (True, False):
+        res = fusion(hidden, memory, with_entropy=with_entropy)
+        torch.testing.assert_close(res.hidden, expected, rtol=1e-5, atol=1e-6)
+        assert torch.equal(res.hidden[0], hidden[0])
+    assert fusion(hidden, memory).attn_entropy.item() == pytest.approx(entropy.item(), rel=1e-5)
+    assert fusion(hidden, memory, with_entropy=False).attn_entropy.item() == 0.0
+    assert 0.1 < entropy.item() < math.log(K) - 0.1  # not a uniform attention: the check has teeth
 
 
 def test_per_channel_gate_shape_and_value():

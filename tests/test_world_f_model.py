@@ -212,6 +212,18 @@ def test_reset_clears_action_queue_and_history():
     assert len(policy._action_queue) == 0 and policy.world_history is None
 
 
+def test_select_action_switches_a_training_policy_to_eval():
+    """select_action after a training step runs every module in eval mode (dropout off)."""
+    policy = make_policy(dropout=0.5)
+    policy.train()
+    policy.reset()
+    latent = torch.randn(B, D)
+    first = policy.select_action(eval_batch(latent))
+    assert not any(m.training for m in policy.modules())
+    policy.reset()
+    torch.testing.assert_close(policy.select_action(eval_batch(latent)), first, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------- save / load
 def test_save_load_round_trip_gives_identical_actions(tmp_path):
     policy = make_policy(delta_prediction=True, gate_per_channel=True, memory_mode_train="scheduled")

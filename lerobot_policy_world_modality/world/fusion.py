@@ -81,8 +81,8 @@ class GatedCrossAttention(nn.Module):
     def forward(self, hidden: Tensor, memory: Tensor, with_entropy: bool = True) -> FusionOutput:
         """hidden: [B, H, W]; memory: [B, M, memory_dim] (any float dtype; non-finite rows allowed).
 
-        with_entropy=False skips the attention-entropy statistic (returned as 0) and runs the fused
-        attention kernel: the cheaper path for rollout.
+        with_entropy=False skips the attention-entropy statistic (returned as 0): the cheaper path for
+        rollout.
         """
         b, h, _ = hidden.shape
         m = memory.shape[1]
@@ -101,16 +101,16 @@ class GatedCrossAttention(nn.Module):
         # rows instead and discard their context below.
         key_ok = (valid | ~any_valid.unsqueeze(-1))[:, None, None, :]
         p_drop = self.dropout if self.training else 0.0
+        # The fused kernel carries the gradient; the entropy statistic is read off detached scores, so
+        # asking for it adds no autograd nodes to the training step.
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=key_ok, dropout_p=p_drop)
         if with_entropy:
-            scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)  # [B, nh, H, M]
-            probs = scores.masked_fill(~key_ok, float("-inf")).softmax(dim=-1)
-            ctx = F.dropout(probs, p_drop, self.training) @ v
             with torch.no_grad():
+                scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)  # [B, nh, H, M]
+                probs = scores.masked_fill(~key_ok, float("-inf")).softmax(dim=-1)
                 ent = -torch.special.xlogy(probs, probs).sum(-1).mean(dim=(1, 2))  # [B]
-                n = any_valid.sum()
-                entropy = (ent * any_valid).sum() / n.clamp(min=1)
+                entropy = (ent * any_valid).sum() / any_valid.sum().clamp(min=1)
         else:
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=key_ok, dropout_p=p_drop)
             entropy = hidden.new_zeros(())
         ctx = self.out(ctx.transpose(1, 2).reshape(b, h, self.attn_dim))
         # where(), not multiplication: the context of a sample with no finite memory is exactly zero.

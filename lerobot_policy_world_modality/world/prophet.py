@@ -36,14 +36,29 @@ class TransformerBlock(nn.Module):
         )
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        """x: [B, N, W]; attn_mask: optional bool [N, N] or [B, 1, N, N], True = may attend."""
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, last: int | None = None) -> Tensor:
+        """x: [B, N, W]; attn_mask: optional bool [N, N] or [B, 1, N, N], True = may attend.
+
+        With `last`, only the last `last` tokens are updated and returned ([B, last, W]); they still
+        attend to all N. Their values equal the full block's rows, at a fraction of the cost, for a
+        final block whose other outputs nobody reads (the Prophet's query slots).
+        """
         b, n, w = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        hd = w // self.heads
+        h = self.norm1(x)
+        if last is None:
+            q, k, v = self.qkv(h).view(b, n, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
+        else:
+            # Keys and values for every token, queries for the kept ones only.
+            k, v = F.linear(h, self.qkv.weight[w:], self.qkv.bias[w:]).view(b, n, 2, self.heads, hd).permute(2, 0, 3, 1, 4)
+            x, h = x[:, -last:], h[:, -last:]
+            q = F.linear(h, self.qkv.weight[:w], self.qkv.bias[:w]).view(b, last, self.heads, hd).transpose(1, 2)
+            if attn_mask is not None:
+                attn_mask = attn_mask[..., -last:, :]
         a = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )
-        x = x + self.drop(self.out(a.transpose(1, 2).reshape(b, n, w)))
+        x = x + self.drop(self.out(a.transpose(1, 2).reshape(b, x.shape[1], w)))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -131,9 +146,10 @@ class Prophet(nn.Module):
             tokens.append(self.context_proj(context.to(dtype)) + self.context_type)
         tokens.append(self.queries.unsqueeze(0).expand(b, -1, -1))
         x = torch.cat(tokens, dim=1)
-        for block in self.blocks:
-            x = block(x)
-        out = self.out_proj(self.out_norm(x[:, -self.num_future :])) * scale
+        # Only the K slot states leave the Prophet: the last block computes just those rows.
+        for i, block in enumerate(self.blocks):
+            x = block(x, last=self.num_future if i == len(self.blocks) - 1 else None)
+        out = self.out_proj(self.out_norm(x)) * scale
         current = history[:, -1:]
         if self.delta:
             return ProphetOutput(absolute=current + out, delta=out, supervised="delta")

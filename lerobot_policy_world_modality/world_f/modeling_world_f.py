@@ -94,7 +94,7 @@ class WorldFPolicy(TrunkWorldPolicy):
 
         The latent history is advanced at every call, including those served from the queue.
         """
-        self.eval()
+        self.ensure_eval()
         history = self._history.push(latent_from_batch(batch)) if self.prophet is not None else None
         if len(self._action_queue) == 0:
             actions = self._actions(batch, history)[:, : self.config.n_action_steps]
@@ -108,7 +108,7 @@ class WorldFPolicy(TrunkWorldPolicy):
         Uses OBS_WORLD_HISTORY when the batch has it; otherwise treats the call as the next step of the
         episode and advances the policy's own history with the batch's latent.
         """
-        self.eval()
+        self.ensure_eval()
         history = None
         if self.prophet is not None:
             history = batch.get(OBS_WORLD_HISTORY)
