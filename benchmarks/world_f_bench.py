@@ -14,7 +14,8 @@ one process, with LeRobot's own training pieces (`make_dataset` on a `TrainPipel
    *select_action*: eval-mode latency at batch 1 on a preprocessed observation, split into the
    inference call (the action queue is empty: a chunk is predicted) and the mean per env step over
    whole chunks. F and A alternate on every repetition (order swapped each time) so machine noise hits
-   both alike; medians are reported with the ratio F / A (target <= 1.10 for both).
+   both alike; medians are reported with the ratio F / A (target <= 1.10 for both). Also counted, free
+   of machine noise: matmul FLOPs and ATen ops of one training forward+backward and one inference call.
 2. Data-pipeline efficiency of world_f: samples/s of the full lerobot-train loop body
    (`next(dataloader)` -> preprocessor -> `update_policy`) divided by samples/s of `update_policy`
    alone on a pre-batched, preprocessed batch of the same policy, measured right after (target
@@ -211,7 +212,9 @@ def f_vs_a(tr_f: Trainer, tr_a: Trainer, reps: int, act_cycles: int) -> dict:
             infer[name].append(times[0])
             infer_cpu[name].append(cpu[0])
             per_step[name].append(sum(times) / len(times))
+    counts = {"F": work_counts(tr_f.policy, batch, obs), "A": work_counts(tr_a.policy, batch, obs)}
     res = {
+        "work_counts": counts,
         "train_step_s": {k: median(v) for k, v in steps.items()},
         "train_step_cpu_s": {k: median(v) for k, v in steps_cpu.items()},
         "select_action_inference_call_s": {k: median(v) for k, v in infer.items()},
@@ -221,10 +224,57 @@ def f_vs_a(tr_f: Trainer, tr_a: Trainer, reps: int, act_cycles: int) -> dict:
         "repetitions": reps,
         "select_action_chunks": act_cycles,
     }
+    for part in ("train_forward_backward", "select_action_inference_call"):
+        for what in ("aten_ops", "flops"):
+            counts[f"{part}_{what}_ratio_F_over_A"] = counts["F"][part][what] / counts["A"][part][what]
     for key in ("train_step_s", "train_step_cpu_s", "select_action_inference_call_s",
                 "select_action_inference_call_cpu_s", "select_action_mean_per_step_s"):
         res[key]["ratio_F_over_A"] = res[key]["F"] / res[key]["A"]
     return res
+
+
+def work_counts(policy, batch: dict, obs: dict) -> dict:
+    """Machine-independent cost of one training forward+backward and one select_action inference call.
+
+    `flops`: matmul / attention FLOPs (torch's FlopCounterMode); `aten_ops`: every ATen op dispatched
+    (forward, backward and inference alike). On a CPU at small batch each op has a fixed cost of a few
+    to tens of microseconds, so the op count explains what the FLOPs do not.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class OpCounter(TorchDispatchMode):
+        """Counts ATen ops as they are dispatched."""
+
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    def measure(run) -> dict:
+        ops, flops = OpCounter(), FlopCounterMode(display=False)
+        with ops:
+            run()
+        with flops:
+            run()
+        return {"aten_ops": ops.count, "flops": flops.get_total_flops()}
+
+    def train_pass():
+        policy.train()
+        loss, _ = policy.forward(batch)
+        loss.backward()
+        policy.zero_grad(set_to_none=True)
+
+    def infer_call():
+        policy.eval()
+        policy.reset()
+        with torch.inference_mode():
+            policy.select_action(obs)
+
+    return {"train_forward_backward": measure(train_pass), "select_action_inference_call": measure(infer_call)}
 
 
 def eval_latency(policies: dict, raw_obs: dict, cycles: int) -> dict:
@@ -465,6 +515,12 @@ def print_table(r: dict) -> None:
         v = fa[key]
         ok = "ok" if v["ratio_F_over_A"] <= 1.10 else "MISSED"
         print(f"   {label:48s} {v['F'] * ms:9.2f} {v['A'] * ms:9.2f} {v['ratio_F_over_A']:6.2f}  <=1.10 {ok}")
+    wc = fa["work_counts"]
+    for part, label in (("train_forward_backward", "training fwd+bwd"), ("select_action_inference_call", "select_action inference call")):
+        f, a = wc["F"][part], wc["A"][part]
+        print(f"   {label:30s} work: matmul GFLOP F {f['flops'] / 1e9:.3f} A {a['flops'] / 1e9:.3f} "
+              f"(F/A {wc[part + '_flops_ratio_F_over_A']:.2f}); ATen ops F {f['aten_ops']} A {a['aten_ops']} "
+              f"(F/A {wc[part + '_aten_ops_ratio_F_over_A']:.2f})")
     print(f"\n2. world_f data-pipeline efficiency     {'pipe s/s':>9s} {'fwd+bwd s/s':>11s} {'eff':>6s}"
           f" {'data ms':>8s} {'upd ms':>7s}  target >= 0.5")
     for name, v in r["data_pipeline"].items():

@@ -1,5 +1,7 @@
 """World-token codebooks: cluster recovery, determinism, factorised layouts, file round trip and errors."""
 
+import json
+
 import pytest
 import torch
 
@@ -123,6 +125,14 @@ def test_save_load_round_trip_and_clear_errors(tmp_path):
         load_codebook(tmp_path / "bad.safetensors")
     with pytest.raises(CodebookError, match="dim 5 does not match"):
         book.encode(torch.randn(3, 5))
+    from safetensors.torch import save_file
+
+    from lerobot_policy_world_modality.world.codebook import META_KEY
+
+    future = tmp_path / "future.safetensors"  # written by a later plugin version
+    save_file({"centroids": book.centroids}, str(future), metadata={META_KEY: json.dumps({**meta, "format_version": 999})})
+    with pytest.raises(CodebookError, match="format version 999, this plugin reads .*refit it"):
+        load_codebook(future)
     wrong = Codebook(24, 8)
     with pytest.raises(CodebookError, match="same checkpoint"):
         wrong.load_state_dict(book.state_dict())

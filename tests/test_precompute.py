@@ -155,6 +155,14 @@ def test_unknown_camera_lists_available_keys(video_root, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+def test_dataset_without_camera_is_refused_with_the_reason(tmp_path):
+    root = tmp_path / "no_camera"
+    make_synthetic_dataset(root, episode_lengths=(3,), cameras=())
+    with pytest.raises(SystemExit, match=r"has no camera .* computed from camera frames"):
+        precompute.main(_args(root, tmp_path / "c"))
+    assert not (tmp_path / "c").exists()
+
+
 class _NaNOnSecondFrame(WorldEncoder):
     """Test encoder: the pixel thumbnail, but NaN for the second frame of every batch."""
 

@@ -265,23 +265,16 @@ def test_stock_factory_resolves_smolvla_world_and_its_pipeline_checks_instructio
         pre({**obs, "task": ["press the button", "  "]})
 
 
-def test_instruction_step_ends_prompts_with_a_newline_and_keeps_its_key_through_save(tiny_vlm, tmp_path):
+def test_instruction_step_ends_prompts_with_a_newline_and_refuses_a_missing_task(tiny_vlm):
     from lerobot.policies.factory import make_pre_post_processors
-    from lerobot.processor import PolicyProcessorPipeline
 
     from lerobot_policy_world_modality.smolvla_world.processor_smolvla_world import InstructionStep
 
     step = InstructionStep()
     assert step.complementary_data({"task": ["press", "open\n"]})["task"] == ["press\n", "open\n"]
+    assert step.complementary_data({"task": "press"})["task"] == "press\n"
 
-    pre, _ = make_pre_post_processors(
-        make_config(tiny_vlm, instruction_key="instruction"), dataset_stats=None
-    )
-    pre.save_pretrained(tmp_path / "pre")
-    pre = PolicyProcessorPipeline.from_pretrained(
-        tmp_path / "pre", config_filename="policy_preprocessor.json"
-    )
-    assert next(s for s in pre.steps if isinstance(s, InstructionStep)).key == "instruction"
+    pre, _ = make_pre_post_processors(make_config(tiny_vlm), dataset_stats=None)
     obs = {"observation.image": torch.rand(B, 3, 48, 48), "observation.state": torch.randn(B, S)}
-    with pytest.raises(ValueError, match="under 'instruction'"):
-        pre({**obs, "task": ["press the button", "open the drawer"]})
+    with pytest.raises(ValueError, match="needs the instruction under 'task'"):
+        pre(obs)

@@ -67,7 +67,10 @@ class FrameSource:
         index = np.asarray(table.column("index").to_numpy())
         if not np.array_equal(index, np.arange(len(index))):
             raise LatentCacheError(
-                f"Dataset '{dataset.repo_id}' rows are not ordered by global index 0..N-1; cannot cache it."
+                f"Dataset '{dataset.repo_id}' rows are not ordered by global index 0..N-1, and the latent cache "
+                "stores the latent of global index i at row i. Rewrite it as a LeRobotDataset whose rows run "
+                "0..N-1 in order (as lerobot-record and LeRobot's dataset tools write them), then rerun "
+                "lerobot-wm-precompute."
             )
         self.episode_of = np.asarray(table.column("episode_index").to_numpy())
         # float32 timestamps widened to Python floats, exactly like `item["timestamp"].item()`.
@@ -314,7 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     dataset = LeRobotDataset(args.repo_id, root=args.root, video_backend=args.video_backend)
     available = list(dataset.meta.camera_keys)
     if not available:
-        raise SystemExit(f"Dataset '{args.repo_id}' has no camera (image or video) features to encode.")
+        raise SystemExit(
+            f"Dataset '{args.repo_id}' has no camera (image or video) features to encode: world latents are "
+            "computed from camera frames. Use a dataset recorded with a camera (its meta/info.json lists "
+            "observation.images.* or observation.image features)."
+        )
     cameras = [c.strip() for c in args.camera.split(",") if c.strip()] if args.camera else [available[0]]
     unknown = [c for c in cameras if c not in available]
     if unknown:

@@ -197,8 +197,6 @@ class SmolVLAWorldConfig(WorldMemoryOptions, WorldLatentOptions, SmolVLAOptions,
     init_from: str | None = None
     # Set once the init_from weights were loaded; a saved checkpoint then reloads without init_from.
     init_from_loaded: bool = False
-    # Complementary-data key of the instruction the VLM reads (LIBERO and MetaWorld: "task").
-    instruction_key: str = "task"
     # Also inject the memory into the expert's input (suffix) embeddings ("early").
     inject_expert_input: bool = False
     # Also inject the memory into the VLM prefix tokens through their own gated cross-attention.

@@ -22,38 +22,33 @@ from .configuration_smolvla_world import SmolVLAWorldConfig
 @ProcessorStepRegistry.register(name="smolvla_world_instruction")
 @dataclass
 class InstructionStep(ComplementaryDataProcessorStep):
-    """Checks the instruction of every sample and ends it with a newline, as SmolVLA's prompt expects.
+    """Checks the instruction (`task`) of every sample and ends it with a newline, as SmolVLA's prompt expects.
 
     A missing or blank instruction is an error: SmolVLA conditions on it, and a blank prompt trains
-    (or runs) a VLA that ignores the task without any sign of it.
+    (or runs) a VLA that ignores the task without any sign of it. The instruction is read from `task`
+    because that is the only text key LeRobot 0.4.4 carries from a batch into a processor pipeline
+    (datasets store it there and `lerobot-eval` environments fill it).
     """
 
-    # Complementary-data key of the instruction (LeRobot datasets and envs use "task").
-    key: str = "task"
-
     def complementary_data(self, complementary_data):
-        """The complementary data with the instruction(s) under `key` checked and newline-terminated."""
-        task = (complementary_data or {}).get(self.key)
+        """The complementary data with the instruction(s) under `task` checked and newline-terminated."""
+        task = (complementary_data or {}).get("task")
         texts = [task] if isinstance(task, str) else task
         if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
             raise ValueError(
-                f"smolvla_world needs the instruction under '{self.key}' (a string per sample), got "
-                f"{type(task).__name__}. Use a dataset/env with a task description, or point "
-                "--policy.instruction_key at the key that holds it."
+                f"smolvla_world needs the instruction under 'task' (a string per sample), got "
+                f"{type(task).__name__}. Use a dataset with a task description for every episode, or an "
+                "environment that provides one (LIBERO and MetaWorld do)."
             )
         empty = [i for i, t in enumerate(texts) if not t.strip()]
         if empty:
             raise ValueError(
-                f"Empty instruction under '{self.key}' for batch sample(s) {empty[:8]}. SmolVLA would read a blank "
+                f"Empty instruction under 'task' for batch sample(s) {empty[:8]}. SmolVLA would read a blank "
                 "prompt. Fill the dataset's task for every episode (or evaluate on an env with task "
-                "descriptions), or set --policy.instruction_key to the key that holds the instruction."
+                "descriptions)."
             )
         texts = [t if t.endswith("\n") else f"{t}\n" for t in texts]
-        return {**complementary_data, self.key: texts[0] if isinstance(task, str) else texts}
-
-    def get_config(self) -> dict[str, Any]:
-        """JSON config that rebuilds this step from a saved pipeline."""
-        return {"key": self.key}
+        return {**complementary_data, "task": texts[0] if isinstance(task, str) else texts}
 
     def transform_features(
         self, features: dict[PipelineFeatureType, dict[str, PolicyFeature]]
@@ -75,13 +70,13 @@ def make_smolvla_world_pre_post_processors(
     Images are resized with padding inside the model, exactly as in SmolVLA.
     """
     instruction = [
-        InstructionStep(key=config.instruction_key),
+        InstructionStep(),
         TokenizerProcessorStep(
             tokenizer_name=config.vlm_model_name,
             padding=config.pad_language_to,
             padding_side="right",
             max_length=config.tokenizer_max_length,
-            task_key=config.instruction_key,
+            task_key="task",
         ),
     ]
     return make_world_policy_pipelines(config, dataset_stats, batch_steps=instruction)

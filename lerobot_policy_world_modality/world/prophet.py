@@ -44,15 +44,10 @@ class TransformerBlock(nn.Module):
         final block whose other outputs nobody reads (the Prophet's query slots).
         """
         b, n, w = x.shape
-        hd = w // self.heads
-        h = self.norm1(x)
-        if last is None:
-            q, k, v = self.qkv(h).view(b, n, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
-        else:
-            # Keys and values for every token, queries for the kept ones only.
-            k, v = F.linear(h, self.qkv.weight[w:], self.qkv.bias[w:]).view(b, n, 2, self.heads, hd).permute(2, 0, 3, 1, 4)
-            x, h = x[:, -last:], h[:, -last:]
-            q = F.linear(h, self.qkv.weight[:w], self.qkv.bias[:w]).view(b, last, self.heads, hd).transpose(1, 2)
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        if last is not None:
+            # Keys and values of every token; queries, residual and MLP for the kept rows only.
+            q, x = q[:, :, -last:], x[:, -last:]
             if attn_mask is not None:
                 attn_mask = attn_mask[..., -last:, :]
         a = F.scaled_dot_product_attention(
