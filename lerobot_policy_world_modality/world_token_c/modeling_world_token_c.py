@@ -157,8 +157,10 @@ class WorldTokenCPolicy(TrunkWorldPolicy):
                 "cache when the batch carries the dataset's 'index'; train through lerobot-train with this "
                 "policy's preprocessor (and run lerobot-wm-precompute for the dataset first)."
             )
-        current = self.tokens(latent_from_batch(batch))  # [B, G]
-        future = self.tokens(batch[OBS_WORLD_FUTURE])  # [B, K, G]
+        # One assignment pass for z_t and z_{t+1..t+K} (the token of a latent does not depend on its batch).
+        latents = torch.cat([latent_from_batch(batch).unsqueeze(1), batch[OBS_WORLD_FUTURE]], dim=1)
+        both = self.tokens(latents)  # [B, 1 + K, G]
+        current, future = both[:, 0], both[:, 1:]
         valid = batch.get(OBS_WORLD_FUTURE_VALID)
         valid = (
             torch.ones(future.shape[:2], dtype=torch.bool, device=future.device)
