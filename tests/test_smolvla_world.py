@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import shutil
 
 import draccus
@@ -278,3 +279,78 @@ def test_instruction_step_ends_prompts_with_a_newline_and_refuses_a_missing_task
     obs = {"observation.image": torch.rand(B, 3, 48, 48), "observation.state": torch.randn(B, S)}
     with pytest.raises(ValueError, match="needs the instruction under 'task'"):
         pre(obs)
+
+
+def test_training_memory_mode_decides_what_the_action_loss_reads(tiny_vlm):
+    """memory_mode_train is what training injects: oracle reads the batch's true future, zero reads zeros."""
+    torch.manual_seed(0)
+    # lambda_world=0: the per-sample loss is the action loss alone (the world loss reads the future in
+    # every mode); gate_init=0.5 opens the gate, so the memory reaches the actions.
+    cfg = make_config(tiny_vlm, memory_mode_train="oracle", gate_init=0.5, lambda_world=0.0)
+    world = SmolVLAWorldPolicy(cfg)
+    world.train()
+    b = batch(tiny_vlm, world.config.world_latent_dim)
+    noise = torch.randn(B, H, TINY_SMOLVLA["max_action_dim"])
+    time = torch.tensor([0.3, 0.7])
+    # Another true future for sample 1 only (fresh values: a constant shift would vanish in the LayerNorm).
+    other_future = dict(b)
+    other_future[OBS_WORLD_FUTURE] = b[OBS_WORLD_FUTURE].clone()
+    other_future[OBS_WORLD_FUTURE][1] = torch.randn(K, world.config.world_latent_dim)
+    other_history = dict(b)
+    other_history[OBS_WORLD_HISTORY] = torch.randn_like(b[OBS_WORLD_HISTORY])
+
+    def losses(mode, b):
+        world.config.memory_mode_train = mode
+        torch.manual_seed(0)  # the same draws before every compared forward (noise and time are given too)
+        out, _ = world.forward(dict(b), noise=noise.clone(), time=time.clone(), reduction="none")
+        return out.detach()
+
+    def reading(memory, b):
+        """SmolVLA's per-sample loss with `memory` injected directly (as the training forward injects it)."""
+        torch.manual_seed(0)
+        with torch.no_grad(), world._reading(memory, {}):
+            return world.smolvla.forward(dict(b), noise.clone(), time.clone(), "none")[0]
+
+    assert world.world.options is world.config  # the mode set on the config is the one the path reads
+    oracle = losses("oracle", b)
+    torch.testing.assert_close(oracle, reading(b[OBS_WORLD_FUTURE].float(), b), rtol=1e-6, atol=0)
+    changed = losses("oracle", other_future)
+    assert changed[0] == pytest.approx(oracle[0].item(), rel=1e-6) and changed[1] != oracle[1]
+
+    pred = losses("pred", b)
+    assert torch.equal(losses("pred", other_future), pred)  # the true future does not reach the actions
+    assert not torch.allclose(pred, oracle)
+    with torch.no_grad():
+        predicted = world.world.predict(b[OBS_WORLD_HISTORY])
+    torch.testing.assert_close(pred, reading(predicted, b), rtol=1e-6, atol=0)
+
+    zero = losses("zero", b)
+    zeros = torch.zeros(B, K, world.config.world_latent_dim)
+    torch.testing.assert_close(zero, reading(zeros, b), rtol=1e-6, atol=0)
+    assert torch.equal(losses("zero", other_history), zero)  # neither the prediction ...
+    assert torch.equal(losses("zero", other_future), zero)  # ... nor the true future reaches the actions
+    assert not torch.allclose(zero, pred) and not torch.allclose(zero, oracle)
+
+
+def test_init_from_names_the_weights_whose_shapes_do_not_fit(tiny_vlm, tmp_path):
+    """A smolvla checkpoint of another VLM width (same architecture options) is refused naming the misfits."""
+    wider_vlm = vlm.make_tiny_smolvlm(tmp_path / "wider_vlm", text_width=96)
+    init_dir = tmp_path / "smolvla_wider"
+    make_smolvla(wider_vlm).save_pretrained(init_dir)
+    # vlm_model_name=tiny_vlm is user-set (kept); the architecture options equal the checkpoint's, so the
+    # config is accepted and only the weight shapes can tell.
+    cfg = make_config(tiny_vlm, init_from=str(init_dir))
+    assert cfg.vlm_model_name == str(tiny_vlm)
+    from safetensors.torch import load_file
+
+    theirs = load_file(init_dir / "model.safetensors")
+    with pytest.raises(ValueError, match=r"shape mismatches: \['") as err:
+        SmolVLAWorldPolicy(cfg)
+    message = str(err.value)
+    assert "vlm_model_name" in message and "expert_width_multiplier" in message
+    named = re.findall(r"'([\w.]+): checkpoint (\([\d, ]+\)) vs model (\([\d, ]+\))'", message)
+    assert len(named) == 3, message
+    own = make_smolvla(tiny_vlm).state_dict()  # the SmolVLA this config builds
+    for name, ckpt_shape, model_shape in named:
+        assert (ckpt_shape, model_shape) == (str(tuple(theirs[name].shape)), str(tuple(own[name].shape)))
+        assert theirs[name].shape != own[name].shape, name
