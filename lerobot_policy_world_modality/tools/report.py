@@ -1,10 +1,12 @@
 """Checkpoint metrics and the demo's one-page report (HTML with hand-written inline SVG charts, plus JSON).
 
-`checkpoint_metrics` is the reusable piece: it reloads a saved policy and its preprocessor from a
-checkpoint directory exactly as `lerobot-eval` does, runs `policy.forward` in eval mode on a few fixed
-batches of a LeRobotDataset (with the policy's own delta timestamps), and returns the averaged scalars
-the policy logs (action loss, world loss, world cosine per horizon, tanh(gate), ...). lerobot-train's
-console log only prints the total loss, so the report's training curves come from here.
+`checkpoint_metrics` is the reusable piece (built from `load_checkpoint`, `fixed_batches` and
+`mean_forward_scalars`, which `lerobot-wm-probe` uses too): it reloads a saved policy and its
+preprocessor from a checkpoint directory exactly as `lerobot-eval` does, runs `policy.forward` in eval
+mode on a few fixed batches of a LeRobotDataset (with the policy's own delta timestamps), and returns
+the averaged scalars the policy logs (action loss, world loss, world cosine per horizon, tanh(gate),
+...). lerobot-train's console log only prints the total loss, so the report's training curves come
+from here.
 
 No plotting library is needed: the charts are small SVG documents written by hand.
 """
@@ -22,26 +24,9 @@ PALETTE = ["#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#7
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-def checkpoint_metrics(
-    ckpt_dir: str | Path,
-    dataset_root: str | Path,
-    n_batches: int = 4,
-    batch_size: int = 32,
-    repo_id: str | None = None,
-    seed: int = 0,
-    video_backend: str = "pyav",
-) -> dict[str, float]:
-    """Average `policy.forward` scalars of the checkpoint `ckpt_dir` (a `pretrained_model` folder).
-
-    The policy and its preprocessor are loaded from disk; the batches are `n_batches` x `batch_size`
-    frames of `LeRobotDataset(repo_id, root=dataset_root)` drawn with a fixed seed (the same frames for
-    every checkpoint, so curves compare like with like). Use the latent-only training view as
-    `dataset_root` to avoid decoding video. Runs in eval mode (no dropout) under no_grad.
-    """
-    import torch
+def load_checkpoint(ckpt_dir: str | Path):
+    """(config, policy in eval mode, preprocessor) of a saved `pretrained_model` folder, as lerobot-eval loads them."""
     from lerobot.configs.policies import PreTrainedConfig
-    from lerobot.datasets.factory import resolve_delta_timestamps
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
     from lerobot.policies.factory import get_policy_class
     from lerobot.processor import PolicyProcessorPipeline
     from lerobot.utils.constants import POLICY_PREPROCESSOR_DEFAULT_NAME
@@ -60,6 +45,27 @@ def checkpoint_metrics(
     pre = PolicyProcessorPipeline.from_pretrained(
         ckpt_dir, config_filename=f"{POLICY_PREPROCESSOR_DEFAULT_NAME}.json"
     )
+    return cfg, policy, pre
+
+
+def fixed_batches(
+    cfg,
+    dataset_root: str | Path,
+    n_batches: int,
+    batch_size: int,
+    repo_id: str | None = None,
+    seed: int = 0,
+    video_backend: str = "pyav",
+) -> list[dict]:
+    """`n_batches` collated batches of `batch_size` frames of the dataset, drawn with a fixed seed.
+
+    Frames come with the policy's own delta timestamps (history, future, action chunk), so the same
+    seed gives the same frames to every checkpoint and every probe setting.
+    """
+    import torch
+    from lerobot.datasets.factory import resolve_delta_timestamps
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
+
     repo_id = repo_id or getattr(cfg, "dataset_repo_id", None) or "local/dataset"
     meta = LeRobotDatasetMetadata(repo_id, root=dataset_root)
     dataset = LeRobotDataset(
@@ -67,18 +73,50 @@ def checkpoint_metrics(
     )
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(dataset), generator=gen)[: n_batches * batch_size].tolist()
+    return [
+        torch.utils.data.default_collate([dataset[i] for i in order[b : b + batch_size]])
+        for b in range(0, len(order), batch_size)
+    ]
+
+
+def mean_forward_scalars(policy, pre, batches: list[dict], seed: int | None = None) -> dict[str, float]:
+    """Average of the scalars `policy.forward` returns (loss included) over `batches`, in eval mode.
+
+    With `seed`, the global RNG is reseeded before each batch, so stochastic parts (random memory,
+    flow-matching noise) draw the same numbers in every call: settings then differ only by themselves.
+    """
+    import torch
+
     sums: dict[str, float] = {}
-    count = 0
     with torch.no_grad():
-        for b in range(0, len(order), batch_size):
-            items = [dataset[i] for i in order[b : b + batch_size]]
-            batch = torch.utils.data.default_collate(items)
-            loss, info = policy.forward(pre(batch))
-            info = {"loss": float(loss), **{k: float(v) for k, v in info.items()}}
-            for key, value in info.items():
+        for i, batch in enumerate(batches):
+            if seed is not None:
+                torch.manual_seed(seed + i)
+            loss, info = policy.forward(pre(dict(batch)))
+            for key, value in {"loss": float(loss), **{k: float(v) for k, v in info.items()}}.items():
                 sums[key] = sums.get(key, 0.0) + value
-            count += 1
-    return {key: value / count for key, value in sums.items()}
+    return {key: value / len(batches) for key, value in sums.items()}
+
+
+def checkpoint_metrics(
+    ckpt_dir: str | Path,
+    dataset_root: str | Path,
+    n_batches: int = 4,
+    batch_size: int = 32,
+    repo_id: str | None = None,
+    seed: int = 0,
+    video_backend: str = "pyav",
+) -> dict[str, float]:
+    """Average `policy.forward` scalars of the checkpoint `ckpt_dir` (a `pretrained_model` folder).
+
+    The policy and its preprocessor are loaded from disk; the batches are `n_batches` x `batch_size`
+    frames of `LeRobotDataset(repo_id, root=dataset_root)` drawn with a fixed seed (the same frames for
+    every checkpoint, so curves compare like with like). Use the latent-only training view as
+    `dataset_root` to avoid decoding video. Runs in eval mode (no dropout) under no_grad.
+    """
+    cfg, policy, pre = load_checkpoint(ckpt_dir)
+    batches = fixed_batches(cfg, dataset_root, n_batches, batch_size, repo_id, seed, video_backend)
+    return mean_forward_scalars(policy, pre, batches)
 
 
 def parse_train_log(text: str, log_freq: int) -> list[tuple[int, float]]:

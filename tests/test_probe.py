@@ -1,0 +1,89 @@
+"""lerobot-wm-probe on checkpoints written by the stock lerobot-train: reads / ignores the memory, refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from support.cli import BIN, TINY_WORLD_F, short_train_flags
+from support.datasets import make_synthetic_dataset
+
+
+def _run(cmd, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def view(tmp_path_factory):
+    """A precomputed synthetic dataset: (latent-only training view, cache root)."""
+    base = tmp_path_factory.mktemp("probe")
+    root = base / "dataset"
+    make_synthetic_dataset(root, episode_lengths=(12, 9, 14), image_hw=(32, 32))
+    res = _run([BIN / "lerobot-wm-precompute", "--dataset.repo_id=local/synthetic", f"--dataset.root={root}",
+                "--encoder=pixels", f"--cache_root={base / 'cache'}", "--no_progress"])  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    view_root = next(ln for ln in res.stdout.splitlines() if "training view" in ln).split(": ", 1)[1].strip()
+    return view_root, base / "cache"
+
+
+def _train(view, out, *flags, steps=3):
+    view_root, cache = view
+    res = _run([BIN / "lerobot-train", "--policy.type=world_f", "--dataset.repo_id=local/synthetic",
+                f"--dataset.root={view_root}", *TINY_WORLD_F, *short_train_flags(out, steps), *flags],
+               )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out / "checkpoints" / f"{steps:06d}" / "pretrained_model"
+
+
+def _probe(ckpt, view, tmp_path, *flags):
+    out = tmp_path / "probe.json"
+    res = _run([BIN / "lerobot-wm-probe", f"--policy.path={ckpt}", f"--dataset.root={view[0]}",
+                "--batches=2", "--batch_size=8", f"--out={out}", *flags])  # fmt: skip
+    return res, (json.loads(out.read_text()) if out.exists() else None)
+
+
+@pytest.mark.slow
+def test_probe_tells_a_policy_that_reads_its_memory_from_one_that_ignores_it(view, tmp_path, monkeypatch):
+    """Open gate: zeroed / shuffled memory raises the action loss; closed gate: exactly no change."""
+    monkeypatch.setenv("LEROBOT_WM_CACHE", str(view[1]))
+    reads = _train(view, tmp_path / "open", "--policy.gate_init=1.0")
+    # Three steps from a random init: the effect is real but small, hence a low threshold.
+    res, r = _probe(reads, view, tmp_path, "--threshold=0.002")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert r["reads_memory"] is True and r["threshold"] == 0.002
+    assert set(r["action_loss"]) == {"pred", "zero", "shuffle", "random", "oracle"}
+    assert r["action_loss_change_vs_pred"]["zero"] != 0.0 and r["action_loss_change_vs_pred"]["shuffle"] != 0.0
+    assert r["gate"] == pytest.approx(0.76, abs=0.05)  # tanh(1.0) after 3 small steps
+    assert "reads the world memory" in res.stdout and "--policy.memory_mode_rollout=zero" in res.stdout
+    assert r["frames"] == 16 and set(r["world_cosine"]) == {"world_cos_h1", "world_cos_h2"}
+
+    # A closed gate (tanh(0) = 0, learning rate 0): no memory reaches the actions, so every mode gives
+    # exactly the same action loss, and the probe says the memory is ignored.
+    ignores = _train(view, tmp_path / "closed", "--policy.optimizer_lr=0")
+    res, r = _probe(ignores, view, tmp_path, "--modes=pred,zero,shuffle")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert r["reads_memory"] is False and r["gate"] == 0.0
+    assert r["action_loss_change_vs_pred"] == {"zero": 0.0, "shuffle": 0.0}
+    assert "ignores the world memory" in res.stdout
+
+
+def test_probe_refuses_policies_without_memory_and_bad_input(tmp_path):
+    """Variant A / B_cont and world_token_c have no memory to probe; bad modes and paths fail clearly."""
+    from lerobot_policy_world_modality.tools.probe import ProbeError, check_probe_target
+    from lerobot_policy_world_modality.world_f.configuration_world_f import WorldFConfig
+    from lerobot_policy_world_modality.world_token_c.configuration_world_token_c import WorldTokenCConfig
+
+    for variant in ("A", "B_cont"):
+        with pytest.raises(ProbeError, match=r"trained without memory injection \(variant A or B_cont\)"):
+            check_probe_target(WorldFConfig(variant=variant))
+    with pytest.raises(ProbeError, match="'world_token_c' checkpoint has no injected world memory"):
+        check_probe_target(WorldTokenCConfig(codebook_path=str(tmp_path / "book.safetensors")))
+    check_probe_target(WorldFConfig())  # F: accepted
+
+    from lerobot_policy_world_modality.tools.probe import main
+
+    with pytest.raises(SystemExit, match=r"Unknown memory mode\(s\) \['sideways'\]"):
+        main([f"--policy.path={tmp_path}", f"--dataset.root={tmp_path}", "--modes=pred,sideways"])
+    res, r = _probe(tmp_path / "nowhere", ("unused",), tmp_path)  # the console script: exit code and message
+    assert res.returncode != 0 and r is None and "is not a policy checkpoint" in res.stderr
