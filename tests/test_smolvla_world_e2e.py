@@ -1,6 +1,7 @@
 """`smolvla_world` through the stock LeRobot entry points with the tiny SmolVLM: factory, train, eval."""
 
 import json
+import math
 import os
 import subprocess
 
@@ -116,3 +117,12 @@ def test_precompute_then_e0_smolvla_then_e2_smolvla_world_from_it_then_metaworld
     info = json.loads((eval_dir / "eval_info.json").read_text())
     overall = info.get("overall", info.get("aggregated", {}))
     assert torch.isfinite(torch.tensor(float(overall["avg_sum_reward"])))
+
+    # The probe reloads the checkpoint and compares memories on the camera dataset (SmolVLA reads images).
+    probe_json = tmp_path / "probe.json"
+    res = _run([BIN / "lerobot-wm-probe", f"--policy.path={ckpt}", f"--dataset.root={dataset_root}",
+                "--batches=1", "--batch_size=2", "--modes=pred,zero,oracle", f"--out={probe_json}"])  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    probe = json.loads(probe_json.read_text())
+    assert probe["policy_type"] == "smolvla_world" and set(probe["action_loss"]) == {"pred", "zero", "oracle"}
+    assert all(math.isfinite(v) for v in probe["action_loss"].values()) and abs(probe["gate"]) < 0.01
