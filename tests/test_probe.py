@@ -87,3 +87,16 @@ def test_probe_refuses_policies_without_memory_and_bad_input(tmp_path):
         main([f"--policy.path={tmp_path}", f"--dataset.root={tmp_path}", "--modes=pred,sideways"])
     res, r = _probe(tmp_path / "nowhere", ("unused",), tmp_path)  # the console script: exit code and message
     assert res.returncode != 0 and r is None and "is not a policy checkpoint" in res.stderr
+
+
+def test_summary_reads_a_falling_loss_as_a_memory_that_hurts():
+    """The verdict uses the size of the change; its sign says whether the memory helps or hurts."""
+    from lerobot_policy_world_modality.tools.probe import summarise
+
+    r = {"action_loss_change_vs_pred": {"zero": -0.05, "shuffle": 0.004, "oracle": -0.02}, "reads_memory": True,
+         "threshold": 0.01, "gate": 0.3, "attn_entropy": None}  # fmt: skip
+    lines = summarise(r)
+    assert "does better without it" in lines[0] and "falls by 5.0%" in lines[0]
+    assert "2.0% lower: a better Prophet would help" in lines[1]
+    r["action_loss_change_vs_pred"]["zero"] = 0.05
+    assert "rises by 5.0%" in summarise(r)[0]

@@ -54,8 +54,8 @@ def probe(
     """Action loss of `policy` on `batches` under each memory mode, and what it says.
 
     Every mode sees the same frames and, through `seed`, the same random draws; only the memory the
-    action path reads changes. `threshold` is the relative rise of the action loss (zero or shuffled
-    memory vs predicted) from which the policy counts as reading its memory.
+    action path reads changes. `threshold` is the relative change of the action loss (zero or shuffled
+    memory vs predicted, either way) from which the policy counts as reading its memory.
     """
     from .report import mean_forward_scalars
 
@@ -81,7 +81,7 @@ def probe(
         "frames": sum(len(b["index"]) for b in batches),
         "action_loss": {m: per_mode[m]["action_loss"] for m in modes},
         "action_loss_change_vs_pred": rel,
-        "reads_memory": bool(ablated) and max(ablated) >= threshold,
+        "reads_memory": bool(ablated) and max(abs(x) for x in ablated) >= threshold,
         "threshold": threshold,
         "gate": pred.get("gate"),
         "gate_abs_max": pred.get("gate_abs_max"),
@@ -100,11 +100,16 @@ def summarise(r: dict) -> list[str]:
     change = r["action_loss_change_vs_pred"]
     ablated = {m: change[m] for m in ("zero", "shuffle") if m in change}
     if ablated:
-        worst = max(ablated, key=ablated.get)
-        if r["reads_memory"]:
+        worst = max(ablated, key=lambda m: abs(ablated[m]))
+        if r["reads_memory"] and ablated[worst] > 0:
             lines.append(
                 f"The action path reads the world memory: with '{worst}' memory the action loss rises by "
                 f"{100 * ablated[worst]:.1f}% (threshold {100 * r['threshold']:.1f}%)."
+            )
+        elif r["reads_memory"]:
+            lines.append(
+                f"The action path reads the world memory, and does better without it: with '{worst}' memory "
+                f"the action loss falls by {100 * -ablated[worst]:.1f}% (threshold {100 * r['threshold']:.1f}%)."
             )
         else:
             lines.append(
@@ -175,7 +180,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", default=",".join(DEFAULT_MODES),
                    help=f"Comma-separated memories to compare (default {','.join(DEFAULT_MODES)}; 'pred' is required).")
     p.add_argument("--threshold", type=float, default=0.01,
-                   help="Relative action-loss rise (zero / shuffle vs pred) that counts as reading the memory (default 0.01).")
+                   help="Relative action-loss change (zero / shuffle vs pred, either way) that counts as reading the memory (default 0.01).")
     p.add_argument("--video_backend", default="pyav", help="Video decoder when probing on a video dataset (default pyav).")
     p.add_argument("--out", default=None, help="Also write the result as JSON here (atomically).")
     return p.parse_args(argv)
