@@ -272,26 +272,46 @@ def _train_flags(args, cameras: list[str], view: Path | None) -> str:
     return " ".join(flags)
 
 
+def add_cache_flags(parser: argparse.ArgumentParser, help_text: dict[str, str] | None = None) -> None:
+    """Add the flags that locate a camera's latent cache: dataset, encoder identity, camera(s), cache root.
+
+    Names, dests, types and defaults live here once because `lerobot-wm-fit-codebook` must find the
+    caches this tool wrote from the same flags, and `_train_flags` reads them. The help is worded for
+    building a cache; `help_text` rewords it, by dest, for a tool that reads one.
+    """
+    h = help_text or {}
+    parser.add_argument("--dataset.repo_id", dest="repo_id", required=True, help="Dataset repo id.")
+    parser.add_argument("--dataset.root", dest="root", default=None, help=h.get("root", "Local dataset root (default: HF_LEROBOT_HOME/repo_id)."))
+    parser.add_argument("--encoder", default="pixels", help=h.get("encoder", "Built-in name ('pixels'), Hugging Face Hub id or local path."))
+    parser.add_argument("--pooling", default=None, help=h.get("pooling", "Token pooling: cls, mean or pooler (default: the family's)."))
+    parser.add_argument("--window", type=int, default=None, help=h.get("window", "Frames per latent for video encoders (default: the family's)."))
+    parser.add_argument("--dtype", default=None, help=h.get("dtype", "Encoder weight dtype: float32 (default), float16, bfloat16."))
+    parser.add_argument("--camera", default=None, help=h.get("camera", "Camera key(s), comma-separated (default: the dataset's first camera)."))
+    parser.add_argument("--cache_root", default=None, help=h.get("cache_root", "Cache root (default: $LEROBOT_WM_CACHE or ~/.cache/lerobot_policy_world_modality/latents)."))
+
+
+def select_cameras(camera_arg: str | None, available: list[str]) -> tuple[list[str], list[str]]:
+    """The cameras a comma-separated `--camera` names (default: the first available) and the unknown ones.
+
+    Callers raise their own error: the two tools word it differently.
+    """
+    cameras = [c.strip() for c in camera_arg.split(",") if c.strip()] if camera_arg else available[:1]
+    return cameras, [c for c in cameras if c not in available]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options (LeRobot-style dotted names for the dataset)."""
     p = argparse.ArgumentParser(
         prog="lerobot-wm-precompute",
         description="Encode every frame of a LeRobotDataset camera with a frozen world encoder into the latent cache.",
     )
-    p.add_argument("--dataset.repo_id", dest="repo_id", required=True, help="Dataset repo id.")
-    p.add_argument("--dataset.root", dest="root", default=None, help="Local dataset root (default: HF_LEROBOT_HOME/repo_id).")
-    p.add_argument("--encoder", default="pixels", help="Built-in name ('pixels'), Hugging Face Hub id or local path.")
-    p.add_argument("--pooling", default=None, help="Token pooling: cls, mean or pooler (default: the family's).")
-    p.add_argument("--window", type=int, default=None, help="Frames per latent for video encoders (default: the family's).")
-    p.add_argument("--camera", default=None, help="Camera key(s), comma-separated (default: the dataset's first camera).")
+    add_cache_flags(p)
     p.add_argument("--batch_size", type=int, default=32, help="Frames per encoder forward pass.")
     p.add_argument("--device", default="cpu", help="Encoder device, e.g. cpu or cuda.")
-    p.add_argument("--dtype", default=None, help="Encoder weight dtype: float32 (default), float16, bfloat16.")
     p.add_argument("--num_workers", type=int, default=2, help="Background threads that decode frames ahead of the encoder.")
     p.add_argument("--num_shards", type=int, default=1, help="Number of processes splitting the cache's shards.")
     p.add_argument("--shard_index", type=int, default=0, help="Which of --num_shards this process computes (0-based).")
     p.add_argument("--shard_frames", type=int, default=None, help=f"Frames per cache shard file (default {DEFAULT_SHARD_FRAMES}).")
-    p.add_argument("--cache_root", default=None, help="Cache root (default: $LEROBOT_WM_CACHE or ~/.cache/lerobot_policy_world_modality/latents).")
     p.add_argument("--video_backend", default="pyav", help="LeRobot video backend used to decode frames.")
     p.add_argument("--overwrite", action="store_true", help="Delete an existing cache and rebuild it from scratch.")
     p.add_argument("--no_progress", action="store_true", help="Hide the progress bar.")
@@ -322,8 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             "computed from camera frames. Use a dataset recorded with a camera (its meta/info.json lists "
             "observation.images.* or observation.image features)."
         )
-    cameras = [c.strip() for c in args.camera.split(",") if c.strip()] if args.camera else [available[0]]
-    unknown = [c for c in cameras if c not in available]
+    cameras, unknown = select_cameras(args.camera, available)
     if unknown:
         raise SystemExit(
             f"Unknown camera {unknown} in dataset '{args.repo_id}'. Available camera keys: {available}. "

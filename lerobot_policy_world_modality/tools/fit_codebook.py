@@ -27,7 +27,7 @@ import torch
 
 from ..latents.cache import LatentCacheError, default_cache_root
 from ..latents.encoders import resolve_encoder_identity
-from ..latents.precompute import _train_flags
+from ..latents.precompute import _train_flags, add_cache_flags, select_cameras
 from ..latents.processor import open_latent_cache
 from ..latents.train_view import default_view_root, source_of_view
 from ..world.codebook import (
@@ -65,23 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lerobot-wm-fit-codebook",
         description="Fit the world-token codebook (k-means / product / residual) on a dataset's cached world latents.",
     )
-    p.add_argument("--dataset.repo_id", dest="repo_id", required=True, help="Dataset repo id.")
-    p.add_argument(
-        "--dataset.root", dest="root", default=None, help="Local dataset root or its training view."
-    )
-    p.add_argument(
-        "--encoder", default="pixels", help="Encoder the cache was built with (as for lerobot-wm-precompute)."
-    )
-    p.add_argument("--pooling", default=None, help="Token pooling the cache was built with.")
-    p.add_argument("--window", type=int, default=None, help="Frames per latent the cache was built with.")
-    p.add_argument("--dtype", default=None, help="Encoder dtype the cache was built with.")
-    p.add_argument(
-        "--camera",
-        default=None,
-        help="Camera key(s), comma-separated, in the policy's order (default: first camera).",
-    )
-    p.add_argument(
-        "--cache_root", default=None, help="Cache root (default: $LEROBOT_WM_CACHE or the user cache)."
+    add_cache_flags(
+        p,
+        help_text={
+            "root": "Local dataset root or its training view.",
+            "encoder": "Encoder the cache was built with (as for lerobot-wm-precompute).",
+            "pooling": "Token pooling the cache was built with.",
+            "window": "Frames per latent the cache was built with.",
+            "dtype": "Encoder dtype the cache was built with.",
+            "camera": "Camera key(s), comma-separated, in the policy's order (default: first camera).",
+            "cache_root": "Cache root (default: $LEROBOT_WM_CACHE or the user cache).",
+        },
     )
     p.add_argument(
         "--codes", type=int, default=1024, help="Codes per codebook (the vocabulary is codes**factors)."
@@ -119,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     view = source_of_view(meta.info)
     repo_id, root = (view["repo_id"], view["root"]) if view else (args.repo_id, str(meta.root))
     available = list(view["cameras"]) if view else list(meta.camera_keys)
-    cameras = [c.strip() for c in args.camera.split(",") if c.strip()] if args.camera else available[:1]
-    unknown = [c for c in cameras if c not in available]
+    cameras, unknown = select_cameras(args.camera, available)
     if not cameras or unknown:
         raise SystemExit(
             f"Unknown camera {unknown or cameras} in dataset '{repo_id}'; available: {available}. Pass --camera=..."
