@@ -103,7 +103,7 @@ def test_smolvla_world_two_cameras_train_and_lerobot_eval_on_libero(
         for s in json.loads((ckpt / "policy_preprocessor.json").read_text())["steps"]
     }
     assert steps["world_modality_latents"]["config"]["cameras"] == list(LIBERO_CAMERAS)
-    assert steps["smolvla_world_instruction"]["config"]["key"] == "task"
+    assert "smolvla_world_instruction" in steps
     assert steps["tokenizer_processor"]["config"]["task_key"] == "task"
 
     # The instruction reaches the tokenizer: the checkpoint's own preprocessor, on a dataset frame, gives
