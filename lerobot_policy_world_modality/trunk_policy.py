@@ -18,6 +18,7 @@ from lerobot.optim.optimizers import AdamWConfig
 from lerobot.policies.pretrained import PreTrainedPolicy
 from torch import Tensor
 
+from .checkpoints import StrictCheckpointLoading
 from .language import FrozenTextEncoder, bind_language_encoder, instructions_from_batch
 
 
@@ -130,7 +131,7 @@ def fused_adamw_supported(params: list[Tensor]) -> bool:
     return bool(params) and all(p.device.type in devices and p.is_floating_point() for p in params)
 
 
-class TrunkWorldPolicy(PreTrainedPolicy):
+class TrunkWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
     """Base of the trunk policies: world-latent binding, optional instruction input, optimiser groups.
 
     Subclasses call `super().__init__(config, dataset_meta)` and then build their modules with

@@ -225,6 +225,26 @@ def test_select_action_switches_a_training_policy_to_eval():
 
 
 # ---------------------------------------------------------------------------------------------- save / load
+def test_checkpoint_whose_weights_do_not_fit_is_refused_not_loaded_half_random(tmp_path):
+    """Renamed modules (a checkpoint of an older layout) or missing world weights: a clear error, never a
+    policy whose Prophet and cross-attention are silently left at their random initialisation."""
+    from safetensors.torch import load_file, save_file
+
+    from lerobot_policy_world_modality.checkpoints import CheckpointMismatchError
+
+    make_policy().save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    old_layout = {k.removeprefix("world."): v for k, v in weights.items()}  # before the shared WorldPath
+    save_file(old_layout, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointMismatchError, match=r"do not fit this world_f policy: \d+ missing .*'world\.fusion"):
+        WorldFPolicy.from_pretrained(tmp_path)
+    save_file({k: v for k, v in weights.items() if not k.startswith("world.prophet.")}, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointMismatchError, match="0 unexpected"):
+        WorldFPolicy.from_pretrained(tmp_path)
+    save_file(weights, tmp_path / "model.safetensors")
+    WorldFPolicy.from_pretrained(tmp_path)  # the untouched weights load
+
+
 def test_save_load_round_trip_gives_identical_actions(tmp_path):
     policy = make_policy(delta_prediction=True, gate_per_channel=True, memory_mode_train="scheduled")
     with torch.no_grad():

@@ -22,6 +22,7 @@ from lerobot.policies.pretrained import PreTrainedPolicy
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 from torch import Tensor
 
+from ..checkpoints import StrictCheckpointLoading
 from ..constants import OBS_WORLD_HISTORY
 from ..sources import checkpoint_file
 from ..world.fusion import GatedCrossAttention
@@ -50,7 +51,7 @@ def refuse_training_view(dataset_meta) -> None:
         )
 
 
-class SmolVLAWorldPolicy(PreTrainedPolicy):
+class SmolVLAWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
     """LeRobot policy `smolvla_world` (see `SmolVLAWorldConfig` for the fusion points and `init_from`).
 
     Training batches carry SmolVLA's inputs (images, state, tokenised instruction, action chunk) and

@@ -188,6 +188,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     """Console entry point of lerobot-wm-probe."""
+    from ..checkpoints import CheckpointMismatchError
     from ..latents.cache import atomic_write_bytes
     from ..world.memory import MEMORY_MODES
     from .report import fixed_batches, load_checkpoint
@@ -204,7 +205,7 @@ def main(argv=None) -> None:
         check_probe_target(cfg)
         batches = fixed_batches(cfg, args.root, args.batches, args.batch_size, args.repo_id, args.seed, args.video_backend)
         result = probe(policy, pre, batches, modes, args.seed, args.threshold)
-    except (ProbeError, FileNotFoundError) as err:
+    except (ProbeError, FileNotFoundError, CheckpointMismatchError) as err:
         raise SystemExit(f"lerobot-wm-probe: {err}") from None
     result["policy_path"] = str(args.policy_path)
     result["eval_commands"] = eval_commands(str(args.policy_path))

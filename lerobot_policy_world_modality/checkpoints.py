@@ -1,0 +1,38 @@
+"""Strict weight loading for the plugin's policies: a checkpoint either fits exactly or is refused.
+
+LeRobot 0.4.4's `PreTrainedPolicy.from_pretrained` loads weights with `strict=False` and only logs the
+keys that did not fit. For a world-modality policy that is a silent failure: a checkpoint written by
+another version of this plugin (modules renamed) evaluates with a randomly initialised Prophet and
+cross-attention, and with the gate at 0 it even behaves like a plausible policy without world memory.
+"""
+
+from __future__ import annotations
+
+
+class CheckpointMismatchError(ValueError):
+    """The weights of a checkpoint do not fit the policy its config builds."""
+
+
+class StrictCheckpointLoading:
+    """Mixin for `PreTrainedPolicy` subclasses: `from_pretrained` refuses weights that do not fit exactly.
+
+    Goes before `PreTrainedPolicy` in the bases; it replaces the one hook LeRobot's loader calls.
+    """
+
+    @classmethod
+    def _load_as_safetensor(cls, model, model_file: str, map_location: str, strict: bool):
+        """Load `model_file` into `model` on `map_location`; any missing or unexpected key is an error.
+
+        `strict` is ignored on purpose: LeRobot passes False by default, which is what this refuses.
+        """
+        from safetensors.torch import load_model
+
+        missing, unexpected = load_model(model, model_file, strict=False, device=map_location)
+        if missing or unexpected:
+            raise CheckpointMismatchError(
+                f"The weights in {model_file} do not fit this {cls.name} policy: {len(missing)} missing "
+                f"(e.g. {sorted(missing)[:4]}), {len(unexpected)} unexpected (e.g. {sorted(unexpected)[:4]}). "
+                "The checkpoint was written by another version of lerobot_policy_world_modality or for "
+                "other architecture options. Evaluate it with the plugin version that trained it, or retrain."
+            )
+        return model
