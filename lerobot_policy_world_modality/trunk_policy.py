@@ -131,6 +131,16 @@ def fused_adamw_supported(params: list[Tensor]) -> bool:
     return bool(params) and all(p.device.type in devices and p.is_floating_point() for p in params)
 
 
+def ensure_eval(policy: torch.nn.Module) -> None:
+    """Put a policy in eval mode for inference; free when it already is.
+
+    `nn.Module.eval()` walks every submodule (measured on the CPU: 0.50 ms for world_f, 0.16 ms for
+    its variant A; more for a VLM), and select_action runs at every environment step.
+    """
+    if policy.training:
+        policy.eval()
+
+
 class TrunkWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
     """Base of the trunk policies: world-latent binding, optional instruction input, optimiser groups.
 
@@ -179,15 +189,6 @@ class TrunkWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
             (no_decay if p.ndim < 2 or "gate" in name else decay).append(p)
         fused = {"fused": True} if fused_adamw_supported([*decay, *no_decay]) else {}
         return [{"params": decay, **fused}, {"params": no_decay, "weight_decay": 0.0, **fused}]
-
-    def ensure_eval(self) -> None:
-        """Put the policy in eval mode for inference; free when it already is.
-
-        `nn.Module.eval()` walks every submodule (about 1 ms per call for world_f on a CPU), and
-        select_action runs at every environment step.
-        """
-        if self.training:
-            self.eval()
 
     def reset(self):
         """Start a new episode: clear the action queue and the world step's online frame buffers."""

@@ -123,6 +123,7 @@ def test_closed_gates_give_smolvla_actions_exactly_and_every_gate_gets_a_gradien
         assert torch.equal(
             world.select_action(dict(b), noise=noise), smolvla.select_action(dict(b), noise=noise)
         )
+    assert not any(m.training for m in world.modules())  # select_action put the whole policy in eval mode
 
     # The policy's own history advanced at every step (queue-served ones too), oldest first.
     assert torch.equal(world.history.value[:, -1], batch(tiny_vlm, dim, seed=2)[OBS_WORLD_LATENT])

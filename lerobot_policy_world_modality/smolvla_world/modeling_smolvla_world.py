@@ -25,6 +25,7 @@ from torch import Tensor
 from ..checkpoints import StrictCheckpointLoading
 from ..constants import OBS_WORLD_HISTORY
 from ..sources import checkpoint_file
+from ..trunk_policy import ensure_eval
 from ..world.fusion import GatedCrossAttention
 from ..world.history import LatentHistory, latent_from_batch
 from ..world.path import WorldPath, build_fusion
@@ -194,7 +195,7 @@ class SmolVLAWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
         Uses OBS_WORLD_HISTORY when the batch has it; otherwise the call is the next step of the
         episode and advances the policy's own latent history.
         """
-        self.eval()
+        ensure_eval(self)
         with self._reading(self._rollout_memory(batch, None)):
             return self.smolvla.predict_action_chunk(batch, noise, **kwargs)
 
@@ -205,7 +206,7 @@ class SmolVLAWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
             raise ValueError(
                 "RTC is not supported by select_action (as in SmolVLA): use predict_action_chunk."
             )
-        self.eval()
+        ensure_eval(self)
         history = self.history.push(latent_from_batch(batch)) if self.injects else None
         if len(self._action_queue) == 0:
             with self._reading(self._rollout_memory(batch, history)):

@@ -19,7 +19,7 @@ from lerobot.utils.constants import ACTION, OBS_STATE
 from torch import Tensor, nn
 
 from ..constants import OBS_WORLD_HISTORY
-from ..trunk_policy import TrunkWorldPolicy
+from ..trunk_policy import TrunkWorldPolicy, ensure_eval
 from ..world.fusion import GatedCrossAttention
 from ..world.history import LatentHistory, latent_from_batch
 from ..world.path import WorldPath
@@ -94,7 +94,7 @@ class WorldFPolicy(TrunkWorldPolicy):
 
         The latent history is advanced at every call, including those served from the queue.
         """
-        self.ensure_eval()
+        ensure_eval(self)
         history = self._history.push(latent_from_batch(batch)) if self.prophet is not None else None
         if len(self._action_queue) == 0:
             actions = self._actions(batch, history)[:, : self.config.n_action_steps]
@@ -108,7 +108,7 @@ class WorldFPolicy(TrunkWorldPolicy):
         Uses OBS_WORLD_HISTORY when the batch has it; otherwise treats the call as the next step of the
         episode and advances the policy's own history with the batch's latent.
         """
-        self.ensure_eval()
+        ensure_eval(self)
         history = None
         if self.prophet is not None:
             history = batch.get(OBS_WORLD_HISTORY)

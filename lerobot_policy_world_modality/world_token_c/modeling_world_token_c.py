@@ -20,7 +20,7 @@ from lerobot.utils.constants import ACTION, OBS_STATE
 from torch import Tensor, nn
 
 from ..constants import OBS_WORLD_FUTURE, OBS_WORLD_FUTURE_VALID
-from ..trunk_policy import TrunkWorldPolicy
+from ..trunk_policy import TrunkWorldPolicy, ensure_eval
 from ..world.codebook import Codebook, CodebookError, load_codebook
 from ..world.history import latent_from_batch
 from ..world.trunk import ActionTrunk, action_loss
@@ -132,7 +132,7 @@ class WorldTokenCPolicy(TrunkWorldPolicy):
     @torch.no_grad()
     def select_action(self, batch: dict[str, Tensor], **kwargs) -> Tensor:
         """One action [B, A] per environment step; a new chunk is predicted when the queue runs out."""
-        self.ensure_eval()
+        ensure_eval(self)
         if len(self._action_queue) == 0:
             actions = self.predict_action_chunk(batch)[:, : self.config.n_action_steps]
             self._action_queue.extend(actions.transpose(0, 1))
@@ -141,7 +141,7 @@ class WorldTokenCPolicy(TrunkWorldPolicy):
     @torch.no_grad()
     def predict_action_chunk(self, batch: dict[str, Tensor], **kwargs) -> Tensor:
         """Action chunk [B, H, A] for one observation (its latent tokenised online)."""
-        self.ensure_eval()
+        ensure_eval(self)
         return self._run(batch, self.tokens(latent_from_batch(batch)))["actions"]
 
     def tokens(self, latent: Tensor) -> Tensor:
