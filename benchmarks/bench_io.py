@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from lerobot_policy_world_modality.fileio import atomic_write_json
 
 
 def write_result(path: str | Path, result: dict) -> Path:
     """Write `result` as indented JSON to `path` atomically (a killed run never leaves half a file)."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    atomic_write_json(out, result)
     print(f"wrote {out}")
     return out

@@ -25,9 +25,16 @@ class StrictCheckpointLoading:
 
         `strict` is ignored on purpose: LeRobot passes False by default, which is what this refuses.
         """
+        from safetensors import SafetensorError
         from safetensors.torch import load_model
 
-        missing, unexpected = load_model(model, model_file, strict=False, device=map_location)
+        try:
+            missing, unexpected = load_model(model, model_file, strict=False, device=map_location)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointMismatchError(
+                f"Cannot read the weights file {model_file}: {err}. The file is damaged or incomplete (e.g. "
+                "a copy or download that stopped early); copy or download the checkpoint again."
+            ) from err
         if missing or unexpected:
             raise CheckpointMismatchError(
                 f"The weights in {model_file} do not fit this {cls.name} policy: {len(missing)} missing "

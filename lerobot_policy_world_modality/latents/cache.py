@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..constants import CACHE_ENV_VAR
+from ..fileio import atomic_write_bytes, atomic_write_json
 from .encoders import EncoderIdentity
 
 # Bumped when the on-disk layout changes; caches of another version are rebuilt.
@@ -176,32 +177,9 @@ def build_meta(
     }
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so readers see either the old file or the whole new one, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def write_meta(cache_dir: Path, meta: dict) -> None:
     """Atomically write meta.json with deterministic formatting."""
-    atomic_write_bytes(cache_dir / META_FILE, (json.dumps(meta, sort_keys=True, indent=2) + "\n").encode())
+    atomic_write_json(cache_dir / META_FILE, meta, sort_keys=True)
 
 
 def read_meta(cache_dir: Path) -> dict | None:

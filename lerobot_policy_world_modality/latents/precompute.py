@@ -144,6 +144,24 @@ def _remove_stale_temp_files(cache_dir: Path, names: set[str]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+CODEBOOK_DIR = "codebooks"  # fitted by lerobot-wm-fit-codebook inside the cache it was fitted on
+
+
+def _rebuild_keeping_codebooks(cache_dir: Path) -> None:
+    """Empty `cache_dir` for a rebuild, but keep its fitted codebooks.
+
+    Our own errors tell users to rerun with --overwrite; that must not destroy a codebook a world_token_c
+    run still needs. A codebook records the fingerprint of the cache it was fitted on, so one that no
+    longer matches the rebuilt cache is refused by name when a policy loads it (never used silently).
+    """
+    books = cache_dir / CODEBOOK_DIR
+    for entry in cache_dir.iterdir() if cache_dir.is_dir() else ():
+        if entry != books:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    if books.is_dir() and any(books.iterdir()):
+        print(f"Kept the fitted codebooks in {books}.", file=sys.stderr)
+
+
 def _prepare_cache_dir(cache_dir: Path, expected: dict, overwrite: bool, shard_frames_given: bool) -> dict:
     """Create or reuse the cache directory; returns the meta whose shard table this run follows."""
     meta = read_meta(cache_dir)
@@ -162,7 +180,7 @@ def _prepare_cache_dir(cache_dir: Path, expected: dict, overwrite: bool, shard_f
     if cache_dir.exists() and (overwrite or (cache_dir / META_FILE).exists()):
         reason = "--overwrite" if overwrite else ("stale fingerprint" if meta else "unreadable meta.json")
         print(f"Rebuilding latent cache at {cache_dir} ({reason}).", file=sys.stderr)
-        shutil.rmtree(cache_dir)
+        _rebuild_keeping_codebooks(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     write_meta(cache_dir, expected)
     return expected
@@ -290,6 +308,34 @@ def add_cache_flags(parser: argparse.ArgumentParser, help_text: dict[str, str] |
     parser.add_argument("--cache_root", default=None, help=h.get("cache_root", "Cache root (default: $LEROBOT_WM_CACHE or ~/.cache/lerobot_policy_world_modality/latents)."))
 
 
+ENCODER_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def check_cache_flags(args: argparse.Namespace, tool: str) -> None:
+    """Refuse, before any dataset is opened, cache flags that would silently do the wrong thing.
+
+    A mistyped `--dtype` would be accepted by the built-in encoders and echoed into the printed training
+    flags; a camera named twice would double the latent; a `--dataset.root` that does not exist would
+    make LeRobot try the Hub and fail offline without naming the path.
+    """
+    if args.dtype is not None and args.dtype not in ENCODER_DTYPES:
+        raise SystemExit(f"{tool}: --dtype={args.dtype} is not one of {', '.join(ENCODER_DTYPES)}.")
+    if args.camera:
+        named = [c.strip() for c in args.camera.split(",") if c.strip()]
+        twice = sorted({c for c in named if named.count(c) > 1})
+        if twice:
+            raise SystemExit(
+                f"{tool}: --camera names {twice} more than once, which would repeat its latent; name each "
+                "camera once (several cameras are concatenated in the order given)."
+            )
+    if args.root is not None and not Path(args.root).is_dir():
+        raise SystemExit(
+            f"{tool}: --dataset.root={args.root} does not exist (or is not a directory). Give the folder "
+            "that holds the dataset's meta/ and data/, or leave --dataset.root out to use "
+            "HF_LEROBOT_HOME/<repo_id>."
+        )
+
+
 def select_cameras(camera_arg: str | None, available: list[str]) -> tuple[list[str], list[str]]:
     """The cameras a comma-separated `--camera` names (default: the first available) and the unknown ones.
 
@@ -297,6 +343,24 @@ def select_cameras(camera_arg: str | None, available: list[str]) -> tuple[list[s
     """
     cameras = [c.strip() for c in camera_arg.split(",") if c.strip()] if camera_arg else available[:1]
     return cameras, [c for c in cameras if c not in available]
+
+
+def _check_device(device: str) -> None:
+    """Refuse a `--device` that does not exist here instead of silently encoding on the CPU."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise SystemExit(f"lerobot-wm-precompute: --device={device} is not a torch device ({err}).") from None
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available(),
+    }.get(dev.type, True)
+    if not available:
+        raise SystemExit(
+            f"lerobot-wm-precompute: --device={device} was asked for but this machine has no {dev.type} "
+            "device torch can use. Use --device=cpu, or run on a machine with one."
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -332,6 +396,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--shard_index must be in [0, --num_shards={args.num_shards}), got {args.shard_index}.")
     if args.shard_frames is not None and args.shard_frames < 1:
         raise SystemExit(f"--shard_frames must be >= 1 (frames per cache shard file), got {args.shard_frames}.")
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch_size must be >= 1 (frames per encoder forward pass), got {args.batch_size}.")
+    if args.num_workers < 0:
+        raise SystemExit(f"--num_workers must be >= 0 (decoding threads), got {args.num_workers}.")
+    check_cache_flags(args, "lerobot-wm-precompute")
+    _check_device(args.device)
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     dataset = LeRobotDataset(args.repo_id, root=args.root, video_backend=args.video_backend)

@@ -27,7 +27,7 @@ import torch
 
 from ..latents.cache import LatentCacheError, default_cache_root
 from ..latents.encoders import resolve_encoder_identity
-from ..latents.precompute import _train_flags, add_cache_flags, select_cameras
+from ..latents.precompute import CODEBOOK_DIR, _train_flags, add_cache_flags, check_cache_flags, select_cameras
 from ..latents.processor import open_latent_cache
 from ..latents.train_view import default_view_root, source_of_view
 from ..world.codebook import (
@@ -38,8 +38,6 @@ from ..world.codebook import (
     options_dict,
     save_codebook,
 )
-
-CODEBOOK_DIR = "codebooks"
 
 
 def codebook_name(options: FitOptions, cameras: list[str]) -> str:
@@ -107,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lerobot-wm-fit-codebook` console script."""
     args = build_parser().parse_args(argv)
+    check_cache_flags(args, "lerobot-wm-fit-codebook")
     from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
 
     meta = LeRobotDatasetMetadata(args.repo_id, root=args.root)

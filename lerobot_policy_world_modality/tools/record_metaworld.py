@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fileio import TEMP_MARK, atomic_write_json, fsync_dir
+
 STATE_NAMES = ["hand_x", "hand_y", "hand_z", "gripper_distance"]
 ACTION_NAMES = ["delta_x", "delta_y", "delta_z", "gripper"]
 RECORDING_INFO = "meta/wm_recording.json"  # provenance file written into the finished dataset
@@ -135,25 +137,6 @@ def dataset_features(use_videos: bool) -> dict:
     }
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON via a temp file + fsync + rename, so readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Persist a rename in `path` (directory entries are only durable once the directory is synced)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Staging:
     """The `<root>.recording` directory: plan, committed attempts, one-episode datasets, merge target."""
 
@@ -190,7 +173,7 @@ class Staging:
                     f"An interrupted recording in {self.dir} used different settings ({changes}). "
                     f"Rerun with the original flags to resume it, or add --overwrite true to discard it."
                 )
-        _write_json_atomic(plan_path, asdict(plan))  # records new RESUMABLE_FIELDS values
+        atomic_write_json(plan_path, asdict(plan))  # records new RESUMABLE_FIELDS values
         self.attempts_dir.mkdir(exist_ok=True)
         self.episodes_dir.mkdir(exist_ok=True)
         # Partial state from a killed run: temp episode dirs, an unfinished merge, episodes without a record.
@@ -202,7 +185,7 @@ class Staging:
             data = json.loads(rec.read_text())
             if data["kept"] and not (self.episodes_dir / rec.stem).is_dir():
                 rec.unlink()  # record without its episode: redo that attempt
-        for tmp in self.attempts_dir.glob("*.tmp"):
+        for tmp in self.attempts_dir.glob(f".*{TEMP_MARK}*"):
             tmp.unlink()
 
     def records(self, task: str) -> dict[int, dict]:
@@ -218,8 +201,8 @@ class Staging:
         if tmp_episode is not None:
             final = self.episodes_dir / name
             os.rename(tmp_episode, final)  # atomic: the episode dir is either absent or complete
-            _fsync_dir(self.episodes_dir)
-        _write_json_atomic(self.attempts_dir / f"{name}.json", record)  # the commit point
+            fsync_dir(self.episodes_dir)
+        atomic_write_json(self.attempts_dir / f"{name}.json", record)  # the commit point
 
     def remove(self) -> None:
         """Delete the staging dir (after a successful merge, or on --overwrite)."""
@@ -416,10 +399,10 @@ def record(plan: RecordPlan, root: Path, overwrite: bool = False) -> dict:
         "seconds_this_run": round(elapsed, 1),
         "frames_this_run": new_frames,
     }
-    _write_json_atomic(staging.merge_dir / RECORDING_INFO, {"plan": asdict(plan), "summary": summary})
+    atomic_write_json(staging.merge_dir / RECORDING_INFO, {"plan": asdict(plan), "summary": summary})
     root.parent.mkdir(parents=True, exist_ok=True)
     os.rename(staging.merge_dir, root)  # the dataset appears complete, in one step
-    _fsync_dir(root.parent)
+    fsync_dir(root.parent)
     staging.remove()
     return {**summary, "reused": False}
 

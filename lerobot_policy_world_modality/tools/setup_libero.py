@@ -30,6 +30,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..fileio import atomic_write_text
+
 CONFIG_KEYS = ("assets", "bddl_files", "benchmark_root", "datasets", "init_states")
 # Folders hf-libero checks before it accepts ~/.cache/libero/assets as already downloaded.
 ASSET_SUBDIRS = ("articulated_objects", "stable_scanned_objects", "turbosquid_objects", "stable_hope_objects")
@@ -159,9 +161,7 @@ def write_config(path: Path, config: dict[str, str]) -> None:
     import yaml
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(config, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(config, sort_keys=True))
 
 
 def setup(force: bool = False) -> SetupReport:

@@ -340,7 +340,7 @@ def save_codebook(path: str | Path, book: Codebook, meta: dict) -> Path:
     """Write `path` (.safetensors: centroids + metadata) and a readable `.json` twin, each atomically."""
     from safetensors.torch import save
 
-    from ..latents.cache import atomic_write_bytes
+    from ..fileio import atomic_write_bytes
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

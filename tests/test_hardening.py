@@ -1,0 +1,130 @@
+"""Bad input and faults a user hits (issue 15): each is refused by name or survived, and nothing is lost."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from lerobot.configs.types import FeatureType, PolicyFeature
+from support.datasets import make_synthetic_dataset
+
+from lerobot_policy_world_modality.checkpoints import CheckpointMismatchError
+from lerobot_policy_world_modality.latents import precompute
+from lerobot_policy_world_modality.tools import fit_codebook
+from lerobot_policy_world_modality.world_f.configuration_world_f import WorldFConfig
+from lerobot_policy_world_modality.world_f.modeling_world_f import WorldFPolicy
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory):
+    """A real one-camera image dataset (episodes of 5, 1 and 8 frames)."""
+    root = tmp_path_factory.mktemp("ds") / "images"
+    make_synthetic_dataset(root, cameras=("observation.image",), use_videos=False)
+    return root
+
+
+def _args(root, cache_root, *extra) -> list[str]:
+    return ["--dataset.repo_id=local/synthetic", f"--dataset.root={root}", f"--cache_root={cache_root}", *extra]
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--batch_size=-1", r"--batch_size must be >= 1"),
+        ("--batch_size=0", r"--batch_size must be >= 1"),
+        ("--num_workers=-2", r"--num_workers must be >= 0"),
+        ("--dtype=banana", r"--dtype=banana is not one of float32, float16, bfloat16"),
+        ("--camera=observation.image,observation.image", r"names \['observation.image'\] more than once"),
+        ("--device=tpu9", r"--device=tpu9 is not a torch device"),
+    ],
+)
+def test_precompute_refuses_bad_flags_before_any_work(image_root, tmp_path, flag, message):
+    with pytest.raises(SystemExit, match=message):
+        precompute.main(_args(image_root, tmp_path / "c", flag))
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_precompute_refuses_a_device_this_machine_lacks(image_root, tmp_path):
+    with pytest.raises(SystemExit, match=r"--device=cuda was asked for but this machine has no cuda device"):
+        precompute.main(_args(image_root, tmp_path / "c", "--device=cuda"))
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("tool", [precompute.main, fit_codebook.main])
+def test_missing_dataset_root_is_named(tmp_path, tool):
+    """A mistyped --dataset.root names the path instead of a Hub-offline traceback."""
+    missing = tmp_path / "no_such_dataset"
+    with pytest.raises(SystemExit, match=rf"--dataset.root={missing} does not exist"):
+        tool(_args(missing, tmp_path / "c"))
+
+
+def test_fit_codebook_checks_the_same_cache_flags(image_root, tmp_path):
+    with pytest.raises(SystemExit, match=r"lerobot-wm-fit-codebook: --dtype=fp8 is not one of"):
+        fit_codebook.main(_args(image_root, tmp_path / "c", "--dtype=fp8"))
+
+
+def test_overwrite_keeps_fitted_codebooks(image_root, tmp_path):
+    """`--overwrite` rebuilds the latents but keeps the codebooks a world_token_c run still needs."""
+    cache_root = tmp_path / "c"
+    assert precompute.main(_args(image_root, cache_root, "--no_progress", "--no_training_view")) == 0
+    assert fit_codebook.main(_args(image_root, cache_root, "--codes=3", "--iters=2")) == 0
+    books = sorted(cache_root.rglob("codebooks/*.safetensors"))
+    assert len(books) == 1
+    before = books[0].read_bytes()
+    shards = sorted(cache_root.rglob("shard-*.npy"))
+    assert shards
+    for shard in shards:  # mark the old latents, so the rebuild is seen to replace them
+        shard.write_bytes(b"old")
+    assert precompute.main(_args(image_root, cache_root, "--overwrite", "--no_progress", "--no_training_view")) == 0
+    assert books[0].read_bytes() == before
+    assert all(s.read_bytes() != b"old" for s in shards)
+
+
+def test_failed_atomic_write_leaves_no_temp_file(tmp_path):
+    """A write that fails half-way (here: the file-size limit, as on a full disk) leaves nothing behind."""
+    script = textwrap.dedent(
+        f"""
+        import resource, signal
+        from pathlib import Path
+        from lerobot_policy_world_modality.fileio import atomic_write_bytes
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        target = Path({str(tmp_path)!r}) / "shard-00000.npy"
+        try:
+            atomic_write_bytes(target, b"x" * 100_000)
+        except OSError as err:
+            print("failed:", err.errno)
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert "failed:" in res.stdout, res.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def _tiny_world_f() -> WorldFPolicy:
+    torch.manual_seed(0)
+    return WorldFPolicy(
+        WorldFConfig(
+            device="cpu", world_latent_dim=6, width=16, depth=1, heads=2, fusion_heads=2, fusion_dim=8,
+            prophet_width=8, prophet_depth=1, prophet_heads=2, chunk_size=3, n_action_steps=2,
+            history_frames=2, future_frames=2,
+            input_features={"observation.state": PolicyFeature(FeatureType.STATE, (4,))},
+            output_features={"action": PolicyFeature(FeatureType.ACTION, (4,))},
+        )
+    )  # fmt: skip
+
+
+def test_truncated_weights_file_is_named(tmp_path):
+    """A checkpoint whose model.safetensors was cut short names the file and the fix."""
+    _tiny_world_f().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointMismatchError, match=rf"Cannot read the weights file {weights}.*damaged or incomplete"):
+        WorldFPolicy.from_pretrained(tmp_path)
+    weights.write_bytes(data)
+    WorldFPolicy.from_pretrained(tmp_path)
