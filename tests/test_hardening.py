@@ -128,3 +128,57 @@ def test_truncated_weights_file_is_named(tmp_path):
         WorldFPolicy.from_pretrained(tmp_path)
     weights.write_bytes(data)
     WorldFPolicy.from_pretrained(tmp_path)
+
+
+def _open_cache(root, cache_root):
+    from lerobot_policy_world_modality.latents.cache import DatasetIdentity, LatentCache
+    from lerobot_policy_world_modality.latents.encoders import load_encoder
+
+    identity = DatasetIdentity.from_dataset("local/synthetic", root)
+    return LatentCache.open(cache_root, identity, "observation.image", load_encoder("pixels").identity)
+
+
+def test_rerecorded_dataset_makes_the_cache_stale(tmp_path):
+    """Same root, same episode lengths, other frames: the old latents are refused, and precompute rebuilds."""
+    import shutil
+
+    from lerobot_policy_world_modality.latents.cache import LatentCacheError
+
+    root, cache_root = tmp_path / "ds", tmp_path / "c"
+    make_synthetic_dataset(root, use_videos=False, seed=0)
+    precompute.main(_args(root, cache_root, "--no_progress", "--no_training_view"))
+    old = _open_cache(root, cache_root).latents.clone()
+    shutil.rmtree(root)
+    make_synthetic_dataset(root, use_videos=False, seed=1)  # the re-recording
+    with pytest.raises(LatentCacheError, match=r"Stale latent cache .*dataset content changed"):
+        _open_cache(root, cache_root)
+    precompute.main(_args(root, cache_root, "--no_progress", "--no_training_view"))
+    new = _open_cache(root, cache_root).latents
+    assert new.shape == old.shape and not torch.allclose(new, old)
+
+
+@pytest.mark.parametrize("damage", ["bytes", "swap"])
+def test_edited_shards_are_refused(image_root, tmp_path, damage):
+    """Finite bytes written over a shard, or two shard entries swapped in meta.json, are caught on open."""
+    import json
+
+    import numpy as np
+
+    from lerobot_policy_world_modality.latents.cache import LatentCacheError, write_shard
+
+    cache_root = tmp_path / "c"
+    precompute.main(_args(image_root, cache_root, "--no_progress", "--no_training_view", "--shard_frames=4"))
+    cache_dir = _open_cache(image_root, cache_root).cache_dir
+    if damage == "bytes":
+        shard = cache_dir / "shard-00001.npy"
+        write_shard(cache_dir, shard.name, np.load(shard) + 0.5)  # same shape, finite: only the checksum tells
+        expected = r"Corrupt shard .*shard-00001.npy: its checksum differs"
+    else:
+        meta = json.loads((cache_dir / "meta.json").read_text())
+        meta["shards"][0], meta["shards"][1] = meta["shards"][1], meta["shards"][0]
+        (cache_dir / "meta.json").write_text(json.dumps(meta))
+        expected = r"the shard table in meta.json does not match"
+    with pytest.raises(LatentCacheError, match=expected):
+        _open_cache(image_root, cache_root)
+    precompute.main(_args(image_root, cache_root, "--no_progress", "--no_training_view", "--overwrite"))
+    _open_cache(image_root, cache_root)

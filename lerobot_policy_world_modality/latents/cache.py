@@ -4,7 +4,8 @@ One cache directory holds the world latents of every frame of one dataset for on
 encoder, pooling, window) combination, row i being the latent of global frame `index` i:
 
     <cache_root>/<slug(repo_id)>/<slug(camera)>/<hash of repo_id, root, camera, encoder, pooling, window>/
-        meta.json            identities, shard table, fingerprint, completion flag (deterministic bytes)
+        meta.json            identities (the dataset's with a digest of its files), shard table with each
+                             shard's sha256, fingerprint, completion flag (deterministic bytes)
         shard-00000.npy ...  float32 [end - start, dim] rows of the global frame range [start, end)
 
 Shards are written atomically (temp file, fsync, rename), so a killed `lerobot-wm-precompute`
@@ -31,7 +32,11 @@ from ..fileio import atomic_write_bytes, atomic_write_json
 from .encoders import EncoderIdentity
 
 # Bumped when the on-disk layout changes; caches of another version are rebuilt.
-CACHE_FORMAT_VERSION = 1
+# 2: shard checksums in meta.json, dataset content digest in the identity.
+CACHE_FORMAT_VERSION = 2
+# Bytes hashed at each end of a video file for the content digest: re-encoded videos differ there
+# (container header, index), and hashing whole videos of a large dataset would cost minutes.
+VIDEO_HASH_BYTES = 1 << 16
 META_FILE = "meta.json"
 # Rows per shard by default: large enough for few files, small enough that a kill loses little.
 DEFAULT_SHARD_FRAMES = 1024
@@ -59,18 +64,21 @@ class DatasetIdentity:
     fps: int  # recording frame rate
     episode_from: list[int] = field(default_factory=list)  # first global index of each episode
     episode_to: list[int] = field(default_factory=list)  # one past the last global index of each episode
+    content: str = ""  # digest of the dataset's files (see `dataset_content_digest`): catches a re-recording
 
     @classmethod
     def from_meta(cls, meta: Any) -> DatasetIdentity:
         """Identity of an opened `LeRobotDatasetMetadata` (what `lerobot-train` hands policies)."""
         episodes = meta.episodes
+        root = Path(meta.root).expanduser().resolve()
         return cls(
             repo_id=str(meta.repo_id),
-            root=str(Path(meta.root).expanduser().resolve()),
+            root=str(root),
             num_frames=int(meta.total_frames),
             fps=int(meta.fps),
             episode_from=[int(x) for x in episodes["dataset_from_index"]],
             episode_to=[int(x) for x in episodes["dataset_to_index"]],
+            content=dataset_content_digest(root),
         )
 
     @classmethod
@@ -83,6 +91,44 @@ class DatasetIdentity:
     def to_dict(self) -> dict:
         """JSON-serialisable form, as stored in meta.json."""
         return asdict(self)
+
+
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> digest, per process
+
+
+def _file_digest(path: Path, partial: bool) -> str:
+    """sha256 of a file's bytes, or with `partial` of its size and its first and last VIDEO_HASH_BYTES."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            if partial and st.st_size > 2 * VIDEO_HASH_BYTES:
+                h.update(str(st.st_size).encode())
+                h.update(f.read(VIDEO_HASH_BYTES))
+                f.seek(-VIDEO_HASH_BYTES, os.SEEK_END)
+                h.update(f.read(VIDEO_HASH_BYTES))
+            else:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        _FILE_DIGESTS[key] = h.hexdigest()
+    return _FILE_DIGESTS[key]
+
+
+def dataset_content_digest(root: str | Path) -> str:
+    """Digest of what a dataset's frames are: its tabular files in full, its videos by size and ends.
+
+    Two recordings with the same episode lengths (a re-recording with another seed at the same root)
+    have the same frame counts and boundaries, so without this their caches would look interchangeable.
+    Digests are kept per process by (path, size, mtime), so opening several caches hashes each file once.
+    """
+    root = Path(root)
+    parts = []
+    for sub, partial in (("data", False), ("videos", True)):
+        for path in sorted((root / sub).rglob("*")) if (root / sub).is_dir() else ():
+            if path.is_file():
+                parts.append([path.relative_to(root).as_posix(), _file_digest(path, partial)])
+    return _digest(parts)
 
 
 def _slug(text: str) -> str:
@@ -214,6 +260,8 @@ def _describe_changes(old: dict, new: dict) -> list[str]:
     for key in ("repo_id", "root", "num_frames", "fps"):
         if old_ds.get(key) != new_ds.get(key):
             changes.append(f"dataset {key} {old_ds.get(key)!r} -> {new_ds.get(key)!r}")
+    if old_ds.get("content") != new_ds.get("content"):
+        changes.append("dataset content changed (its data or video files differ: re-recorded or edited)")
     if (old_ds.get("episode_from"), old_ds.get("episode_to")) != (new_ds["episode_from"], new_ds["episode_to"]):
         n_old, n_new = len(old_ds.get("episode_from") or []), len(new_ds["episode_from"])
         changes.append(
@@ -308,8 +356,9 @@ class LatentCache:
         """Find, validate and load the cache; raises `LatentCacheError` naming the fixing command.
 
         Checks, in order: the directory and meta.json exist; the fingerprint matches the current
-        dataset and encoder (else reports what changed); every shard is finished; row count and
-        dimension match; no NaN/Inf rows.
+        dataset (content included) and encoder (else reports what changed); every shard is finished;
+        the shard table is the one the dataset's frame count gives; row count and dimension match; no
+        NaN/Inf rows; every shard's bytes match their recorded sha256.
         """
         cache_dir = cache_dir_for(cache_root, dataset, camera, encoder)
         fix = precompute_command(dataset, camera, encoder, cache_root)
@@ -341,6 +390,13 @@ class LatentCache:
                 f"Finish it (completed shards are kept) with:\n  {fix}"
             )
         rebuild = precompute_command(dataset, camera, encoder, cache_root, overwrite=True)
+        plan = plan_shards(dataset.num_frames, int(meta.get("shard_frames") or DEFAULT_SHARD_FRAMES))
+        if [{k: s.get(k) for k in ("file", "start", "end")} for s in shards] != plan:
+            raise LatentCacheError(
+                f"Corrupt latent cache at {cache_dir}: the shard table in {META_FILE} does not match the "
+                f"dataset's {dataset.num_frames} frames (entries edited, reordered or missing). Rebuild the "
+                f"cache with:\n  {rebuild}"
+            )
         parts = []
         for s in shards:
             try:
@@ -372,6 +428,14 @@ class LatentCache:
                 f"NaN/Inf latents in cache at {cache_dir}, first bad frame indices {bad}. "
                 f"Rebuild the cache with:\n  {rebuild}"
             )
+        # Last, so the damage the checks above describe more precisely is reported as such. Each file is
+        # hashed once per process and version (digests are kept by path, size and mtime).
+        for s in shards:
+            if _file_digest(cache_dir / s["file"], partial=False) != s.get("sha256"):
+                raise LatentCacheError(
+                    f"Corrupt shard {cache_dir / s['file']}: its checksum differs from the one recorded in "
+                    f"{META_FILE} (the file was changed after precompute wrote it). Rebuild the cache with:\n  {rebuild}"
+                )
         return cls(cache_dir, latents, EpisodeBounds.from_identity(dataset), meta)
 
     def lookup(self, index: torch.Tensor, T: int, K: int) -> dict[str, torch.Tensor]:

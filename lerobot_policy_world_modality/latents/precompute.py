@@ -16,6 +16,8 @@ finishes what is missing.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import os
 import shutil
 import sys
@@ -191,14 +193,17 @@ def _finish_if_complete(cache_dir: Path, meta: dict, dim: int) -> bool:
     shards = meta["shards"]
     if not all(_shard_done(cache_dir, s, dim) for s in shards):
         return False
+    checked = []
     for s in shards:
-        rows = np.load(cache_dir / s["file"], allow_pickle=False)
+        data = (cache_dir / s["file"]).read_bytes()
+        rows = np.load(io.BytesIO(data), allow_pickle=False)
         if not np.isfinite(rows).all():
             (cache_dir / s["file"]).unlink()
             raise LatentCacheError(f"Shard {s['file']} holds NaN/Inf latents; removed it, rerun to recompute.")
+        checked.append({**s, "sha256": hashlib.sha256(data).hexdigest()})
     _remove_stale_temp_files(cache_dir, {META_FILE} | {s["file"] for s in shards})
-    if not meta.get("complete"):
-        write_meta(cache_dir, {**meta, "complete": True})
+    if not meta.get("complete") or shards != checked:
+        write_meta(cache_dir, {**meta, "shards": checked, "complete": True})
     return True
 
 
