@@ -109,6 +109,10 @@ def test_future_stride_windows_are_clamped_to_each_episode_and_masked_past_its_e
         bounds.future_indices(index, 3, stride=0)
     with pytest.raises(ValueError, match="future_stride must be >= 1"):
         make_config(future_stride=0)
+    # The policy's preprocessor step asks the cache for the config's stride.
+    from lerobot_policy_world_modality.latents.processor import make_world_latent_step
+
+    assert make_world_latent_step(make_config(future_stride=3, world_latent_dim=None)).future_stride == 3
 
 
 # ------------------------------------------------------------------------------ statistics
