@@ -427,3 +427,36 @@ def test_smolvla_world_gate_group_survives_its_schedule(tiny_vlm, tmp_path, monk
         assert group["lr"] == pytest.approx(10.0 * rest["lr"])
         optimizer.step()
         scheduler.step()
+
+
+# ------------------------------------------------------------------------------ world_token_c
+def test_world_token_c_logs_the_token_copy_baseline(tmp_path):
+    from lerobot_policy_world_modality.world.codebook import FitOptions, fit_codebook, save_codebook
+    from lerobot_policy_world_modality.world_token_c.configuration_world_token_c import WorldTokenCConfig
+    from lerobot_policy_world_modality.world_token_c.modeling_world_token_c import WorldTokenCPolicy
+
+    torch.manual_seed(0)
+    codes = torch.randn(4, D) * 10  # four well-separated codes
+    book, stats = fit_codebook(codes.repeat(50, 1) + 0.01 * torch.randn(200, D), FitOptions(codes=4, iters=10))
+    path = save_codebook(tmp_path / "book.safetensors", book, stats)
+    cfg = WorldTokenCConfig(
+        device="cpu", world_latent_dim=D, width=32, depth=1, heads=4, chunk_size=H, n_action_steps=3,
+        future_frames=3, future_stride=2, codebook_path=str(path), push_to_hub=False,
+        input_features={"observation.state": PolicyFeature(FeatureType.STATE, (S,)),
+                        "observation.image": PolicyFeature(FeatureType.VISUAL, (3, 8, 8))},
+        output_features={"action": PolicyFeature(FeatureType.ACTION, (A,))},
+    )  # fmt: skip
+    policy = WorldTokenCPolicy(cfg)
+    # Horizon 1: same code as z_t for samples 0 and 1 (2 of 3 valid: sample 2 past its end);
+    # horizon 2: another code for everyone; horizon 3: the same code for sample 0 only (of 3).
+    current = codes[[0, 1, 2]]
+    future = torch.stack([codes[[0, 1, 3]], codes[[1, 2, 3]], codes[[0, 3, 3]]], dim=1)
+    valid = torch.tensor([[True, True, True], [True, True, True], [False, True, True]])
+    batch = {OBS_WORLD_LATENT: current, OBS_WORLD_FUTURE: future, OBS_WORLD_FUTURE_VALID: valid,
+             "observation.state": torch.randn(3, S), "action": torch.randn(3, H, A),
+             "action_is_pad": torch.zeros(3, H, dtype=torch.bool)}  # fmt: skip
+    policy.train()
+    _, info = policy.forward(batch)
+    assert info["world_copy_acc_h1"] == pytest.approx(1.0)  # samples 0, 1 (sample 2 masked)
+    assert info["world_copy_acc_h2"] == pytest.approx(0.0)
+    assert info["world_copy_acc_h3"] == pytest.approx(1 / 3)
