@@ -460,3 +460,49 @@ def test_world_token_c_logs_the_token_copy_baseline(tmp_path):
     assert info["world_copy_acc_h1"] == pytest.approx(0.5)  # 1 of the 2 valid samples
     assert info["world_copy_acc_h2"] == pytest.approx(0.0)
     assert info["world_copy_acc_h3"] == pytest.approx(1 / 3)
+
+
+# ------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
+def test_lerobot_train_with_dynamics_targets_saves_a_checkpoint_that_needs_no_cache(tmp_path, monkeypatch):
+    """lerobot-train with every new option: the checkpoint carries the cache's statistics, its
+    preprocessor the stride, its optimiser state the gate group; it reloads and acts without the cache."""
+    import os
+    import subprocess
+
+    from support.cli import BIN, TINY_WORLD_F, short_train_flags
+
+    from lerobot_policy_world_modality.latents.processor import world_target_stats
+
+    repo, root = "local/targets_e2e", tmp_path / "ds"
+    make_synthetic_dataset(root, repo_id=repo, episode_lengths=(10, 3, 9), image_hw=(16, 16), use_videos=False)
+    _precompute(repo, root)
+    out = tmp_path / "train"
+    new_options = ["--policy.world_target=delta", "--policy.standardise_targets=true",
+                   "--policy.world_loss_type=smooth_l1", "--policy.future_stride=2",
+                   "--policy.fusion_memory_norm=rms", "--policy.gate_lr_mult=10",
+                   "--policy.memory_mode_train=scheduled"]  # fmt: skip
+    cmd = [BIN / "lerobot-train", "--policy.type=world_f", "--policy.encoder=pixels", *TINY_WORLD_F,
+           *new_options, f"--dataset.repo_id={repo}", f"--dataset.root={root}", *short_train_flags(out, 3)]  # fmt: skip
+    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    ckpt = out / "checkpoints" / "last" / "pretrained_model"
+    pre = json.loads((ckpt / "policy_preprocessor.json").read_text())
+    (step,) = [s for s in pre["steps"] if s.get("registry_name") == "world_modality_latents"]
+    assert step["config"]["future_stride"] == 2
+    groups = json.loads((out / "checkpoints" / "last" / "training_state" / "optimizer_param_groups.json").read_text())
+    assert sorted(g["lr"] for g in groups) == pytest.approx([1e-4, 1e-4, 1e-3])  # optimizer_lr; x10 for the gate
+    assert [g["weight_decay"] for g in groups if g["lr"] > 2e-4] == [0.0]
+
+    # The statistics the run standardised with are those of the cache.
+    cfg = PreTrainedConfig.from_pretrained(ckpt)
+    expected = world_target_stats(cfg)
+    monkeypatch.setenv("LEROBOT_WM_CACHE", str(tmp_path / "nowhere"))  # no cache from here on
+    policy = WorldFPolicy.from_pretrained(ckpt)
+    assert policy.config.world_target == "delta" and policy.config.fusion_memory_norm == "rms"
+    for name, value in expected.items():
+        torch.testing.assert_close(getattr(policy.world, name), value, rtol=0, atol=0)
+    policy.reset()
+    action = policy.select_action({OBS_WORLD_LATENT: torch.randn(1, policy.config.world_latent_dim),
+                                   "observation.state": torch.randn(1, S)})  # fmt: skip
+    assert action.shape == (1, A) and torch.isfinite(action).all()
