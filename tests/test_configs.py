@@ -240,7 +240,7 @@ GROUPS = {
     "Language input (optional; see language.py)": ["language_encoder", "language_encoder_revision", "language_max_length"],
     "Prophet and world loss": [
         "use_prophet", "prophet_reads_trunk", "prophet_width", "prophet_depth", "prophet_heads",
-        "world_target", "delta_prediction", "standardise_targets", "world_loss_type", "lambda_world",
+        "world_target", "delta_prediction", "standardise_targets", "prophet_input", "world_loss_type", "lambda_world",
     ],
     "Memory and gated cross-attention": [
         "inject_memory", "memory_mode_train", "memory_mode_rollout", "detach_memory", "fusion_heads", "fusion_dim", "gate_init",

@@ -91,6 +91,8 @@ def random_stats(seed=3) -> dict:
         "latent_std": torch.rand(D, generator=g) + 0.5,
         "target_mean": torch.randn(K, D, generator=g) * 0.1,
         "target_std": torch.rand(K, D, generator=g) * 0.2 + 0.05,
+        "step_mean": torch.randn(D, generator=g) * 0.01,
+        "step_std": torch.rand(D, generator=g) * 0.1 + 0.02,
     }
 
 
@@ -130,6 +132,9 @@ def test_target_statistics_match_a_hand_computation_over_valid_pairs():
         torch.testing.assert_close(stats["target_std"][k - 1, :2], std[:2])
         assert stats["target_std"][k - 1, 2] > 0  # a constant dimension gets a floor, never 0
     torch.testing.assert_close(stats["latent_mean"], latents.mean(0))
+    steps = torch.stack([latents[t] - latents[t - 1] for a, b in episodes for t in range(a + 1, b)]).double()
+    torch.testing.assert_close(stats["step_mean"], steps.mean(0).float())
+    torch.testing.assert_close(stats["step_std"][:2], steps.std(0, unbiased=False).float()[:2])
     absolute = target_statistics(latents, bounds, K=2, stride=3, delta=False)
     pairs = [(t, t + 3) for a, b in episodes for t in range(a, b) if t + 3 < b]
     torch.testing.assert_close(absolute["target_mean"][0], latents[[u for _, u in pairs]].mean(0))
@@ -153,6 +158,26 @@ def test_standardised_delta_targets_and_their_inverse():
     torch.testing.assert_close(seen["history"], expected)
 
 
+def test_motion_input_reads_standardised_frame_changes_then_the_current_latent():
+    policy = make_policy(world_target="delta", standardise_targets=True, prophet_input="motion")
+    stats = random_stats()
+    policy.world.set_target_stats(stats)
+    history = train_batch()[OBS_WORLD_HISTORY]
+    tokens = policy.world.prophet_tokens(history)
+    assert tokens.shape == history.shape
+    for i in range(T - 1):
+        change = (history[:, i + 1] - history[:, i] - stats["step_mean"]) / stats["step_std"]
+        torch.testing.assert_close(tokens[:, i], change)
+    torch.testing.assert_close(tokens[:, -1], (history[:, -1] - stats["latent_mean"]) / stats["latent_std"])
+    # A repeat-padded window (episode start) reads "no change so far".
+    padded = history[:, -1:].expand(B, T, D)
+    torch.testing.assert_close(policy.world.prophet_tokens(padded)[:, :-1], ((0 - stats["step_mean"]) / stats["step_std"]).expand(B, T - 1, D))
+    with pytest.raises(ValueError, match="standardise_targets=true"):
+        make_config(prophet_input="motion")
+    with pytest.raises(ValueError, match="prophet_input"):
+        make_config(prophet_input="flow", standardise_targets=True)
+
+
 def test_standardising_without_statistics_fails_with_the_fix():
     policy = make_policy(standardise_targets=True)
     policy.train()
@@ -172,12 +197,13 @@ def test_delta_prediction_is_an_alias_of_world_target_delta_and_old_configs_load
     make_config(delta_prediction=True).save_pretrained(tmp_path)
     raw = json.loads((tmp_path / "config.json").read_text())
     for new in ("world_target", "standardise_targets", "world_loss_type", "fusion_memory_norm",
-                "gate_lr_mult", "future_stride"):  # fmt: skip
+                "gate_lr_mult", "future_stride", "prophet_input"):  # fmt: skip
         raw.pop(new)
     (tmp_path / "config.json").write_text(json.dumps(raw))
     old = PreTrainedConfig.from_pretrained(tmp_path)
     assert old.world_target == "delta" and old.future_stride == 1 and old.fusion_memory_norm == "layer"
     assert old.world_loss_type == "cosine" and old.gate_lr_mult == 1.0 and not old.standardise_targets
+    assert old.prophet_input == "latents"
 
 
 # ------------------------------------------------------------------------------ statistics through a real cache
@@ -201,7 +227,8 @@ def test_statistics_come_from_the_cache_and_travel_in_the_checkpoint(tmp_path, m
     make_synthetic_dataset(root, repo_id=repo, episode_lengths=(6, 2, 9), image_hw=(16, 16), use_videos=False)
     _precompute(repo, root)
     kw = dict(world_latent_dim=None, encoder="pixels", world_cameras=["observation.image"], future_stride=2,
-              world_target="delta", standardise_targets=True, world_loss_type="smooth_l1")  # fmt: skip
+              world_target="delta", standardise_targets=True, world_loss_type="smooth_l1",
+              prophet_input="motion")  # fmt: skip
     torch.manual_seed(0)
     policy = WorldFPolicy(make_config(**kw), dataset_meta=LeRobotDatasetMetadata(repo, root=root))
     cache = open_world_caches(policy.config)[0]
@@ -481,7 +508,7 @@ def test_lerobot_train_with_dynamics_targets_saves_a_checkpoint_that_needs_no_ca
     new_options = ["--policy.world_target=delta", "--policy.standardise_targets=true",
                    "--policy.world_loss_type=smooth_l1", "--policy.future_stride=2",
                    "--policy.fusion_memory_norm=rms", "--policy.gate_lr_mult=10",
-                   "--policy.memory_mode_train=scheduled"]  # fmt: skip
+                   "--policy.memory_mode_train=scheduled", "--policy.prophet_input=motion"]  # fmt: skip
     cmd = [BIN / "lerobot-train", "--policy.type=world_f", "--policy.encoder=pixels", *TINY_WORLD_F,
            *new_options, f"--dataset.repo_id={repo}", f"--dataset.root={root}", *short_train_flags(out, 3)]  # fmt: skip
     res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600, env=dict(os.environ))
@@ -500,6 +527,7 @@ def test_lerobot_train_with_dynamics_targets_saves_a_checkpoint_that_needs_no_ca
     monkeypatch.setenv("LEROBOT_WM_CACHE", str(tmp_path / "nowhere"))  # no cache from here on
     policy = WorldFPolicy.from_pretrained(ckpt)
     assert policy.config.world_target == "delta" and policy.config.fusion_memory_norm == "rms"
+    assert policy.config.prophet_input == "motion" and torch.isfinite(policy.world.step_std).all()
     for name, value in expected.items():
         torch.testing.assert_close(getattr(policy.world, name), value, rtol=0, atol=0)
     policy.reset()

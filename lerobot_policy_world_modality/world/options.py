@@ -33,6 +33,8 @@ class WorldMemoryOptions:
     world_target: str = "absolute"
     # Standardise targets per dimension (and horizon) with statistics of the latent cache, saved in the checkpoint.
     standardise_targets: bool = False
+    # Prophet input with standardise_targets: "latents" (the T latents) or "motion" (T-1 frame changes + z_t).
+    prophet_input: str = "latents"
     # World loss: "cosine" (1 - cos, scale-free), "mse" or "smooth_l1" (see the size of the change).
     world_loss_type: str = "cosine"
     # Weight of the world loss (masked at episode ends) added to the action loss.
@@ -116,6 +118,13 @@ class WorldMemoryOptions:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}.")
         if self.scheduled_decay_steps < 0 or self.scheduled_warmup_steps < 0:
             raise ValueError("scheduled_decay_steps and scheduled_warmup_steps must be >= 0.")
+        if self.prophet_input not in ("latents", "motion"):
+            raise ValueError(f"prophet_input '{self.prophet_input}' is not one of ('latents', 'motion').")
+        if self.prophet_input == "motion" and not self.standardise_targets:
+            raise ValueError(
+                "prophet_input='motion' reads frame changes standardised with the latent cache's statistics: "
+                "set --policy.standardise_targets=true as well."
+            )
         if self.world_loss_type not in WORLD_LOSS_TYPES:
             raise ValueError(f"world_loss_type '{self.world_loss_type}' is not one of {WORLD_LOSS_TYPES}.")
         if self.fusion_memory_norm not in MEMORY_NORMS:
