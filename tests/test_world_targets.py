@@ -18,6 +18,7 @@ from lerobot.configs.policies import PreTrainedConfig
 from lerobot.configs.types import FeatureType, PolicyFeature
 from support.datasets import make_synthetic_dataset
 from support.vlm import tiny_vlm  # noqa: F401  (session fixture)
+from test_world_f_model import A, B, D, H, K, S, T, make_config, make_policy
 
 from lerobot_policy_world_modality.constants import (
     OBS_WORLD_FUTURE,
@@ -28,30 +29,7 @@ from lerobot_policy_world_modality.constants import (
 from lerobot_policy_world_modality.latents.cache import EpisodeBounds, target_statistics
 from lerobot_policy_world_modality.world.fusion import GatedCrossAttention
 from lerobot_policy_world_modality.world.memory import horizon_diagnostics, select_memory, world_loss
-from lerobot_policy_world_modality.world_f.configuration_world_f import WorldFConfig
 from lerobot_policy_world_modality.world_f.modeling_world_f import WorldFPolicy
-
-B, D, S, A, T, K, H = 3, 12, 4, 4, 3, 2, 5
-
-
-def make_config(**overrides) -> WorldFConfig:
-    kw = dict(
-        device="cpu", world_latent_dim=D, width=32, depth=1, heads=4, fusion_heads=4, prophet_width=16,
-        prophet_depth=1, prophet_heads=2, chunk_size=H, n_action_steps=3, history_frames=T, future_frames=K,
-        dropout=0.0, push_to_hub=False,
-        input_features={
-            "observation.state": PolicyFeature(FeatureType.STATE, (S,)),
-            "observation.image": PolicyFeature(FeatureType.VISUAL, (3, 8, 8)),
-        },
-        output_features={"action": PolicyFeature(FeatureType.ACTION, (A,))},
-    )  # fmt: skip
-    kw.update(overrides)
-    return WorldFConfig(**kw)
-
-
-def make_policy(seed=0, **overrides) -> WorldFPolicy:
-    torch.manual_seed(seed)
-    return WorldFPolicy(make_config(**overrides))
 
 
 def train_batch(seed=1, b=B):
@@ -401,6 +379,7 @@ def _lerobot_optimizer(policy, tmp_path, monkeypatch):
     from lerobot.optim.factory import make_optimizer_and_scheduler
 
     monkeypatch.setattr(sys, "argv", ["lerobot-train"])
+    policy.config.push_to_hub = False  # validate() would ask for a repo_id
     cfg = TrainPipelineConfig(dataset=DatasetConfig(repo_id="local/x"), policy=policy.config,
                               output_dir=tmp_path / "out", steps=100)  # fmt: skip
     cfg.validate()

@@ -430,7 +430,8 @@ def target_statistics(latents: torch.Tensor, bounds: EpisodeBounds, K: int, stri
     """Per-dimension statistics of the world targets over every frame of a cache, for standardisation.
 
     Returns float32 tensors: latent_mean / latent_std [D] of the latents themselves (what the Prophet
-    reads), and target_mean / target_std [K, D] of the target at each horizon k = 1..K (z_{t+ks}, or
+    reads), step_mean / step_std [D] of one-frame changes z_t - z_{t-1} inside episodes, and
+    target_mean / target_std [K, D] of the target at each horizon k = 1..K (z_{t+ks}, or
     z_{t+ks} - z_t with `delta`) over the frames t whose t+ks lies inside t's episode (the pairs the
     world loss trains on). Sums run in float64. A dimension that never varies gets a small floor
     (1e-3 of the median std of the others) instead of std 0, so standardising never divides by zero.
@@ -444,6 +445,9 @@ def target_statistics(latents: torch.Tensor, bounds: EpisodeBounds, K: int, stri
         return rows.mean(0), rows.std(0, unbiased=False)
 
     latent_mean, latent_std = mean_std(latents)
+    # One-frame changes inside episodes (what prophet_input="motion" reads).
+    inside = frames[bounds.start[frames] < frames] if bounds.num_frames else frames
+    step_mean, step_std = mean_std(latents[inside] - latents[inside - 1])
     fut, valid = bounds.future_indices(frames, K, stride)
     target_mean, target_std = [], []
     for k in range(K):
@@ -462,4 +466,6 @@ def target_statistics(latents: torch.Tensor, bounds: EpisodeBounds, K: int, stri
         "latent_std": floored(latent_std),
         "target_mean": torch.stack(target_mean).float(),
         "target_std": torch.stack([floored(s) for s in target_std]),
+        "step_mean": step_mean.float(),
+        "step_std": floored(step_std),
     }

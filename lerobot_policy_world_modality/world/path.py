@@ -53,6 +53,8 @@ def build_fusion(
 
 # Names of the standardisation statistics (buffers of `WorldPath` with `standardise_targets`).
 TARGET_STAT_NAMES = ("latent_mean", "latent_std", "target_mean", "target_std")
+# With prophet_input="motion", also the statistics of one-frame differences z_t - z_{t-1}.
+STEP_STAT_NAMES = ("step_mean", "step_std")
 
 
 class WorldPath(nn.Module):
@@ -80,6 +82,7 @@ class WorldPath(nn.Module):
         o = options
         self.delta = bool(o.delta_prediction or getattr(o, "world_target", "absolute") == "delta")
         self.standardised = bool(getattr(o, "standardise_targets", False)) and o.use_prophet
+        self.motion_input = self.standardised and getattr(o, "prophet_input", "latents") == "motion"
         self.loss_type = getattr(o, "world_loss_type", "cosine")
         # (targets, z_t, valid) of the last `training_inputs` call: lets `select` and `loss_terms` find
         # the validity mask and z_t of those targets when a caller passes only the targets.
@@ -89,6 +92,9 @@ class WorldPath(nn.Module):
             # NaN until bound: using unbound statistics fails loudly instead of training on garbage.
             shapes = {"latent_mean": (latent_dim,), "latent_std": (latent_dim,),
                       "target_mean": (o.future_frames, latent_dim), "target_std": (o.future_frames, latent_dim)}  # fmt: skip
+            if self.motion_input:
+                shapes |= {"step_mean": (latent_dim,), "step_std": (latent_dim,)}
+            self._stat_names = tuple(shapes)
             for name, shape in shapes.items():
                 self.register_buffer(name, torch.full(shape, float("nan")))
             if target_stats is not None:
@@ -114,10 +120,11 @@ class WorldPath(nn.Module):
         self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
 
     def set_target_stats(self, stats: dict[str, Tensor]) -> None:
-        """Bind the standardisation statistics (`TARGET_STAT_NAMES`, from the training latent cache)."""
+        """Bind the standardisation statistics (`TARGET_STAT_NAMES`, and `STEP_STAT_NAMES` with
+        prophet_input="motion"; from the training latent cache)."""
         if not self.standardised:
             raise RuntimeError("set_target_stats needs a world path built with standardise_targets=True.")
-        for name in TARGET_STAT_NAMES:
+        for name in self._stat_names:
             value = torch.as_tensor(stats[name], dtype=torch.float32)
             buffer = getattr(self, name)
             if value.shape != buffer.shape:
@@ -126,14 +133,14 @@ class WorldPath(nn.Module):
                     f"{tuple(buffer.shape)} (future_frames x world latent dim): recompute it for this config."
                 )
             buffer.copy_(value.to(buffer.device))
-        self._stats_ready = bool(torch.isfinite(self.target_std).all())
+        self._stats_ready = all(bool(torch.isfinite(getattr(self, n)).all()) for n in self._stat_names)
 
     def _stats(self, name_mean: str, name_std: str) -> tuple[Tensor | None, Tensor | None]:
         """(mean, std) buffers when standardising, else (None, None); fails while they are unbound."""
         if not self.standardised:
             return None, None
         if not self._stats_ready:  # checked once (one sync), then remembered
-            self._stats_ready = bool(torch.isfinite(self.target_std).all() & torch.isfinite(self.latent_std).all())
+            self._stats_ready = all(bool(torch.isfinite(getattr(self, n)).all()) for n in self._stat_names)
             if not self._stats_ready:
                 raise RuntimeError(
                     "standardise_targets=True but the policy has no target statistics: they are computed from "
@@ -143,13 +150,27 @@ class WorldPath(nn.Module):
                 )
         return getattr(self, name_mean), getattr(self, name_std)
 
+    def prophet_tokens(self, history: Tensor) -> Tensor:
+        """What the Prophet reads [B, T, D] from the raw latent history [B, T, D] (oldest first).
+
+        Without standardisation the history itself; with it, each latent standardised per dimension;
+        with prophet_input="motion", the one-frame changes z_i - z_{i-1} of the window (standardised
+        with their own statistics, oldest first) followed by the standardised current latent z_t, so
+        the motion the Prophet must extrapolate is on the same scale as the scene instead of being a
+        small difference between large, nearly equal tokens.
+        """
+        mean, std = self._stats("latent_mean", "latent_std")
+        if not self.motion_input:
+            return standardise(history, mean, std)
+        steps = standardise(history[:, 1:] - history[:, :-1], self.step_mean, self.step_std)
+        return torch.cat([steps, standardise(history[:, -1:], mean, std)], dim=1)
+
     def predict(self, history: Tensor, context: Tensor | None = None) -> Tensor:
         """The K predicted future frames [B, K, D] in target space (see the module docstring) from the
         raw latent history [B, T, D]."""
         if self.prophet is None:
             raise RuntimeError("This policy was built without a Prophet (use_prophet=False).")
-        mean, std = self._stats("latent_mean", "latent_std")
-        return self.prophet(standardise(history, mean, std), context).prediction()
+        return self.prophet(self.prophet_tokens(history), context).prediction()
 
     def to_target_space(self, future: Tensor, current: Tensor) -> Tensor:
         """Future latents [B, K, D] -> the target space (delta to z_t [B, D], standardised)."""
