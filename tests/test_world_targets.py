@@ -152,6 +152,8 @@ def test_motion_input_reads_standardised_frame_changes_then_the_current_latent()
     torch.testing.assert_close(policy.world.prophet_tokens(padded)[:, :-1], ((0 - stats["step_mean"]) / stats["step_std"]).expand(B, T - 1, D))
     with pytest.raises(ValueError, match="standardise_targets=true"):
         make_config(prophet_input="motion")
+    with pytest.raises(ValueError, match="history_frames"):
+        make_config(prophet_input="motion", standardise_targets=True, history_frames=1)
     with pytest.raises(ValueError, match="prophet_input"):
         make_config(prophet_input="flow", standardise_targets=True)
 

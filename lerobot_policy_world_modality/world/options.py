@@ -125,6 +125,11 @@ class WorldMemoryOptions:
                 "prophet_input='motion' reads frame changes standardised with the latent cache's statistics: "
                 "set --policy.standardise_targets=true as well."
             )
+        if self.prophet_input == "motion" and self.history_frames < 2:
+            raise ValueError(
+                f"prophet_input='motion' reads the changes between history frames: set --policy.history_frames "
+                f">= 2 (got {self.history_frames})."
+            )
         if self.world_loss_type not in WORLD_LOSS_TYPES:
             raise ValueError(f"world_loss_type '{self.world_loss_type}' is not one of {WORLD_LOSS_TYPES}.")
         if self.fusion_memory_norm not in MEMORY_NORMS:

@@ -133,14 +133,18 @@ class WorldPath(nn.Module):
                     f"{tuple(buffer.shape)} (future_frames x world latent dim): recompute it for this config."
                 )
             buffer.copy_(value.to(buffer.device))
-        self._stats_ready = all(bool(torch.isfinite(getattr(self, n)).all()) for n in self._stat_names)
+        self._stats_ready = self._stats_finite()
+
+    def _stats_finite(self) -> bool:
+        """Whether every standardisation buffer holds finite values (NaN = never bound)."""
+        return all(bool(torch.isfinite(getattr(self, n)).all()) for n in self._stat_names)
 
     def _stats(self, name_mean: str, name_std: str) -> tuple[Tensor | None, Tensor | None]:
         """(mean, std) buffers when standardising, else (None, None); fails while they are unbound."""
         if not self.standardised:
             return None, None
         if not self._stats_ready:  # checked once (one sync), then remembered
-            self._stats_ready = all(bool(torch.isfinite(getattr(self, n)).all()) for n in self._stat_names)
+            self._stats_ready = self._stats_finite()
             if not self._stats_ready:
                 raise RuntimeError(
                     "standardise_targets=True but the policy has no target statistics: they are computed from "
