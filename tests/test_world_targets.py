@@ -96,7 +96,7 @@ def test_future_stride_windows_are_clamped_to_each_episode_and_masked_past_its_e
 
 
 # ------------------------------------------------------------------------------ statistics
-def test_target_statistics_match_a_hand_computation_over_valid_pairs():
+def test_target_statistics_match_a_hand_computation_over_valid_pairs(monkeypatch):
     torch.manual_seed(0)
     latents = torch.randn(14, 3) * torch.tensor([1.0, 5.0, 0.0]) + torch.tensor([0.0, 2.0, 7.0])
     bounds = EpisodeBounds([0, 5, 6], [5, 6, 14])
@@ -113,6 +113,13 @@ def test_target_statistics_match_a_hand_computation_over_valid_pairs():
     steps = torch.stack([latents[t] - latents[t - 1] for a, b in episodes for t in range(a + 1, b)]).double()
     torch.testing.assert_close(stats["step_mean"], steps.mean(0).float())
     torch.testing.assert_close(stats["step_std"][:2], steps.std(0, unbiased=False).float()[:2])
+    # Summed in chunks (here of 3 rows) to the same numbers.
+    from lerobot_policy_world_modality.latents import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "STATS_CHUNK_ROWS", 3)
+    chunked = target_statistics(latents, bounds, K=2, stride=3, delta=True)
+    for name, value in stats.items():
+        torch.testing.assert_close(chunked[name], value, rtol=1e-6, atol=1e-7)
     absolute = target_statistics(latents, bounds, K=2, stride=3, delta=False)
     pairs = [(t, t + 3) for a, b in episodes for t in range(a, b) if t + 3 < b]
     torch.testing.assert_close(absolute["target_mean"][0], latents[[u for _, u in pairs]].mean(0))

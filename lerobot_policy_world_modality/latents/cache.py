@@ -426,6 +426,30 @@ class LatentCache:
         }
 
 
+# Rows per chunk when summing statistics: a whole cache in float64 would double its memory.
+STATS_CHUNK_ROWS = 65_536
+
+
+def _mean_std(
+    latents: torch.Tensor, rows: torch.Tensor, minus: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and population std (float64) of latents[rows] (- latents[minus]), summed in
+    chunks; (0, 1) when there are no rows."""
+    dim = latents.shape[1]
+    total = torch.zeros(dim, dtype=torch.float64)
+    squares = torch.zeros(dim, dtype=torch.float64)
+    for i in range(0, rows.numel(), STATS_CHUNK_ROWS):
+        chunk = latents[rows[i : i + STATS_CHUNK_ROWS]].double()
+        if minus is not None:
+            chunk = chunk - latents[minus[i : i + STATS_CHUNK_ROWS]].double()
+        total += chunk.sum(0)
+        squares += chunk.pow(2).sum(0)
+    if rows.numel() == 0:
+        return torch.zeros(dim, dtype=torch.float64), torch.ones(dim, dtype=torch.float64)
+    mean = total / rows.numel()
+    return mean, (squares / rows.numel() - mean.pow(2)).clamp(min=0).sqrt()
+
+
 def target_statistics(latents: torch.Tensor, bounds: EpisodeBounds, K: int, stride: int, delta: bool) -> dict:
     """Per-dimension statistics of the world targets over every frame of a cache, for standardisation.
 
@@ -433,27 +457,18 @@ def target_statistics(latents: torch.Tensor, bounds: EpisodeBounds, K: int, stri
     reads), step_mean / step_std [D] of one-frame changes z_t - z_{t-1} inside episodes, and
     target_mean / target_std [K, D] of the target at each horizon k = 1..K (z_{t+ks}, or
     z_{t+ks} - z_t with `delta`) over the frames t whose t+ks lies inside t's episode (the pairs the
-    world loss trains on). Sums run in float64. A dimension that never varies gets a small floor
-    (1e-3 of the median std of the others) instead of std 0, so standardising never divides by zero.
+    world loss trains on). Sums run in float64, in chunks. A dimension that never varies gets a small
+    floor (1e-3 of the median std of the others) instead of std 0, so standardising never divides by zero.
     """
     frames = torch.arange(bounds.num_frames)
-    latents = latents.double()
-
-    def mean_std(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if rows.shape[0] == 0:
-            return torch.zeros(latents.shape[1], dtype=torch.float64), torch.ones(latents.shape[1], dtype=torch.float64)
-        return rows.mean(0), rows.std(0, unbiased=False)
-
-    latent_mean, latent_std = mean_std(latents)
+    latent_mean, latent_std = _mean_std(latents, frames)
     # One-frame changes inside episodes (what prophet_input="motion" reads).
-    inside = frames[bounds.start[frames] < frames] if bounds.num_frames else frames
-    step_mean, step_std = mean_std(latents[inside] - latents[inside - 1])
+    inside = frames[bounds.start[frames] < frames]
+    step_mean, step_std = _mean_std(latents, inside, inside - 1)
     fut, valid = bounds.future_indices(frames, K, stride)
     target_mean, target_std = [], []
     for k in range(K):
-        t = frames[valid[:, k]]
-        rows = latents[fut[valid[:, k], k]]
-        m, s = mean_std(rows - latents[t] if delta else rows)
+        m, s = _mean_std(latents, fut[valid[:, k], k], frames[valid[:, k]] if delta else None)
         target_mean.append(m)
         target_std.append(s)
 
