@@ -522,3 +522,28 @@ def test_lerobot_train_with_dynamics_targets_saves_a_checkpoint_that_needs_no_ca
     action = policy.select_action({OBS_WORLD_LATENT: torch.randn(1, policy.config.world_latent_dim),
                                    "observation.state": torch.randn(1, S)})  # fmt: skip
     assert action.shape == (1, A) and torch.isfinite(action).all()
+
+
+def test_smolvla_world_binds_the_statistics_of_its_training_dataset(tiny_vlm, tmp_path):  # noqa: F811
+    from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
+    from support.vlm import TINY_SMOLVLA
+
+    from lerobot_policy_world_modality.latents.processor import world_target_stats
+    from lerobot_policy_world_modality.smolvla_world.configuration_smolvla_world import SmolVLAWorldConfig
+    from lerobot_policy_world_modality.smolvla_world.modeling_smolvla_world import SmolVLAWorldPolicy
+
+    repo, root = "local/targets_vla", tmp_path / "ds"
+    make_synthetic_dataset(root, repo_id=repo, episode_lengths=(6, 5), image_hw=(16, 16), use_videos=False)
+    _precompute(repo, root)
+    cfg = SmolVLAWorldConfig(
+        vlm_model_name=str(tiny_vlm), device="cpu", **TINY_SMOLVLA, prophet_width=32, prophet_depth=1,
+        prophet_heads=2, fusion_heads=2, history_frames=T, future_frames=K, push_to_hub=False,
+        world_target="delta", standardise_targets=True, prophet_input="motion", future_stride=2,
+        input_features={"observation.image": PolicyFeature(FeatureType.VISUAL, (3, 16, 16)),
+                        "observation.state": PolicyFeature(FeatureType.STATE, (S,))},
+        output_features={"action": PolicyFeature(FeatureType.ACTION, (A,))},
+    )  # fmt: skip
+    policy = SmolVLAWorldPolicy(cfg, dataset_meta=LeRobotDatasetMetadata(repo, root=root))
+    expected = world_target_stats(cfg)
+    for name in ("latent_mean", "latent_std", "target_mean", "target_std", "step_mean", "step_std"):
+        torch.testing.assert_close(getattr(policy.world, name), expected[name], rtol=0, atol=0)
