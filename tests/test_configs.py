@@ -234,17 +234,17 @@ GROUPS = {
     "Trunk": ["width", "depth", "heads", "ffn_dim", "dropout"],
     "World latents (shared by all world policy types)": [
         "encoder", "encoder_pooling", "encoder_window", "encoder_dtype", "encoder_device", "world_cameras",
-        "history_frames", "future_frames", "latent_cache_root", "world_latent_dim", "dataset_repo_id",
+        "history_frames", "future_frames", "future_stride", "latent_cache_root", "world_latent_dim", "dataset_repo_id",
         "dataset_root",
     ],
     "Language input (optional; see language.py)": ["language_encoder", "language_encoder_revision", "language_max_length"],
     "Prophet and world loss": [
         "use_prophet", "prophet_reads_trunk", "prophet_width", "prophet_depth", "prophet_heads",
-        "delta_prediction", "lambda_world",
+        "world_target", "delta_prediction", "standardise_targets", "prophet_input", "world_loss_type", "lambda_world",
     ],
     "Memory and gated cross-attention": [
         "inject_memory", "memory_mode_train", "memory_mode_rollout", "detach_memory", "fusion_heads", "fusion_dim", "gate_init",
-        "gate_per_channel",
+        "gate_per_channel", "fusion_memory_norm", "gate_lr_mult",
     ],
     "Scheduled sampling (memory_mode_train=scheduled)": [
         "scheduled_prob_start", "scheduled_prob_end", "scheduled_warmup_steps", "scheduled_decay_steps",

@@ -167,3 +167,27 @@ def test_training_view_keeps_indices_and_drops_cameras(dataset_root, tmp_path):
     mtime = (view / "meta" / "info.json").stat().st_mtime_ns
     write_training_view(REPO, dataset_root, tmp_path / "view")
     assert (view / "meta" / "info.json").stat().st_mtime_ns == mtime
+
+
+def test_future_stride_windows_through_the_step_and_its_saved_config(dataset_root, tmp_path):
+    """With future_stride=s the step adds z_{t+s}, ..., z_{t+Ks}, clamped and masked at the episode's end,
+    and a pipeline saved with it rebuilds the same step."""
+    from lerobot_policy_world_modality.latents.precompute import main as precompute
+
+    precompute([f"--dataset.repo_id={REPO}", f"--dataset.root={dataset_root}", "--encoder=pixels",
+                "--camera=observation.image", "--no_progress"])  # fmt: skip
+    ds = LeRobotDataset(REPO, root=dataset_root, video_backend="pyav")
+    encoder = load_encoder("pixels")
+    z = torch.cat([encoder.encode(ds[i]["observation.image"][None]) for i in range(len(ds))])
+    step = _step(dataset_root, T=2, K=3, future_stride=2)
+    indices = [0, 2, 5, 6, 9]
+    out = transition_to_batch(step(batch_to_transition(_batch(ds, indices))))
+    ep_last = {0: 4, 2: 4, 5: 5, 6: 13, 9: 13}
+    for row, t in enumerate(indices):
+        fut = [min(t + 2 * k, ep_last[t]) for k in range(1, 4)]
+        torch.testing.assert_close(out[OBS_WORLD_FUTURE][row], z[fut], atol=1e-5, rtol=0)
+        assert out[OBS_WORLD_FUTURE_VALID][row].tolist() == [t + 2 * k <= ep_last[t] for k in range(1, 4)]
+    pipe = PolicyProcessorPipeline(steps=[step], name="policy_preprocessor")
+    pipe.save_pretrained(tmp_path / "saved")
+    loaded = PolicyProcessorPipeline.from_pretrained(tmp_path / "saved", config_filename="policy_preprocessor.json")
+    assert loaded.steps[0].future_stride == 2

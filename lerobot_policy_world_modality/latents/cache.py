@@ -313,10 +313,15 @@ class EpisodeBounds:
         offsets = torch.arange(-T + 1, 1, dtype=torch.long)
         return torch.maximum(index[:, None] + offsets[None, :], self.start[index][:, None])
 
-    def future_indices(self, index: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """([B, K] indices t+1..t+K clamped to the episode's last frame, [B, K] bool valid = not clamped)."""
+    def future_indices(
+        self, index: torch.Tensor, K: int, stride: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, K] indices t+s, t+2s, ..., t+Ks (s = `stride`) clamped to the episode's last frame,
+        [B, K] bool valid = not clamped)."""
+        if stride < 1:
+            raise ValueError(f"The future stride must be >= 1, got {stride}.")
         index = self._check(index)
-        raw = index[:, None] + torch.arange(1, K + 1, dtype=torch.long)[None, :]
+        raw = index[:, None] + stride * torch.arange(1, K + 1, dtype=torch.long)[None, :]
         last = self.end[index][:, None]
         return torch.minimum(raw, last), raw <= last
 
@@ -339,11 +344,19 @@ class LatentCache:
         self.latents = latents
         self.bounds = bounds
         self.meta = meta
+        self._target_stats: dict[tuple, dict] = {}
 
     @property
     def dim(self) -> int:
         """Latent dimension."""
         return int(self.latents.shape[1])
+
+    def target_stats(self, K: int, stride: int, delta: bool) -> dict[str, torch.Tensor]:
+        """`target_statistics` of this cache (computed once per (K, stride, delta))."""
+        key = (K, stride, delta)
+        if key not in self._target_stats:
+            self._target_stats[key] = target_statistics(self.latents, self.bounds, K, stride, delta)
+        return self._target_stats[key]
 
     @classmethod
     def open(
@@ -438,18 +451,78 @@ class LatentCache:
                 )
         return cls(cache_dir, latents, EpisodeBounds.from_identity(dataset), meta)
 
-    def lookup(self, index: torch.Tensor, T: int, K: int) -> dict[str, torch.Tensor]:
+    def lookup(self, index: torch.Tensor, T: int, K: int, stride: int = 1) -> dict[str, torch.Tensor]:
         """Latents of frames `index` [B]: latent [B,D], history [B,T,D], future [B,K,D], future_valid [B,K].
 
-        History is repeat-padded at the episode start, future clamped to the episode end (with
-        future_valid False there); results live on the cache's device (CPU).
+        History is repeat-padded at the episode start, future (every `stride`-th frame) clamped to the
+        episode end (with future_valid False there); results live on the cache's device (CPU).
         """
         index = torch.as_tensor(index, dtype=torch.long).flatten().cpu()
         hist = self.bounds.history_indices(index, T)
-        fut, valid = self.bounds.future_indices(index, K)
+        fut, valid = self.bounds.future_indices(index, K, stride)
         return {
             "latent": self.latents[index],
             "history": self.latents[hist],
             "future": self.latents[fut],
             "future_valid": valid,
         }
+
+
+# Rows per chunk when summing statistics: a whole cache in float64 would double its memory.
+STATS_CHUNK_ROWS = 65_536
+
+
+def _mean_std(
+    latents: torch.Tensor, rows: torch.Tensor, minus: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and population std (float64) of latents[rows] (- latents[minus]), summed in
+    chunks; (0, 1) when there are no rows."""
+    dim = latents.shape[1]
+    total = torch.zeros(dim, dtype=torch.float64)
+    squares = torch.zeros(dim, dtype=torch.float64)
+    for i in range(0, rows.numel(), STATS_CHUNK_ROWS):
+        chunk = latents[rows[i : i + STATS_CHUNK_ROWS]].double()
+        if minus is not None:
+            chunk = chunk - latents[minus[i : i + STATS_CHUNK_ROWS]].double()
+        total += chunk.sum(0)
+        squares += chunk.pow(2).sum(0)
+    if rows.numel() == 0:
+        return torch.zeros(dim, dtype=torch.float64), torch.ones(dim, dtype=torch.float64)
+    mean = total / rows.numel()
+    return mean, (squares / rows.numel() - mean.pow(2)).clamp(min=0).sqrt()
+
+
+def target_statistics(latents: torch.Tensor, bounds: EpisodeBounds, K: int, stride: int, delta: bool) -> dict:
+    """Per-dimension statistics of the world targets over every frame of a cache, for standardisation.
+
+    Returns float32 tensors: latent_mean / latent_std [D] of the latents themselves (what the Prophet
+    reads), step_mean / step_std [D] of one-frame changes z_t - z_{t-1} inside episodes, and
+    target_mean / target_std [K, D] of the target at each horizon k = 1..K (z_{t+ks}, or
+    z_{t+ks} - z_t with `delta`) over the frames t whose t+ks lies inside t's episode (the pairs the
+    world loss trains on). Sums run in float64, in chunks. A dimension that never varies gets a small
+    floor (1e-3 of the median std of the others) instead of std 0, so standardising never divides by zero.
+    """
+    frames = torch.arange(bounds.num_frames)
+    latent_mean, latent_std = _mean_std(latents, frames)
+    # One-frame changes inside episodes (what prophet_input="motion" reads).
+    inside = frames[bounds.start[frames] < frames]
+    step_mean, step_std = _mean_std(latents, inside, inside - 1)
+    fut, valid = bounds.future_indices(frames, K, stride)
+    target_mean, target_std = [], []
+    for k in range(K):
+        m, s = _mean_std(latents, fut[valid[:, k], k], frames[valid[:, k]] if delta else None)
+        target_mean.append(m)
+        target_std.append(s)
+
+    def floored(std: torch.Tensor) -> torch.Tensor:
+        floor = max(float(std.median()) * 1e-3, 1e-8)
+        return std.clamp(min=floor).float()
+
+    return {
+        "latent_mean": latent_mean.float(),
+        "latent_std": floored(latent_std),
+        "target_mean": torch.stack(target_mean).float(),
+        "target_std": torch.stack([floored(s) for s in target_std]),
+        "step_mean": step_mean.float(),
+        "step_std": floored(step_std),
+    }

@@ -28,6 +28,8 @@ class WorldLatentOptions:
     history_frames: int = 4
     # K: future latents the Prophet predicts.
     future_frames: int = 4
+    # s: frames between predicted futures, z_{t+s}, ..., z_{t+Ks} (e.g. n_action_steps // K spans the executed actions).
+    future_stride: int = 1
     # Root folder of latent caches; None = $LEROBOT_WM_CACHE or ~/.cache/lerobot_policy_world_modality/latents.
     latent_cache_root: str | None = None
     # Encoder weight dtype ("bf16", "fp16"); None = float32. Part of the cache identity.
@@ -40,6 +42,14 @@ class WorldLatentOptions:
     dataset_root: str | None = None
     # Dimension of the world latent (all world cameras concatenated); filled at construction from the encoder.
     world_latent_dim: int | None = None
+
+    def validate_future_stride(self) -> None:
+        """Raise ValueError for a future stride below 1."""
+        if self.future_stride < 1:
+            raise ValueError(
+                f"future_stride must be >= 1 (got {self.future_stride}): the K predicted frames are "
+                "z_{t+s}, ..., z_{t+Ks}; use 1 for consecutive frames."
+            )
 
     def resolved_world_cameras(self) -> list[str]:
         """The configured world cameras, or the first visual input feature when none is configured."""

@@ -84,6 +84,26 @@ def resolve_world_latent_dim(config: WorldLatentOptions) -> int:
     return world_encoder_identity(config).dim * len(config.resolved_world_cameras())
 
 
+def world_target_stats(config: Any) -> dict[str, torch.Tensor]:
+    """Standardisation statistics of the config's world targets, from its training dataset's latent caches.
+
+    Per-dimension statistics are separable, so those of several world cameras are computed per cache
+    and concatenated in camera order, like the latents. The target space follows the config
+    (future_frames, future_stride, world_target); see `cache.target_statistics`.
+    """
+    delta = bool(config.delta_prediction or getattr(config, "world_target", "absolute") == "delta")
+    parts = [c.target_stats(config.future_frames, config.future_stride, delta) for c in open_world_caches(config)]
+    return {name: torch.cat([p[name] for p in parts], dim=-1) for name in parts[0]}
+
+
+def bind_world_target_stats(config: Any, dataset_meta: Any = None) -> dict[str, torch.Tensor] | None:
+    """The statistics a policy with `standardise_targets` builds its world path with: computed from the
+    training dataset's caches when `lerobot-train` gives `dataset_meta`; None otherwise (not
+    standardised, or a policy rebuilt from a checkpoint, whose buffers carry them)."""
+    wanted = getattr(config, "standardise_targets", False) and getattr(config, "use_prophet", False)
+    return world_target_stats(config) if wanted and dataset_meta is not None else None
+
+
 def bind_training_dataset(config: WorldLatentOptions, dataset_meta: Any) -> None:
     """Record the training dataset in `config` and fail fast when its latent cache is missing or stale.
 
@@ -161,6 +181,8 @@ class WorldLatentStep(ProcessorStep):
     history_frames: int = 1
     # K: length of the future window added in training.
     future_frames: int = 0
+    # s: frames between the future latents (z_{t+s}, ..., z_{t+Ks}); 1 in checkpoints saved before it existed.
+    future_stride: int = 1
     # Training dataset whose cache is read (set by lerobot-train through the policy config).
     dataset_repo_id: str | None = None
     # Local root of that dataset.
@@ -197,7 +219,7 @@ class WorldLatentStep(ProcessorStep):
                 for cam in self.cameras
             ]
         index = index.reshape(-1).long().cpu()
-        parts = [c.lookup(index, self.history_frames, self.future_frames) for c in self._caches]
+        parts = [c.lookup(index, self.history_frames, self.future_frames, self.future_stride) for c in self._caches]
         out = {
             OBS_WORLD_LATENT: torch.cat([p["latent"] for p in parts], dim=-1),
             OBS_WORLD_HISTORY: torch.cat([p["history"] for p in parts], dim=-1),
@@ -292,6 +314,7 @@ class WorldLatentStep(ProcessorStep):
             "dtype": self.dtype,
             "history_frames": self.history_frames,
             "future_frames": self.future_frames,
+            "future_stride": self.future_stride,
             "dataset_repo_id": self.dataset_repo_id,
             "dataset_root": self.dataset_root,
             "cache_root": self.cache_root,
@@ -322,6 +345,7 @@ def make_world_latent_step(config: WorldLatentOptions) -> WorldLatentStep:
         dtype=config.encoder_dtype,
         history_frames=config.history_frames,
         future_frames=config.future_frames,
+        future_stride=config.future_stride,
         dataset_repo_id=config.dataset_repo_id,
         dataset_root=config.dataset_root,
         cache_root=config.latent_cache_root,

@@ -25,8 +25,8 @@ from torch import Tensor
 from ..checkpoints import StrictCheckpointLoading
 from ..constants import OBS_WORLD_HISTORY
 from ..sources import checkpoint_file
-from ..trunk_policy import ensure_eval
-from ..world.fusion import GatedCrossAttention
+from ..trunk_policy import ensure_eval, gate_param_group
+from ..world.fusion import GatedCrossAttention, fusion_gates
 from ..world.history import LatentHistory, latent_from_batch
 from ..world.path import WorldPath, build_fusion
 from .configuration_smolvla_world import ARCHITECTURE_FIELDS, INIT_FROM_EXPECTED, SmolVLAWorldConfig
@@ -74,7 +74,7 @@ class SmolVLAWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
             refuse_training_view(dataset_meta)
         config.validate_features()
         self.config = config
-        from ..latents.processor import bind_policy_world_latents
+        from ..latents.processor import bind_policy_world_latents, bind_world_target_stats
 
         bind_policy_world_latents(config, dataset_meta)
         self.smolvla = SmolVLAPolicy(config.smolvla_config())
@@ -82,7 +82,10 @@ class SmolVLAWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
         expert_width = model.vlm_with_expert.expert_hidden_size
         vlm_width = model.vlm_with_expert.config.text_config.hidden_size
         d = config.world_latent_dim
-        self.world = WorldPath(config, d, expert_width, dropout=config.world_dropout)
+        self.world = WorldPath(
+            config, d, expert_width, dropout=config.world_dropout,
+            target_stats=bind_world_target_stats(config, dataset_meta),
+        )  # fmt: skip
         drop = config.world_dropout
         self.expert_input_fusion = (
             build_fusion(config, expert_width, d, drop) if config.inject_expert_input else None
@@ -167,8 +170,14 @@ class SmolVLAWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
 
     # ------------------------------------------------------------------ LeRobot interface
     def get_optim_params(self):
-        """All parameters, as SmolVLA (frozen ones carry no gradient)."""
-        return self.parameters()
+        """All parameters, as SmolVLA (frozen ones carry no gradient); with `gate_lr_mult` != 1 the
+        gates of every fusion point in a group of their own (lr x gate_lr_mult, no weight decay)."""
+        if self.config.gate_lr_mult == 1.0:
+            return self.parameters()
+        gates = fusion_gates(self)
+        gate_ids = {id(p) for p in gates}
+        rest = [p for p in self.parameters() if id(p) not in gate_ids]
+        return [{"params": rest}, gate_param_group(gates, self.config.optimizer_lr, self.config.gate_lr_mult)]
 
     def reset(self):
         """Start a new episode: clear the latent history, the action queues and the encoders' frame buffers."""
@@ -223,7 +232,7 @@ class SmolVLAWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
             prediction = self.world.predict(history)
             if self.injects:
                 memory = self.world.select(
-                    prediction, cfg.memory_mode_train, targets, self.world.oracle_prob()
+                    prediction, cfg.memory_mode_train, targets, self.world.oracle_prob(), valid
                 )
         stats: dict = {}
         with self._reading(memory, stats):

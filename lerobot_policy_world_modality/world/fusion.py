@@ -6,6 +6,12 @@ Pure torch. Two traps from earlier world-modality code are designed out here:
 - non-finite memory never reaches the output: `0 * NaN = NaN`, so a closed gate is no protection.
   Non-finite memory rows are masked out of the attention, and a sample with no finite row gets an
   exact zero context, so its output equals the closed-gate output (the input) whatever the gate.
+
+The memory is normalised before the keys and values (`memory_norm`): "layer" (the original) is a
+LayerNorm per memory row, which keeps each row's pattern but drops its scale, so slots that differ
+mostly by how much changed look alike; "rms" divides the whole memory of a sample by one RMS (over its
+finite rows and all dimensions), keeping the relative size of rows and dimensions; "none" leaves it as
+is (for memories already on a known scale, e.g. standardised targets).
 """
 
 from __future__ import annotations
@@ -16,6 +22,33 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
+
+# Normalisations of the memory before the keys and values (see the module docstring).
+MEMORY_NORMS = ("layer", "rms", "none")
+
+
+class MemoryRMSNorm(nn.Module):
+    """memory / RMS(memory) * weight, the RMS taken over a sample's finite rows and all dimensions.
+
+    One scale per sample keeps what a per-row LayerNorm loses: how large one slot (or one dimension)
+    is next to the others. The learned per-dimension weight starts at 1.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, memory: Tensor, valid: Tensor) -> Tensor:
+        """memory [B, M, D] (zeros in invalid rows); valid [B, M] bool."""
+        count = valid.sum(dim=-1).clamp(min=1).to(memory.dtype) * memory.shape[-1]
+        ms = memory.pow(2).sum(dim=(1, 2)) / count
+        return memory * torch.rsqrt(ms + self.eps)[:, None, None] * self.weight
+
+
+def fusion_gates(module: nn.Module) -> list[nn.Parameter]:
+    """The gate parameters of every `GatedCrossAttention` inside `module` (for their own optimiser group)."""
+    return [m.gate for m in module.modules() if isinstance(m, GatedCrossAttention)]
 
 
 class FusionOutput(NamedTuple):
@@ -41,6 +74,7 @@ class GatedCrossAttention(nn.Module):
     tell horizons apart) straight to keys and values, and the result back to W. A narrow `attn_dim`
     keeps the world path cheap next to the stream it writes into. `gate` is a scalar, or one value
     per channel with `per_channel=True`, initialised to `gate_init` (0 = the block starts as the identity).
+    `memory_norm`: "layer", "rms" or "none" (see the module docstring).
     """
 
     def __init__(
@@ -53,8 +87,11 @@ class GatedCrossAttention(nn.Module):
         num_slots: int | None = None,
         dropout: float = 0.0,
         attn_dim: int | None = None,
+        memory_norm: str = "layer",
     ):
         super().__init__()
+        if memory_norm not in MEMORY_NORMS:
+            raise ValueError(f"Unknown memory norm '{memory_norm}'; use one of {MEMORY_NORMS}.")
         attn_dim = attn_dim or width
         if attn_dim % heads != 0:
             raise ValueError(
@@ -64,7 +101,13 @@ class GatedCrossAttention(nn.Module):
         self.width = width
         self.attn_dim = attn_dim
         self.dropout = dropout
-        self.memory_norm = nn.LayerNorm(memory_dim)
+        self.memory_norm_kind = memory_norm
+        # "layer" keeps the attribute name of the original LayerNorm, so older checkpoints load.
+        self.memory_norm: nn.Module | None = None
+        if memory_norm == "layer":
+            self.memory_norm = nn.LayerNorm(memory_dim)
+        elif memory_norm == "rms":
+            self.memory_norm = MemoryRMSNorm(memory_dim)
         self.slot_embed = nn.Parameter(torch.randn(num_slots, memory_dim) * 0.02) if num_slots else None
         self.query_norm = nn.LayerNorm(width)
         self.q = nn.Linear(width, attn_dim)
@@ -90,7 +133,12 @@ class GatedCrossAttention(nn.Module):
         # A row with any NaN/Inf is unusable; replace it by zeros (finite) and mask it out of attention.
         valid = torch.isfinite(memory).all(dim=-1)  # [B, M]
         memory = torch.where(valid.unsqueeze(-1), memory, torch.zeros_like(memory))
-        mem = self.memory_norm(memory)
+        if self.memory_norm_kind == "layer":
+            mem = self.memory_norm(memory)
+        elif self.memory_norm_kind == "rms":
+            mem = self.memory_norm(memory, valid)
+        else:
+            mem = memory
         if self.slot_embed is not None:
             mem = mem + self.slot_embed[:m]
         hd = self.attn_dim // self.heads

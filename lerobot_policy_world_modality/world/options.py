@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .memory import MEMORY_MODES, ROLLOUT_MEMORY_MODES, SCHEDULE_SHAPES
+from .fusion import MEMORY_NORMS
+from .memory import MEMORY_MODES, ROLLOUT_MEMORY_MODES, SCHEDULE_SHAPES, WORLD_LOSS_TYPES, WORLD_TARGETS
 
 
 @dataclass
@@ -26,9 +27,17 @@ class WorldMemoryOptions:
     prophet_depth: int = 2
     # Prophet: attention heads.
     prophet_heads: int = 4
-    # Predict deltas z_{t+k} - z_t instead of absolute latents (loss and memory in delta space).
+    # Old name of world_target="delta" (kept so older configs and checkpoints load; kept in sync with it).
     delta_prediction: bool = False
-    # Weight of the world loss (1 - cosine, masked at episode ends) added to the action loss.
+    # Target space: "absolute" future latents, or "delta" z_{t+ks} - z_t (loss and memory in that space).
+    world_target: str = "absolute"
+    # Standardise targets per dimension (and horizon) with statistics of the latent cache, saved in the checkpoint.
+    standardise_targets: bool = False
+    # Prophet input with standardise_targets: "latents" (the T latents) or "motion" (T-1 frame changes + z_t).
+    prophet_input: str = "latents"
+    # World loss: "cosine" (1 - cos, scale-free), "mse" or "smooth_l1" (see the size of the change).
+    world_loss_type: str = "cosine"
+    # Weight of the world loss (masked at episode ends) added to the action loss.
     lambda_world: float = 1.0
     # Memory read by the action path in training: pred, oracle, zero, random, shuffle, scheduled.
     memory_mode_train: str = "pred"
@@ -44,6 +53,10 @@ class WorldMemoryOptions:
     gate_init: float = 0.0
     # Cross-attention: one gate per channel instead of one scalar gate.
     gate_per_channel: bool = False
+    # Cross-attention memory norm: "layer" (per row, drops each row's scale), "rms" (one scale per sample), "none".
+    fusion_memory_norm: str = "layer"
+    # Learning rate of the cross-attention gates = optimizer_lr x this (own parameter group, no weight decay).
+    gate_lr_mult: float = 1.0
 
     # Scheduled sampling: oracle probability at the start.
     scheduled_prob_start: float = 1.0
@@ -62,6 +75,8 @@ class WorldMemoryOptions:
         Reads history_frames / future_frames of the `WorldLatentOptions` the concrete config also has.
         baseline_hint: how this policy type trains without a world path, quoted in the error.
         """
+        self.resolve_world_target()
+        self.validate_future_stride()
         if self.prophet_width % self.prophet_heads:
             raise ValueError(
                 f"prophet_width ({self.prophet_width}) must be divisible by prophet_heads ({self.prophet_heads})."
@@ -103,3 +118,33 @@ class WorldMemoryOptions:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}.")
         if self.scheduled_decay_steps < 0 or self.scheduled_warmup_steps < 0:
             raise ValueError("scheduled_decay_steps and scheduled_warmup_steps must be >= 0.")
+        if self.prophet_input not in ("latents", "motion"):
+            raise ValueError(f"prophet_input '{self.prophet_input}' is not one of ('latents', 'motion').")
+        if self.prophet_input == "motion" and not self.standardise_targets:
+            raise ValueError(
+                "prophet_input='motion' reads frame changes standardised with the latent cache's statistics: "
+                "set --policy.standardise_targets=true as well."
+            )
+        if self.prophet_input == "motion" and self.history_frames < 2:
+            raise ValueError(
+                f"prophet_input='motion' reads the changes between history frames: set --policy.history_frames "
+                f">= 2 (got {self.history_frames})."
+            )
+        if self.world_loss_type not in WORLD_LOSS_TYPES:
+            raise ValueError(f"world_loss_type '{self.world_loss_type}' is not one of {WORLD_LOSS_TYPES}.")
+        if self.fusion_memory_norm not in MEMORY_NORMS:
+            raise ValueError(f"fusion_memory_norm '{self.fusion_memory_norm}' is not one of {MEMORY_NORMS}.")
+        if not self.gate_lr_mult > 0:
+            raise ValueError(f"gate_lr_mult must be > 0, got {self.gate_lr_mult}.")
+
+    def resolve_world_target(self) -> None:
+        """Fold the old `delta_prediction` flag into `world_target` and keep the two in sync.
+
+        `delta_prediction=True` (an older config or checkpoint) means world_target="delta"; a config
+        that sets world_target="delta" saves delta_prediction=True too, so older readers agree.
+        """
+        if self.world_target not in WORLD_TARGETS:
+            raise ValueError(f"world_target '{self.world_target}' is not one of {WORLD_TARGETS}.")
+        if self.delta_prediction:
+            self.world_target = "delta"
+        self.delta_prediction = self.world_target == "delta"

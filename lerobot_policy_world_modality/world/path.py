@@ -3,8 +3,16 @@
 Every policy type owns one `WorldPath` and calls it at two points: `predict` (history -> K predicted
 future latents) and `inject` (a stream of hidden states reads the selected memory through the gate).
 `loss_terms` gives the world loss and the scalars all policy types log under the same names:
-`world_loss`, `world_cos_h{k}`, `gate` (mean tanh(gate)), `gate_abs_max` (per-channel gates),
+`world_loss`, `world_cos_h{k}`, `world_copy_cos_h{k}`, `world_motion_cos_h{k}` (see
+`memory.horizon_diagnostics`), `gate` (mean tanh(gate)), `gate_abs_max` (per-channel gates),
 `memory_norm`, `attn_entropy`, `oracle_prob` (scheduled sampling).
+
+Target space. The Prophet predicts, the world loss compares and the memory holds the same tensor:
+future latents z_{t+s}, ..., z_{t+Ks} (s = `future_stride`), or with world_target="delta" their change
+z_{t+ks} - z_t, and with `standardise_targets` that tensor standardised per dimension and horizon
+with statistics of the training dataset's latent cache (`target_mean`, `target_std`; the Prophet then
+reads its history standardised with `latent_mean`, `latent_std`). The statistics are buffers: a
+checkpoint carries them, and rollout and reloading need no cache.
 """
 
 from __future__ import annotations
@@ -14,7 +22,16 @@ from torch import Tensor, nn
 
 from ..constants import OBS_WORLD_FUTURE, OBS_WORLD_FUTURE_VALID, OBS_WORLD_HISTORY
 from .fusion import GatedCrossAttention
-from .memory import per_horizon_cosine, scheduled_oracle_prob, select_memory, world_loss, world_targets
+from .memory import (
+    horizon_diagnostics,
+    per_horizon_cosine,
+    scheduled_oracle_prob,
+    select_memory,
+    standardise,
+    unstandardise,
+    world_loss,
+    world_targets,
+)
 from .options import WorldMemoryOptions
 from .prophet import Prophet
 
@@ -30,14 +47,23 @@ def build_fusion(
     return GatedCrossAttention(
         width, latent_dim, options.fusion_heads, options.gate_init, options.gate_per_channel,
         num_slots=options.future_frames, dropout=dropout, attn_dim=options.fusion_dim,
+        memory_norm=getattr(options, "fusion_memory_norm", "layer"),
     )  # fmt: skip
+
+
+# Names of the standardisation statistics (buffers of `WorldPath` with `standardise_targets`).
+TARGET_STAT_NAMES = ("latent_mean", "latent_std", "target_mean", "target_std")
+# With prophet_input="motion", also the statistics of one-frame differences z_t - z_{t-1}.
+STEP_STAT_NAMES = ("step_mean", "step_std")
 
 
 class WorldPath(nn.Module):
     """Prophet (when `use_prophet`) + gated cross-attention into `hidden_width` (when `inject_memory`).
 
     latent_dim: world latent dimension D; hidden_width: width of the states the memory is injected
-    into; context_dim: width of optional context tokens the Prophet also reads (e.g. trunk states).
+    into; context_dim: width of optional context tokens the Prophet also reads (e.g. trunk states);
+    target_stats: with `standardise_targets`, the statistics from the latent cache
+    (`latents.processor.world_target_stats`; None when a checkpoint's weights will fill them).
     Keeps the count of training forward passes (`train_step`, saved with the weights) that drives
     scheduled sampling, so a resumed run continues its schedule.
     """
@@ -49,10 +75,30 @@ class WorldPath(nn.Module):
         hidden_width: int,
         context_dim: int | None = None,
         dropout: float = 0.0,
+        target_stats: dict[str, Tensor] | None = None,
     ):
         super().__init__()
         self.options = options
         o = options
+        self.delta = bool(o.delta_prediction or getattr(o, "world_target", "absolute") == "delta")
+        self.standardised = bool(getattr(o, "standardise_targets", False)) and o.use_prophet
+        self.motion_input = self.standardised and getattr(o, "prophet_input", "latents") == "motion"
+        self.loss_type = getattr(o, "world_loss_type", "cosine")
+        # (targets, z_t, valid) of the last `training_inputs` call: lets `select` and `loss_terms` find
+        # the validity mask and z_t of those targets when a caller passes only the targets.
+        self._last_inputs: tuple | None = None
+        self._stats_ready = False
+        if self.standardised:
+            # NaN until bound: using unbound statistics fails loudly instead of training on garbage.
+            shapes = {"latent_mean": (latent_dim,), "latent_std": (latent_dim,),
+                      "target_mean": (o.future_frames, latent_dim), "target_std": (o.future_frames, latent_dim)}  # fmt: skip
+            if self.motion_input:
+                shapes |= {"step_mean": (latent_dim,), "step_std": (latent_dim,)}
+            self._stat_names = tuple(shapes)
+            for name, shape in shapes.items():
+                self.register_buffer(name, torch.full(shape, float("nan")))
+            if target_stats is not None:
+                self.set_target_stats(target_stats)
         self.prophet = (
             Prophet(
                 latent_dim,
@@ -63,8 +109,9 @@ class WorldPath(nn.Module):
                 o.prophet_heads,
                 None,
                 dropout,
-                o.delta_prediction,
+                self.delta,
                 context_dim=context_dim,
+                rescale_output=not self.standardised,
             )  # fmt: skip
             if o.use_prophet
             else None
@@ -72,16 +119,81 @@ class WorldPath(nn.Module):
         self.fusion = build_fusion(o, hidden_width, latent_dim, dropout) if o.inject_memory else None
         self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
 
+    def set_target_stats(self, stats: dict[str, Tensor]) -> None:
+        """Bind the standardisation statistics (`TARGET_STAT_NAMES`, and `STEP_STAT_NAMES` with
+        prophet_input="motion"; from the training latent cache)."""
+        if not self.standardised:
+            raise RuntimeError("set_target_stats needs a world path built with standardise_targets=True.")
+        for name in self._stat_names:
+            value = torch.as_tensor(stats[name], dtype=torch.float32)
+            buffer = getattr(self, name)
+            if value.shape != buffer.shape:
+                raise ValueError(
+                    f"World target statistic '{name}' has shape {tuple(value.shape)}, the policy needs "
+                    f"{tuple(buffer.shape)} (future_frames x world latent dim): recompute it for this config."
+                )
+            buffer.copy_(value.to(buffer.device))
+        self._stats_ready = self._stats_finite()
+
+    def _stats_finite(self) -> bool:
+        """Whether every standardisation buffer holds finite values (NaN = never bound)."""
+        return all(bool(torch.isfinite(getattr(self, n)).all()) for n in self._stat_names)
+
+    def _stats(self, name_mean: str, name_std: str) -> tuple[Tensor | None, Tensor | None]:
+        """(mean, std) buffers when standardising, else (None, None); fails while they are unbound."""
+        if not self.standardised:
+            return None, None
+        if not self._stats_ready:  # checked once (one sync), then remembered
+            self._stats_ready = self._stats_finite()
+            if not self._stats_ready:
+                raise RuntimeError(
+                    "standardise_targets=True but the policy has no target statistics: they are computed from "
+                    "the latent cache when lerobot-train builds the policy (dataset_meta given) and saved in its "
+                    "checkpoint. Train through lerobot-train, load a checkpoint trained with them, or call "
+                    "policy.world.set_target_stats(latents.processor.world_target_stats(config))."
+                )
+        return getattr(self, name_mean), getattr(self, name_std)
+
+    def prophet_tokens(self, history: Tensor) -> Tensor:
+        """What the Prophet reads [B, T, D] from the raw latent history [B, T, D] (oldest first).
+
+        Without standardisation the history itself; with it, each latent standardised per dimension;
+        with prophet_input="motion", the one-frame changes z_i - z_{i-1} of the window (standardised
+        with their own statistics, oldest first) followed by the standardised current latent z_t, so
+        the motion the Prophet must extrapolate is on the same scale as the scene instead of being a
+        small difference between large, nearly equal tokens.
+        """
+        mean, std = self._stats("latent_mean", "latent_std")
+        if not self.motion_input:
+            return standardise(history, mean, std)
+        steps = standardise(history[:, 1:] - history[:, :-1], self.step_mean, self.step_std)
+        return torch.cat([steps, standardise(history[:, -1:], mean, std)], dim=1)
+
     def predict(self, history: Tensor, context: Tensor | None = None) -> Tensor:
-        """K predicted future latents (or deltas, with delta_prediction) [B, K, D] from history [B, T, D]."""
+        """The K predicted future frames [B, K, D] in target space (see the module docstring) from the
+        raw latent history [B, T, D]."""
         if self.prophet is None:
             raise RuntimeError("This policy was built without a Prophet (use_prophet=False).")
-        return self.prophet(history, context).prediction()
+        return self.prophet(self.prophet_tokens(history), context).prediction()
+
+    def to_target_space(self, future: Tensor, current: Tensor) -> Tensor:
+        """Future latents [B, K, D] -> the target space (delta to z_t [B, D], standardised)."""
+        mean, std = self._stats("target_mean", "target_std")
+        return standardise(world_targets(future, current, self.delta), mean, std)
+
+    def to_absolute(self, value: Tensor, current: Tensor) -> Tensor:
+        """Target-space values [B, K, D] -> absolute future latents, given z_t [B, D] (inverse of
+        `to_target_space`)."""
+        mean, std = self._stats("target_mean", "target_std")
+        value = unstandardise(value.float(), mean, std)
+        return value + current.float().unsqueeze(1) if self.delta else value
 
     def training_inputs(self, batch: dict) -> tuple[Tensor, Tensor, Tensor | None]:
         """(history [B, T, D], world-loss targets [B, K, D] float32, valid [B, K]) of a training batch.
 
-        Targets are in the space the Prophet predicts (future latents, or their deltas to z_t).
+        History is the raw latents (`predict` standardises it); targets are in target space. The
+        targets' z_t and validity are remembered, so `select` (oracle rows past the episode end) and
+        `loss_terms` (copy baseline) find them when given these targets.
         """
         for key in (OBS_WORLD_HISTORY, OBS_WORLD_FUTURE):
             if key not in batch:
@@ -91,10 +203,16 @@ class WorldPath(nn.Module):
                     "policy's preprocessor (and run lerobot-wm-precompute for the dataset first)."
                 )
         history = batch[OBS_WORLD_HISTORY]
-        targets = world_targets(
-            batch[OBS_WORLD_FUTURE], history[:, -1], self.options.delta_prediction
-        ).float()
-        return history, targets, batch.get(OBS_WORLD_FUTURE_VALID)
+        current = history[:, -1]
+        targets = self.to_target_space(batch[OBS_WORLD_FUTURE].float(), current.float()).float()
+        valid = batch.get(OBS_WORLD_FUTURE_VALID)
+        self._last_inputs = (targets, current, valid)
+        return history, targets, valid
+
+    def _remembered(self, targets: Tensor | None, index: int) -> Tensor | None:
+        """z_t (index 1) or valid (index 2) of `targets` when they come from the last `training_inputs`."""
+        last = self._last_inputs
+        return last[index] if last is not None and targets is not None and targets is last[0] else None
 
     def oracle_prob(self) -> float:
         """Oracle probability of the scheduled memory mode at the current training step (0 otherwise)."""
@@ -112,14 +230,24 @@ class WorldPath(nn.Module):
             self.train_step += 1
 
     def select(
-        self, prediction: Tensor, mode: str, oracle: Tensor | None = None, oracle_prob: float = 0.0
+        self,
+        prediction: Tensor,
+        mode: str,
+        oracle: Tensor | None = None,
+        oracle_prob: float = 0.0,
+        valid: Tensor | None = None,
     ) -> Tensor:
         """The memory [B, K, D] the action path reads under `mode` (detached with `detach_memory`).
 
         Chosen once per policy call, so every fusion point (and every denoising step) reads the same.
+        Oracle rows past the episode end (valid False; by default the validity of the targets from
+        `training_inputs`) are replaced by the prediction: the clamped rows would tell the action
+        path where the episode ends, which it cannot know at rollout.
         """
         memory = prediction.detach() if self.options.detach_memory else prediction
-        return select_memory(mode, memory, oracle, oracle_prob)
+        if valid is None:
+            valid = self._remembered(oracle, 2)
+        return select_memory(mode, memory, oracle, oracle_prob, valid=valid)
 
     def inject(self, hidden: Tensor, memory: Tensor, stats: bool = False) -> tuple[Tensor, dict]:
         """hidden [B, N, W] after reading `memory` (from `select`) through the gated cross-attention.
@@ -140,16 +268,39 @@ class WorldPath(nn.Module):
         return fused.hidden, info
 
     def loss_terms(
-        self, prediction: Tensor | None, targets: Tensor | None, valid: Tensor | None
+        self,
+        prediction: Tensor | None,
+        targets: Tensor | None,
+        valid: Tensor | None,
+        current: Tensor | None = None,
     ) -> tuple[Tensor | None, dict]:
-        """(world loss or None, logged scalars): world loss and cosine per horizon, gate opening, oracle p."""
+        """(world loss or None, logged scalars): world loss, per-horizon cosines, gate opening, oracle p.
+
+        prediction and targets are in target space. current: z_t [B, D] (by default the one of the
+        targets from `training_inputs`); with it the cosines are computed in absolute-latent space
+        next to the copy baseline and the motion cosine (`horizon_diagnostics`); without it only
+        `world_cos_h{k}` in target space.
+        """
         info: dict = {}
         loss = None
         if self.prophet is not None and prediction is not None:
-            loss = world_loss(prediction, targets, valid)
+            loss = world_loss(prediction, targets, valid, self.loss_type)
             info["world_loss"] = loss.item()
-            for k, c in enumerate(per_horizon_cosine(prediction, targets, valid).tolist(), start=1):
-                info[f"world_cos_h{k}"] = c
+            if current is None:
+                current = self._remembered(targets, 1)
+            if current is None:
+                for k, c in enumerate(per_horizon_cosine(prediction, targets, valid).tolist(), start=1):
+                    info[f"world_cos_h{k}"] = c
+            else:
+                with torch.no_grad():
+                    info.update(
+                        horizon_diagnostics(
+                            self.to_absolute(prediction.detach(), current),
+                            self.to_absolute(targets, current),
+                            current,
+                            valid,
+                        )
+                    )
         if self.fusion is not None:
             gate = self.fusion.gate_value().detach()
             info["gate"] = gate.mean().item()

@@ -86,6 +86,8 @@ class Prophet(nn.Module):
 
     With `delta=True` the slots predict z_{t+k} - z_t (z_t = history[:, -1]), which keeps the output
     small and removes the need to reproduce the current frame; absolute predictions are z_t + delta.
+    With `rescale_output=False` the output is not multiplied back by the history's RMS: for targets
+    on a fixed scale (standardised per dimension), whatever the scale of the history.
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class Prophet(nn.Module):
         dropout: float = 0.0,
         delta: bool = False,
         context_dim: int | None = None,
+        rescale_output: bool = True,
     ):
         super().__init__()
         if history_len < 1 or num_future < 1:
@@ -110,6 +113,7 @@ class Prophet(nn.Module):
         self.history_len = history_len
         self.num_future = num_future
         self.delta = delta
+        self.rescale_output = rescale_output
         self.in_proj = nn.Linear(latent_dim, width)
         self.history_pos = nn.Parameter(torch.randn(history_len, width) * 0.02)
         self.queries = nn.Parameter(torch.randn(num_future, width) * 0.02)
@@ -144,7 +148,9 @@ class Prophet(nn.Module):
         # Only the K slot states leave the Prophet: the last block computes just those rows.
         for i, block in enumerate(self.blocks):
             x = block(x, last=self.num_future if i == len(self.blocks) - 1 else None)
-        out = self.out_proj(self.out_norm(x)) * scale
+        out = self.out_proj(self.out_norm(x))
+        if self.rescale_output:
+            out = out * scale
         current = history[:, -1:]
         if self.delta:
             return ProphetOutput(absolute=current + out, delta=out, supervised="delta")

@@ -56,7 +56,7 @@ class WorldFPolicy(TrunkWorldPolicy):
         )  # fmt: skip
         self.world = WorldPath(
             config, d, config.width, context_dim=config.width if config.prophet_reads_trunk else None,
-            dropout=config.dropout,
+            dropout=config.dropout, target_stats=self.world_target_stats,
         )  # fmt: skip
         self.action_head = nn.Linear(config.width, self.action_dim)
         self._history = LatentHistory(config.history_frames)

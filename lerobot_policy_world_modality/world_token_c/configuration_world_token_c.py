@@ -78,6 +78,7 @@ class WorldTokenCConfig(TrunkPolicyOptions, WorldLatentOptions, LanguageOptions,
         if preset is not None:
             self.world_token_input = preset
         self.validate_trunk()
+        self.validate_future_stride()
         if self.future_frames < 1 or self.history_frames < 1:
             raise ValueError(
                 f"world_token_c predicts the tokens of the next K frames: set --policy.future_frames >= 1 "

@@ -234,10 +234,14 @@ class WorldTokenCPolicy(TrunkWorldPolicy):
     @torch.no_grad()
     def _token_stats(self, logits: Tensor, future: Tensor, valid: Tensor, current: Tensor) -> dict:
         """Future-token accuracy per horizon (all G factors right; NaN when no frame is valid at that
-        horizon) and codebook usage / perplexity of the current tokens seen in training so far."""
+        horizon), the copy baseline `world_copy_acc_h{k}` (how often the token of frame t+ks is the
+        current token, i.e. what "predict no change" scores) and codebook usage / perplexity of the
+        current tokens seen in training so far."""
         hit = (logits.argmax(-1) == future).all(-1) & valid  # [B, K]
-        per_h = hit.sum(0).float() / valid.sum(0).float()  # 0/0 = NaN where no frame is valid
-        info = {f"world_acc_h{i}": a for i, a in enumerate(per_h.tolist(), start=1)}
+        copy = (current.unsqueeze(1) == future).all(-1) & valid  # [B, K]
+        count = valid.sum(0).float()  # 0/0 = NaN where no frame is valid
+        info = {f"world_acc_h{i}": a for i, a in enumerate((hit.sum(0) / count).tolist(), start=1)}
+        info.update({f"world_copy_acc_h{i}": a for i, a in enumerate((copy.sum(0) / count).tolist(), start=1)})
         info["world_acc"] = (hit.sum() / valid.sum().clamp(min=1)).item()
         if self.training:
             for g in range(self.codebook.factors):
