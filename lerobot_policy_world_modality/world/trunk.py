@@ -2,8 +2,9 @@
 
 `ActionTrunk` turns the world latent, the robot state and (optionally) an instruction embedding into
 observation tokens, appends H learned action queries, and runs a pre-norm transformer over them;
-`world_f` reads the query states directly, `world_token_c` inserts its world tokens between the
-observations and the queries.
+`world_f` reads the query states directly (or, on its in-trunk foresight path, runs foresight tokens
+between the observations and the queries, see `world/foresight.py`), `world_token_c` inserts its world
+tokens between the observations and the queries.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from .foresight import MotionEmbedding
 from .prophet import TransformerBlock
 
 STATE_KEY = "observation.state"  # LeRobot's OBS_STATE, kept literal so this package stays LeRobot-free
@@ -24,6 +26,8 @@ class ActionTrunk(nn.Module):
     projected to `width`), when given the robot state (projected) and, with `language_dim`, the
     instruction embedding (LayerNorm'd and projected, like the latent). Each token type has a learned
     embedding. Callers may insert extra tokens (e.g. world tokens) between observations and queries.
+    With `history_frames` (>= 2), the trunk also reads the motion of the last T world latents, added
+    to the current-latent token (`MotionEmbedding`: no extra sequence length).
     """
 
     def __init__(
@@ -37,6 +41,7 @@ class ActionTrunk(nn.Module):
         ffn_dim: int | None = None,
         dropout: float = 0.0,
         language_dim: int | None = None,
+        history_frames: int | None = None,
     ):
         super().__init__()
         self.latent_norm = nn.LayerNorm(latent_dim)
@@ -54,16 +59,28 @@ class ActionTrunk(nn.Module):
             self.language_proj = nn.Linear(language_dim, width)
         else:
             self.language_norm = self.language_proj = None
+        # Last for the same reason: trunks without a history input keep their initial weights.
+        self.motion = MotionEmbedding(latent_dim, history_frames, width) if history_frames else None
 
     def observation_tokens(
-        self, latent: Tensor, state: Tensor | None, language: Tensor | None = None
+        self,
+        latent: Tensor,
+        state: Tensor | None,
+        language: Tensor | None = None,
+        history: Tensor | None = None,
     ) -> Tensor:
-        """[B, num_obs_tokens, W] from the world latent [B, D], the state [B, S] and the instruction [B, L].
+        """[B, num_obs_tokens, W] from the world latent [B, D], the state [B, S], the instruction [B, L]
+        and the latent history [B, T, D].
 
-        State and instruction are read only when the trunk was built with them.
+        State, instruction and history are read only when the trunk was built with them.
         """
         dtype = self.latent_proj.weight.dtype
-        tokens = [self.latent_proj(self.latent_norm(latent.to(dtype)))]
+        latent_token = self.latent_proj(self.latent_norm(latent.to(dtype)))
+        if self.motion is not None:
+            if history is None:
+                raise ValueError("The trunk was built with a history input but got no latent history.")
+            latent_token = latent_token + self.motion(history)
+        tokens = [latent_token]
         if self.state_proj is not None:
             if state is None:
                 raise KeyError(
