@@ -242,6 +242,7 @@ GROUPS = {
         "use_prophet", "prophet_reads_trunk", "prophet_width", "prophet_depth", "prophet_heads",
         "delta_prediction", "lambda_world",
     ],
+    "World path (cross_attn or in_trunk) and history input": ["world_path", "foresight_tokens", "trunk_reads_history"],
     "Memory and gated cross-attention": [
         "inject_memory", "memory_mode_train", "memory_mode_rollout", "detach_memory", "fusion_heads", "fusion_dim", "gate_init",
         "gate_per_channel",
