@@ -157,9 +157,10 @@ def test_world_path_config_errors_name_the_fix():
         WorldFConfig(world_path="in_trunk", memory_mode_train="oracle")
     with pytest.raises(ValueError, match="must be a multiple of foresight_tokens"):
         WorldFConfig(world_path="in_trunk", future_frames=4, foresight_tokens=3)
+    with pytest.raises(ValueError, match="needs depth >= 2"):
+        WorldFConfig(world_path="in_trunk", depth=1)
     with pytest.raises(ValueError, match="needs history_frames >= 2"):
         WorldFConfig(variant="A_hist", history_frames=1)
     # The cross-attention path keeps its oracle mode; A ignores world_path.
     assert WorldFConfig(memory_mode_train="oracle").memory_mode_train == "oracle"
     assert not WorldFConfig(variant="A", world_path="in_trunk").in_trunk
-    assert K % 1 == 0

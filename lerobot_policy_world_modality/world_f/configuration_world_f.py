@@ -111,6 +111,12 @@ class WorldFConfig(
                     f"{IN_TRUNK_MEMORY_MODES}): its foresight states are trunk hidden states, so there is no true "
                     "future to put in their place. Train the oracle upper bound with --policy.world_path=cross_attn."
                 )
+        if self.depth < 2:
+            raise ValueError(
+                f"world_path=in_trunk needs depth >= 2 (got {self.depth}): at block l the action queries read the "
+                "foresight tokens' states after l blocks, so in a one-block trunk they read only the constant "
+                "foresight embeddings. Set --policy.depth=2 or more."
+            )
         if self.foresight_tokens < 1 or self.future_frames % self.foresight_tokens:
             raise ValueError(
                 f"future_frames ({self.future_frames}) must be a multiple of foresight_tokens "
