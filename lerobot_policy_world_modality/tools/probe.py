@@ -201,11 +201,6 @@ def summarise(r: dict) -> list[str]:
                 f"{100 * ablated[worst]:+.2f}% (threshold {100 * r['threshold']:.1f}%). {advice}"
             )
     if "oracle" in change:
-        if r.get("oracle_off_distribution", True):
-            lines.append(
-                "The oracle row is OFF-DISTRIBUTION: this model was trained on its own predictions and never saw "
-                "the true future as memory, so its oracle loss mixes 'a better Prophet' with 'an input it never met'."
-            )
         gain = -change["oracle"]
         if gain >= r["threshold"]:
             lines.append(
@@ -216,6 +211,11 @@ def summarise(r: dict) -> list[str]:
             lines.append(
                 f"The true future as memory changes the action loss by {100 * -gain:+.2f}%: the prediction already "
                 "carries what the action path uses (or the action path does not use the memory)."
+            )
+        if r.get("oracle_off_distribution", True):
+            lines.append(
+                "The oracle row is OFF-DISTRIBUTION: this model was trained on its own predictions and never saw "
+                "the true future as memory, so its oracle loss mixes 'a better Prophet' with 'an input it never met'."
             )
     if r["attn_entropy"] is not None:
         lines.append(
