@@ -160,7 +160,7 @@ def test_in_trunk_train_and_eval_metaworld(dataset_root, tmp_path):
     assert cfg["world_path"] == "in_trunk" and cfg["foresight_tokens"] == 1
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
-    assert "world.prophet.tokens" in keys and "trunk.motion.proj.weight" in keys
+    assert "world.prophet.tokens" in keys and "trunk.motion.lag_weight" in keys
     assert not any(k.startswith("world.fusion.") for k in keys)
 
     eval_dir = tmp_path / "eval"

@@ -145,7 +145,7 @@ def test_a_hist_reads_the_history_and_a_does_not():
         assert same is not reads, variant
     policy = make_policy(variant="A_hist")
     loss, info = policy.forward(train_batch())
-    assert "world_loss" not in info and policy.trunk.motion.proj.weight.shape == (32, (T - 1) * D)
+    assert "world_loss" not in info and policy.trunk.motion.lag_weight.shape == (T, 32)
 
 
 def test_world_path_config_errors_name_the_fix():

@@ -2,7 +2,7 @@
 
 Pure torch. The trunk runs one sequence in three stages,
 
-    [observation tokens (current latent + motion of the history, state, instruction)]
+    [observation tokens (latent history through the trunk's temporal filter, state, instruction)]
     [F foresight tokens]  -> head -> K predicted future latents (the world loss is applied here)
     [H action queries]    -> action head
 
@@ -38,41 +38,9 @@ IN_TRUNK_MEMORY_MODES = ("pred", "zero", "random", "shuffle")
 def window_scale(history: Tensor) -> Tensor:
     """Per-sample root-mean-square of a latent window [B, T, D] -> [B, 1, 1] (detached, >= 1e-6).
 
-    The same normalisation as the Prophet's: it makes the motion features and the foresight head
-    scale-equivariant while keeping frame-to-frame differences linear in the latents.
+    The same normalisation as the Prophet's: it makes the foresight head scale-equivariant.
     """
     return history.detach().pow(2).mean(dim=(1, 2), keepdim=True).clamp_min(1e-12).sqrt()
-
-
-class MotionEmbedding(nn.Module):
-    """The T-frame latent history as one embedding added to the trunk's current-latent token.
-
-    Input: the differences z_{t-i} - z_t (i = 1..T-1) divided by the window's RMS, flattened and
-    projected to the trunk width. Added to an existing token rather than given tokens of its own, so
-    reading the history costs the trunk no extra sequence length (the in-trunk path's cost target).
-    """
-
-    def __init__(self, latent_dim: int, history_len: int, width: int):
-        super().__init__()
-        if history_len < 2:
-            raise ValueError(
-                f"Reading motion from the history needs history_frames >= 2, got {history_len}: set "
-                "--policy.history_frames=2 or more."
-            )
-        self.history_len = history_len
-        self.latent_dim = latent_dim
-        self.proj = nn.Linear((history_len - 1) * latent_dim, width)
-
-    def forward(self, history: Tensor) -> Tensor:
-        """history [B, T, D] (oldest first, last = current frame) -> [B, width]."""
-        if history.ndim != 3 or history.shape[1:] != (self.history_len, self.latent_dim):
-            raise ValueError(
-                f"The trunk expects a latent history [B, {self.history_len}, {self.latent_dim}], got "
-                f"{tuple(history.shape)}: history_frames and the world latent must match the checkpoint's."
-            )
-        history = history.to(self.proj.weight.dtype)
-        deltas = (history[:, :-1] - history[:, -1:]) / window_scale(history)
-        return self.proj(deltas.flatten(1))
 
 
 class ForesightPredictor(nn.Module):

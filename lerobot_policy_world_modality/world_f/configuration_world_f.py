@@ -58,7 +58,7 @@ class WorldFConfig(
     training-mode `forward`) and saved with its weights, so a resumed run continues the schedule.
     """
 
-    # Baseline preset "A", "B_cont" or "F"; when set it overrides use_prophet and inject_memory.
+    # Baseline preset "A", "A_hist", "B_cont" or "F"; when set it overrides use_prophet and inject_memory.
     variant: str | None = None
 
     # The Prophet also reads the trunk's observation-token states (world loss shapes the trunk).

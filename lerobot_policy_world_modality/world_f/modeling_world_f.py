@@ -15,7 +15,7 @@ A_hist is A whose trunk also reads the motion of the latent history.
 The in-trunk path (`world_path=in_trunk`, see `world/foresight.py`) replaces the Prophet and the
 cross-attention by foresight tokens inside the trunk:
 
-    [z_t + motion(history), state, instruction*] [foresight tokens] [H action queries]  (one-way mask)
+    [filter(z_{t-T+1..t}), state, instruction*] [foresight tokens] [H action queries]  (one-way mask)
                                                         │                  │
                                         head -> K predicted latents    action head -> chunk [B, H, A]
 """
@@ -224,6 +224,8 @@ class WorldFPolicy(TrunkWorldPolicy):
         b = obs.shape[0]
         queries = self.trunk.queries(b)
         reads = self.config.inject_memory
+        # At rollout nothing reads the predicted latents (the queries read the foresight states in the
+        # trunk), so the head runs only when the world loss / logged scalars need it.
         out: dict = {"stats": {}}
         if not (reads or stats):
             out["actions"] = self.action_head(self._trunk_without_foresight(obs)[:, obs.shape[1] :])
@@ -234,6 +236,7 @@ class WorldFPolicy(TrunkWorldPolicy):
             detach=self.config.detach_memory and reads,
         )  # fmt: skip
         n_obs, n_fore = obs.shape[1], fore.shape[1]
-        out["prediction"] = self.foresight.predict(states[:, n_obs : n_obs + n_fore], history)
+        if stats:
+            out["prediction"] = self.foresight.predict(states[:, n_obs : n_obs + n_fore], history)
         out["actions"] = self.action_head(states[:, n_obs + n_fore :])
         return out
