@@ -46,9 +46,13 @@ def window_scale(history: Tensor) -> Tensor:
 class ForesightPredictor(nn.Module):
     """F learned foresight tokens and the head that turns their trunk states into K future latents.
 
-    Each foresight token predicts K / F consecutive horizons. The head follows the Prophet's output
-    convention: its output is scaled by the history window's RMS; with `delta` it is the predicted
-    z_{t+k} - z_t, otherwise z_t is added back (absolute latents, residual parameterisation).
+    Each foresight token predicts K / F consecutive horizons: its state, scaled per channel by a learned
+    gain of each horizon (initialised to the horizon index, as a constant velocity would be), goes
+    through one shared width -> D projection. A width -> (K / F) D head would be (K / F) times larger,
+    and on a CPU the optimiser step and gradient clipping cost in proportion to the parameter count.
+    The head follows the Prophet's output convention: its output is scaled by the history window's
+    RMS; with `delta` it is the predicted z_{t+k} - z_t, otherwise z_t is added back (absolute
+    latents, residual parameterisation).
     Sits in `WorldPath`'s predictor slot, so `WorldPath.loss_terms` supervises its prediction.
     """
 
@@ -64,7 +68,9 @@ class ForesightPredictor(nn.Module):
         self.num_tokens = num_tokens
         self.delta = delta
         self.tokens = nn.Parameter(torch.randn(num_tokens, width) * 0.02)
-        self.head = nn.Linear(width, latent_dim * num_future // num_tokens)
+        per_token = num_future // num_tokens
+        self.horizon_gain = nn.Parameter(torch.arange(1.0, per_token + 1).unsqueeze(1).repeat(1, width))
+        self.head = nn.Linear(width, latent_dim)
 
     def queries(self, batch_size: int) -> Tensor:
         """The foresight tokens, [B, F, W]."""
@@ -74,7 +80,8 @@ class ForesightPredictor(nn.Module):
         """Foresight token states [B, F, W] (trunk output) -> prediction [B, K, D] in the world-loss space."""
         b = states.shape[0]
         history = history.to(states.dtype)
-        out = self.head(states).reshape(b, self.num_future, self.latent_dim) * window_scale(history)
+        out = self.head(states.unsqueeze(2) * self.horizon_gain)  # [B, F, K / F, D]
+        out = out.reshape(b, self.num_future, self.latent_dim) * window_scale(history)
         return out if self.delta else history[:, -1:] + out
 
 
