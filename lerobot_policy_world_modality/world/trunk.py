@@ -51,7 +51,8 @@ class MotionEmbedding(nn.Module):
                 f"The trunk reads a latent history [B, {self.history_len}, D] but got "
                 f"{None if history is None else tuple(history.shape)}: history_frames must match the checkpoint's."
             )
-        history = history.to(self.proj.weight.dtype)
+        if history.dtype != self.proj.weight.dtype:  # encoders may hand fp16 latents to fp32 modules
+            history = history.to(self.proj.weight.dtype)
         norm = torch.linalg.vector_norm(history, dim=(1, 2)).clamp_min(1e-6).unsqueeze(-1)
         return (self.proj(history) * self.lag_weight).sum(dim=1) / norm
 
