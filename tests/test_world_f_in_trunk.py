@@ -164,3 +164,16 @@ def test_world_path_config_errors_name_the_fix():
     # The cross-attention path keeps its oracle mode; A ignores world_path.
     assert WorldFConfig(memory_mode_train="oracle").memory_mode_train == "oracle"
     assert not WorldFConfig(variant="A", world_path="in_trunk").in_trunk
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_detach_memory_stops_the_action_loss_at_the_foresight_states(detach):
+    """With detach_memory the action loss reaches the foresight tokens only through the world loss (off here)."""
+    policy = in_trunk(detach_memory=detach, lambda_world=0.0)
+    policy.train()
+    loss, _ = policy.forward(train_batch())
+    loss.backward()
+    grad = policy.foresight.tokens.grad
+    reached = grad is not None and grad.abs().sum() > 0
+    assert reached is not detach
+    assert policy.trunk.action_queries.grad.abs().sum() > 0  # the actions still train
