@@ -177,3 +177,20 @@ def test_detach_memory_stops_the_action_loss_at_the_foresight_states(detach):
     reached = grad is not None and bool(grad.abs().sum() > 0)
     assert reached is not detach
     assert policy.trunk.action_queries.grad.abs().sum() > 0  # the actions still train
+
+
+@pytest.mark.parametrize("kw", [{"variant": "A_hist"}, {"world_path": "in_trunk"}])
+def test_rollout_history_gives_the_training_window_actions(kw):
+    """A_hist and in_trunk keep their own latent history at rollout: a rollout step and a training-style
+    batch with the cache's episode-clamped window give the same chunk; A keeps none."""
+    latents = torch.randn(4, 2, D)
+    policy = make_policy(**kw).eval()
+    policy.reset()
+    for t in range(3):
+        obs = eval_batch(latents[t])
+        chunk = policy.predict_action_chunk(obs)
+        window = torch.stack([latents[max(i, 0)] for i in range(t - T + 1, t + 1)], dim=1)
+        assert torch.equal(chunk, policy.predict_action_chunk({**obs, OBS_WORLD_HISTORY: window}))
+    a = make_policy(variant="A").eval()
+    a.select_action(eval_batch(latents[0]))
+    assert a.world_history is None
