@@ -92,6 +92,11 @@ def test_probe_reads_held_out_episodes_and_intervenes_on_the_in_trunk_path(view,
     res, _ = _probe(ckpt, view, tmp_path, "--modes=pred,oracle")
     assert res.returncode != 0 and "in-trunk path has no oracle memory" in res.stderr
 
+    # The A_hist control trains through lerobot-train, and the probe refuses it, naming what to compare.
+    a_hist = _train(view, tmp_path / "a_hist", "--policy.variant=A_hist")
+    res, r = _probe(a_hist, view, tmp_path / "refused")
+    assert res.returncode != 0 and r is None and "A_hist is the control for F's history" in res.stderr
+
 
 def test_episode_selection():
     from lerobot_policy_world_modality.tools.probe import ProbeError, choose_episodes, parse_episodes
