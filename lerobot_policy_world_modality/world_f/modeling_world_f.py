@@ -15,7 +15,7 @@ A_hist is A whose trunk also reads the motion of the latent history.
 The in-trunk path (`world_path=in_trunk`, see `world/foresight.py`) replaces the Prophet and the
 cross-attention by foresight tokens inside the trunk:
 
-    [filter(z_{t-T+1..t}), state, instruction*] [foresight tokens] [H action queries]  (one-way mask)
+    [z_t + motion(z_{t-T+1..t}), state, instruction*] [foresight tokens] [H action queries]  (one-way mask)
                                                         │                  │
                                         head -> K predicted latents    action head -> chunk [B, H, A]
 """
