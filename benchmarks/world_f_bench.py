@@ -16,6 +16,9 @@ one process, with LeRobot's own training pieces (`make_dataset` on a `TrainPipel
    whole chunks. F and A alternate on every repetition (order swapped each time) so machine noise hits
    both alike; medians are reported with the ratio F / A (target <= 1.10 for both). Also counted, free
    of machine noise: matmul FLOPs and ATen ops of one training forward+backward and one inference call.
+   The same measurement, in its own alternating run against A, for F on the in-trunk foresight path
+   (`world_path=in_trunk`, target <= 1.10 on time) and for the A_hist control (`in_trunk_vs_a`,
+   `a_hist_vs_a` in the JSON).
 2. Data-pipeline efficiency of world_f: samples/s of the full lerobot-train loop body
    (`next(dataloader)` -> preprocessor -> `update_policy`) divided by samples/s of `update_policy`
    alone on a pre-batched, preprocessed batch of the same policy, measured right after (target
@@ -348,6 +351,8 @@ def parse_args():
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's default, as lerobot-train runs).")
     p.add_argument("--skip_act", action="store_true", help="Skip the ACT measurements (parts 3 and 4).")
+    p.add_argument("--only_f_vs_a", action="store_true",
+                   help="Run part 1 only (F cross_attn, F in_trunk and A_hist against A); skip parts 2-4.")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "world_f_bench.json"))
     return p.parse_args()
 
@@ -408,6 +413,28 @@ def main() -> None:
     tr_a = build_trainer(world_cfg(variant="A"), args.repo_id, view, bs, 0, accelerator)
     print(f"[{time.perf_counter() - t_begin:.0f}s] 1/4 F vs A ...", flush=True)
     fa = f_vs_a(tr_f, tr_a, args.reps, args.select_chunks)
+    # The in-trunk path and the A_hist control, each in its own alternating run against the same A.
+    tr_it = build_trainer(world_cfg(variant="F", world_path="in_trunk"), args.repo_id, view, bs, 0, accelerator)
+    print(f"[{time.perf_counter() - t_begin:.0f}s] 1b/4 F in_trunk vs A ...", flush=True)
+    fa_in_trunk = f_vs_a(tr_it, tr_a, args.reps, args.select_chunks)
+    del tr_it
+    tr_h = build_trainer(world_cfg(variant="A_hist"), args.repo_id, view, bs, 0, accelerator)
+    print(f"[{time.perf_counter() - t_begin:.0f}s] 1c/4 A_hist vs A ...", flush=True)
+    fa_hist = f_vs_a(tr_h, tr_a, args.reps, args.select_chunks)
+    del tr_h
+    if args.only_f_vs_a:
+        result = {
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "load_average_1_5_15_before": list(load_before), "load_average_1_5_15_after": list(os.getloadavg()),
+            "batch_size": bs, "f_vs_a": fa, "in_trunk_vs_a": fa_in_trunk, "a_hist_vs_a": fa_hist,
+            "targets": {"f_over_a_max": 1.10}, "wall_s": time.perf_counter() - t_begin,
+        }  # fmt: skip
+        print_f_vs_a(result)
+        write_result(args.out, result)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
 
     # 2. Data-pipeline efficiency of world_f (variant F, the default), view vs video, workers default vs 0.
     print(f"[{time.perf_counter() - t_begin:.0f}s] 2/4 data pipeline ...", flush=True)
@@ -488,6 +515,8 @@ def main() -> None:
                            ("width", "depth", "heads", "chunk_size", "n_action_steps", "history_frames",
                             "future_frames", "prophet_width", "prophet_depth", "world_latent_dim", "encoder")},
         "f_vs_a": fa,
+        "in_trunk_vs_a": fa_in_trunk,
+        "a_hist_vs_a": fa_hist,
         "data_pipeline": pipeline,
         "world_f_vs_act_training": act_result,
         "eval_latency": latency,
@@ -499,14 +528,21 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def print_table(r: dict) -> None:
-    """Human-readable summary of the result dict."""
+def print_f_vs_a(r: dict) -> None:
+    """Part 1 of the summary: each world_f arm against A (time medians, FLOPs, ATen ops)."""
     ms = 1000.0
     print(f"\nworld_f benchmark  {r['date']}  {r['machine']}  {r['cpu_count']} cores, {r['torch_threads']} torch "
           f"threads, load avg before {r['load_average_1_5_15_before'][0]:.2f} after "
-          f"{r['load_average_1_5_15_after'][0]:.2f}; batch {r['batch_size']}, {r['dataset']['frames']} frames")
-    fa = r["f_vs_a"]
-    print(f"\n1. F vs A (median over {fa['repetitions']} alternating reps)   {'F ms':>9s} {'A ms':>9s} {'F/A':>6s}  target")
+          f"{r['load_average_1_5_15_after'][0]:.2f}; batch {r['batch_size']}")
+    for key, arm in (("f_vs_a", "F cross_attn"), ("in_trunk_vs_a", "F in_trunk"), ("a_hist_vs_a", "A_hist")):
+        if key in r:
+            print_arm_vs_a(r[key], arm)
+
+
+def print_arm_vs_a(fa: dict, arm: str) -> None:
+    """One arm's rows of part 1 ("F" in the JSON keys is the arm measured against A)."""
+    ms = 1000.0
+    print(f"\n1. {arm} vs A (median over {fa['repetitions']} alternating reps)   {'F ms':>9s} {'A ms':>9s} {'F/A':>6s}  target")
     for key, label in (("train_step_s", "training step (fwd+bwd+optim)"),
                        ("train_step_cpu_s", "training step, CPU time"),
                        ("select_action_inference_call_s", "select_action, inference call"),
@@ -521,6 +557,13 @@ def print_table(r: dict) -> None:
         print(f"   {label:30s} work: matmul GFLOP F {f['flops'] / 1e9:.3f} A {a['flops'] / 1e9:.3f} "
               f"(F/A {wc[part + '_flops_ratio_F_over_A']:.2f}); ATen ops F {f['aten_ops']} A {a['aten_ops']} "
               f"(F/A {wc[part + '_aten_ops_ratio_F_over_A']:.2f})")
+
+
+def print_table(r: dict) -> None:
+    """Human-readable summary of the result dict."""
+    ms = 1000.0
+    print_f_vs_a(r)
+    print(f"   dataset: {r['dataset']['frames']} frames")
     print(f"\n2. world_f data-pipeline efficiency     {'pipe s/s':>9s} {'fwd+bwd s/s':>11s} {'eff':>6s}"
           f" {'data ms':>8s} {'upd ms':>7s}  target >= 0.5")
     for name, v in r["data_pipeline"].items():

@@ -57,6 +57,10 @@ def test_probe_tells_a_policy_that_reads_its_memory_from_one_that_ignores_it(vie
     assert r["gate"] == pytest.approx(0.76, abs=0.05)  # tanh(1.0) after 3 small steps
     assert "reads the world memory" in res.stdout and "--policy.memory_mode_rollout=zero" in res.stdout
     assert r["frames"] == 16 and set(r["world_cosine"]) == {"world_cos_h1", "world_cos_h2"}
+    # Trained on every episode: the probe says it reads training frames, and the oracle row is off-distribution.
+    assert r["held_out"] is False and r["episodes"] is None and "TRAINING FRAMES" in res.stdout
+    assert r["summary"][0].startswith("Not held out") and r["oracle_off_distribution"] is True
+    assert "OFF-DISTRIBUTION" in res.stdout and "(off-distribution)" in res.stdout
 
     # A closed gate (tanh(0) = 0, learning rate 0): no memory reaches the actions, so every mode gives
     # exactly the same action loss, and the probe says the memory is ignored.
@@ -68,18 +72,59 @@ def test_probe_tells_a_policy_that_reads_its_memory_from_one_that_ignores_it(vie
     assert "ignores the world memory" in res.stdout
 
 
+@pytest.mark.slow
+def test_probe_reads_held_out_episodes_and_intervenes_on_the_in_trunk_path(view, tmp_path, monkeypatch):
+    """in_trunk F trained on episodes 0 and 1: the probe reads episode 2 by default, without an oracle row."""
+    monkeypatch.setenv("LEROBOT_WM_CACHE", str(view[1]))
+    ckpt = _train(view, tmp_path / "in_trunk", "--policy.world_path=in_trunk", "--policy.depth=2",
+                  "--dataset.episodes=[0,1]")  # fmt: skip
+    res, r = _probe(ckpt, view, tmp_path, "--threshold=0.0001")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert r["held_out"] is True and r["episodes"] == [2] and r["frames"] == 14  # episode 2 has 14 frames
+    assert "held-out episodes 2..2" in res.stdout and r["world_path"] == "in_trunk"
+    assert set(r["action_loss"]) == {"pred", "zero", "shuffle", "random"} and r["gate"] is None
+    assert all(r["action_loss_change_vs_pred"][m] != 0.0 for m in ("zero", "shuffle", "random"))
+    assert r["reads_memory"] is True
+
+    res, r = _probe(ckpt, view, tmp_path, "--episodes=0:2", "--modes=pred,zero")
+    assert res.returncode == 0 and r["held_out"] is False and r["episodes"] == [0, 1]
+    assert "2 of them were trained on" in res.stdout
+    res, _ = _probe(ckpt, view, tmp_path, "--modes=pred,oracle")
+    assert res.returncode != 0 and "in-trunk path has no oracle memory" in res.stderr
+
+    # The A_hist control trains through lerobot-train, and the probe refuses it, naming what to compare.
+    a_hist = _train(view, tmp_path / "a_hist", "--policy.variant=A_hist")
+    res, r = _probe(a_hist, view, tmp_path / "refused")
+    assert res.returncode != 0 and r is None and "A_hist is the control for F's history" in res.stderr
+
+
+def test_episode_selection():
+    from lerobot_policy_world_modality.tools.probe import ProbeError, choose_episodes, parse_episodes
+
+    assert parse_episodes("40:43", 50) == [40, 41, 42] and parse_episodes("3,1,3", 5) == [1, 3]
+    assert parse_episodes("8:", 10) == [8, 9] and parse_episodes("all", 3) == [0, 1, 2]
+    for bad in ("4:9", "x", "2:2"):
+        with pytest.raises(ProbeError, match="--episodes="):
+            parse_episodes(bad, 5)
+    episodes, held_out, note = choose_episodes("/nonexistent", 5, None)  # no train_config.json: all, flagged
+    assert episodes is None and held_out is False and note.startswith("TRAINING FRAMES")
+
+
 def test_probe_refuses_policies_without_memory_and_bad_input(tmp_path):
     """Variant A / B_cont and world_token_c have no memory to probe; bad modes and paths fail clearly."""
     from lerobot_policy_world_modality.tools.probe import ProbeError, check_probe_target
     from lerobot_policy_world_modality.world_f.configuration_world_f import WorldFConfig
     from lerobot_policy_world_modality.world_token_c.configuration_world_token_c import WorldTokenCConfig
 
-    for variant in ("A", "B_cont"):
+    for variant in ("A", "A_hist", "B_cont"):
         with pytest.raises(ProbeError, match=r"trained without memory injection \(variant A or B_cont\)"):
             check_probe_target(WorldFConfig(variant=variant))
     with pytest.raises(ProbeError, match="'world_token_c' checkpoint has no injected world memory"):
         check_probe_target(WorldTokenCConfig(codebook_path=str(tmp_path / "book.safetensors")))
+    with pytest.raises(ProbeError, match="A_hist is the control for F's history"):
+        check_probe_target(WorldFConfig(variant="B_cont", world_path="in_trunk", depth=2))
     check_probe_target(WorldFConfig())  # F: accepted
+    check_probe_target(WorldFConfig(world_path="in_trunk"))
 
     from lerobot_policy_world_modality.tools.probe import main
 

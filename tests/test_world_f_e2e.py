@@ -140,3 +140,32 @@ def test_train_with_language_input(dataset_root, tmp_path):
         keys = list(f.keys())
     assert "trunk.language_proj.weight" in keys
     assert not any("word_embeddings" in k or "encoder.layer" in k for k in keys)
+
+
+@pytest.mark.slow
+def test_in_trunk_train_and_eval_metaworld(dataset_root, tmp_path):
+    """world_path=in_trunk through stock lerobot-train and lerobot-eval (MetaWorld, one capped episode)."""
+    from safetensors import safe_open
+    from support.cli import capped_eval_cmd
+
+    res = _run([BIN / "lerobot-wm-precompute", f"--dataset.repo_id={REPO}", f"--dataset.root={dataset_root}"])
+    assert res.returncode == 0, res.stderr
+    view = Path(next(ln for ln in res.stdout.splitlines() if "training view" in ln).split(": ", 1)[1].strip())
+    out = tmp_path / "train"
+    res = _run([*_train_cmd(view, out, steps=4), "--policy.world_path=in_trunk", "--policy.depth=2",
+                "--policy.delta_prediction=true"])  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    ckpt = out / "checkpoints" / "last" / "pretrained_model"
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["world_path"] == "in_trunk" and cfg["foresight_tokens"] == 1
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert "world.prophet.tokens" in keys and "trunk.motion.lag_weight" in keys
+    assert not any(k.startswith("world.fusion.") for k in keys)
+
+    eval_dir = tmp_path / "eval"
+    res = _run(capped_eval_cmd(ckpt, eval_dir, episode_length=10))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    info = json.loads((eval_dir / "eval_info.json").read_text())
+    overall = info.get("overall", info.get("aggregated", {}))
+    assert torch.isfinite(torch.tensor(float(overall["avg_sum_reward"])))

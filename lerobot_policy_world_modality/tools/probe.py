@@ -1,10 +1,10 @@
 """`lerobot-wm-probe`: does a trained policy read its world memory, and would a better Prophet help?
 
     lerobot-wm-probe --policy.path=outputs/world_f/checkpoints/last/pretrained_model \
-        --dataset.root=<training view or dataset> [--batches=8 --batch_size=32 --out=probe.json]
+        --dataset.root=<training view or dataset> [--episodes=40:50] [--batches=8 --batch_size=32 --out=probe.json]
 
 Reloads the checkpoint exactly as lerobot-eval does and computes its action loss on the same fixed
-frames of the dataset (eval mode, same random draws) once per memory the action path can be given:
+frames of held-out episodes (eval mode, same random draws) once per memory the action path can be given:
 `pred` (what it reads at rollout), `zero`, `shuffle` (another sample's memory), `random` (noise at the
 prediction's scale) and `oracle` (the true future latents). If replacing the prediction by zeros or by
 another sample's memory leaves the action loss where it was, the action path ignores the world memory,
@@ -13,7 +13,17 @@ also gives the gate opening tanh(gate), the attention entropy over the K memory 
 cosine per horizon, and prints the `lerobot-eval` commands that measure the same question in the
 simulator (success with `--policy.memory_mode_rollout=pred` vs `zero`).
 
-Works for policies that inject a world memory (`world_f` variant F, `smolvla_world`).
+Episodes: by default the probe reads the episodes the checkpoint was NOT trained on (those missing
+from its `train_config.json`'s `dataset.episodes`); a checkpoint trained on every episode is probed on
+training frames, and the report says so (`held_out: false`). `--episodes` picks them explicitly.
+
+The oracle row is off-distribution for a model trained on its own predictions (memory_mode_train
+pred): its action path never saw the true future, so the oracle row bounds what a better Prophet could
+give only loosely. On world_f's in-trunk path (`world_path=in_trunk`) `zero` blocks the action
+queries' attention to the foresight tokens and `shuffle` / `random` replace the foresight states they
+read (see `world/foresight.py`); it has no oracle row (its foresight states are not latents).
+
+Works for policies that inject a world memory (`world_f` variant F on either path, `smolvla_world`).
 """
 
 from __future__ import annotations
@@ -26,6 +36,8 @@ from pathlib import Path
 
 ABLATIONS = ("zero", "shuffle", "random")
 DEFAULT_MODES = ("pred", *ABLATIONS, "oracle")
+# Training memories under which the action path has seen the true future.
+ORACLE_TRAINED = ("oracle", "scheduled")
 
 
 class ProbeError(ValueError):
@@ -42,10 +54,70 @@ def check_probe_target(cfg) -> None:
         )
     if not cfg.inject_memory:
         raise ProbeError(
-            f"This {cfg.type} checkpoint was trained without memory injection (variant A or B_cont): its "
-            "actions never read the world memory. Probe a variant F checkpoint, or compare F against this "
-            "one under lerobot-eval."
+            f"This {cfg.type} checkpoint was trained without memory injection (variant A or B_cont) or as "
+            "the A_hist control: its actions never read a world memory. Probe a variant F checkpoint, and "
+            "compare F's success against this one under lerobot-eval (A_hist is the control for F's "
+            "history, B_cont for its world loss alone)."
         )
+
+
+def in_trunk(cfg) -> bool:
+    """Whether the checkpoint reads its foresight inside the trunk (world_f world_path=in_trunk)."""
+    return getattr(cfg, "world_path", "cross_attn") == "in_trunk"
+
+
+def parse_episodes(text: str, total: int) -> list[int]:
+    """'40:50' (start:stop, either side optional), '1,3,5' or 'all' -> sorted episode indices < total."""
+    text = text.strip()
+    try:
+        if text == "all":
+            chosen = list(range(total))
+        elif ":" in text:
+            start, stop = text.split(":", 1)
+            chosen = list(range(int(start or 0), int(stop) if stop else total))
+        else:
+            chosen = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ProbeError(f"--episodes='{text}' is not a range (40:50), a list (1,3,5) or 'all'.") from None
+    bad = [e for e in chosen if not 0 <= e < total]
+    if bad or not chosen:
+        raise ProbeError(f"--episodes='{text}' names no episode or episodes outside 0..{total - 1}: {bad[:5]}.")
+    return sorted(set(chosen))
+
+
+def trained_episodes(policy_path) -> list[int] | None:
+    """The `dataset.episodes` of the checkpoint's train_config.json (None: all episodes, or unknown)."""
+    path = Path(policy_path) / "train_config.json"
+    if not path.exists():
+        return None
+    return (json.loads(path.read_text()).get("dataset") or {}).get("episodes")
+
+
+def choose_episodes(policy_path, total: int, text: str | None) -> tuple[list[int] | None, bool, str]:
+    """(episodes to probe or None for all, held_out, one line saying which frames these are)."""
+    trained = trained_episodes(policy_path)
+    if text is not None:
+        episodes = parse_episodes(text, total)
+        if trained is None:
+            return episodes, False, (
+                f"episodes {text}: the checkpoint records no episode subset (trained on all episodes, or no "
+                "train_config.json), so these are training frames unless --dataset.root is another dataset"
+            )
+        overlap = sorted(set(episodes) & set(trained))
+        held_out = not overlap
+        note = f"episodes {text}" + (
+            " (held out from training)" if held_out else f": {len(overlap)} of them were trained on"
+        )
+        return episodes, held_out, note
+    if trained is None:
+        return None, False, (
+            "TRAINING FRAMES: the checkpoint was trained on every episode of the dataset, so these frames are "
+            "not held out; train with --dataset.episodes to keep some back, or probe another dataset"
+        )
+    held = [e for e in range(total) if e not in set(trained)]
+    if not held:
+        return None, False, "TRAINING FRAMES: the checkpoint's dataset.episodes covers every episode of this dataset"
+    return held, True, f"held-out episodes {held[0]}..{held[-1]} ({len(held)} episodes not in dataset.episodes)"
 
 
 def probe(
@@ -64,6 +136,11 @@ def probe(
     if "shuffle" in modes and min(len(b["index"]) for b in batches) < 2:
         raise ProbeError("The shuffle memory needs batches of at least 2 frames: raise --batch_size.")
     cfg = policy.config
+    if "oracle" in modes and in_trunk(cfg):
+        raise ProbeError(
+            "The in-trunk path has no oracle memory (its foresight states are trunk hidden states, not latents): "
+            "drop 'oracle' from --modes, or probe a cross_attn checkpoint for the oracle bound."
+        )
     saved_mode = cfg.memory_mode_train
     per_mode: dict[str, dict] = {}
     try:
@@ -78,7 +155,9 @@ def probe(
     pred = per_mode["pred"]
     result = {
         "policy_type": cfg.type,
+        "world_path": getattr(cfg, "world_path", "cross_attn"),
         "frames": sum(len(b["index"]) for b in batches),
+        "oracle_off_distribution": saved_mode not in ORACLE_TRAINED,
         "action_loss": {m: per_mode[m]["action_loss"] for m in modes},
         "action_loss_change_vs_pred": rel,
         "reads_memory": bool(ablated) and max(abs(x) for x in ablated) >= threshold,
@@ -112,10 +191,14 @@ def summarise(r: dict) -> list[str]:
                 f"the action loss falls by {100 * -ablated[worst]:.1f}% (threshold {100 * r['threshold']:.1f}%)."
             )
         else:
+            advice = (
+                f"The gate opening is {r['gate']:.2g}: train longer, or give the gate more room (e.g. --policy.gate_init)."
+                if r.get("gate") is not None
+                else "Train longer, or on a task whose actions depend on what comes next."
+            )
             lines.append(
                 f"The action path ignores the world memory: '{worst}' memory changes the action loss by only "
-                f"{100 * ablated[worst]:+.2f}% (threshold {100 * r['threshold']:.1f}%). The gate opening is "
-                f"{r['gate']:.2g}: train longer, or give the gate more room (e.g. --policy.gate_init)."
+                f"{100 * ablated[worst]:+.2f}% (threshold {100 * r['threshold']:.1f}%). {advice}"
             )
     if "oracle" in change:
         gain = -change["oracle"]
@@ -128,6 +211,11 @@ def summarise(r: dict) -> list[str]:
             lines.append(
                 f"The true future as memory changes the action loss by {100 * -gain:+.2f}%: the prediction already "
                 "carries what the action path uses (or the action path does not use the memory)."
+            )
+        if r.get("oracle_off_distribution", True):
+            lines.append(
+                "The oracle row is OFF-DISTRIBUTION: this model was trained on its own predictions and never saw "
+                "the true future as memory, so its oracle loss mixes 'a better Prophet' with 'an input it never met'."
             )
     if r["attn_entropy"] is not None:
         lines.append(
@@ -147,11 +235,13 @@ def eval_commands(policy_path: str) -> list[str]:
 
 def print_report(r: dict, policy_path: str) -> None:
     """The probe's table and findings on stdout."""
-    print(f"\nworld-memory probe of {policy_path} ({r['policy_type']}, {r['frames']} frames)\n")
+    print(f"\nworld-memory probe of {policy_path} ({r['policy_type']}, {r['world_path']}, {r['frames']} frames)")
+    print(f"frames from: {r['episodes_note']}\n")
     print(f"  {'memory':10s} {'action loss':>12s} {'vs pred':>9s}")
     for mode, loss in r["action_loss"].items():
         delta = "" if mode == "pred" else f"{100 * r['action_loss_change_vs_pred'][mode]:+8.2f}%"
-        print(f"  {mode:10s} {loss:12.5f} {delta:>9s}")
+        label = "  (off-distribution)" if mode == "oracle" and r["oracle_off_distribution"] else ""
+        print(f"  {mode:10s} {loss:12.5f} {delta:>9s}{label}")
     cos = "  ".join(f"{k[len('world_cos_'):]} {v:.3f}" for k, v in r["world_cosine"].items())
     if cos:
         print(f"\n  world cosine (Prophet vs true future): {cos}")
@@ -174,11 +264,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="The dataset to probe on: its latent-only training view (no video decoding) or the dataset itself.")
     p.add_argument("--dataset.repo_id", dest="repo_id", default=None,
                    help="Dataset repo id (default: the one recorded in the checkpoint's config).")
+    p.add_argument("--episodes", default=None,
+                   help="Episodes to probe: a range (40:50), a list (1,3,5) or 'all' (default: the episodes the "
+                        "checkpoint's train_config.json did not train on; all of them, flagged, if it trained on all).")
     p.add_argument("--batches", type=int, default=8, help="Number of fixed batches (default 8).")
     p.add_argument("--batch_size", type=int, default=32, help="Frames per batch (default 32).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the frame draw and of every random draw (default 0).")
-    p.add_argument("--modes", default=",".join(DEFAULT_MODES),
-                   help=f"Comma-separated memories to compare (default {','.join(DEFAULT_MODES)}; 'pred' is required).")
+    p.add_argument("--modes", default=None,
+                   help=f"Comma-separated memories to compare (default {','.join(DEFAULT_MODES)}, without oracle on the "
+                        "in-trunk path; 'pred' is required).")
     p.add_argument("--threshold", type=float, default=0.01,
                    help="Relative action-loss change (zero / shuffle vs pred, either way) that counts as reading the memory (default 0.01).")
     p.add_argument("--video_backend", default="pyav", help="Video decoder when probing on a video dataset (default pyav).")
@@ -194,7 +288,7 @@ def main(argv=None) -> None:
     from .report import fixed_batches, load_checkpoint
 
     args = parse_args(argv)
-    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    modes = tuple(m.strip() for m in (args.modes or ",".join(DEFAULT_MODES)).split(",") if m.strip())
     unknown = [m for m in modes if m not in MEMORY_MODES or m == "scheduled"]
     if unknown:
         raise SystemExit(f"Unknown memory mode(s) {unknown} in --modes; use some of {DEFAULT_MODES}.")
@@ -203,10 +297,22 @@ def main(argv=None) -> None:
     try:
         cfg, policy, pre = load_checkpoint(args.policy_path)
         check_probe_target(cfg)
-        batches = fixed_batches(cfg, args.root, args.batches, args.batch_size, args.repo_id, args.seed, args.video_backend)
+        if args.modes is None and in_trunk(cfg):
+            modes = tuple(m for m in modes if m != "oracle")
+        from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
+
+        repo_id = args.repo_id or getattr(cfg, "dataset_repo_id", None) or "local/dataset"
+        total = LeRobotDatasetMetadata(repo_id, root=args.root).total_episodes
+        episodes, held_out, note = choose_episodes(args.policy_path, total, args.episodes)
+        batches = fixed_batches(
+            cfg, args.root, args.batches, args.batch_size, args.repo_id, args.seed, args.video_backend, episodes
+        )
         result = probe(policy, pre, batches, modes, args.seed, args.threshold)
     except (ProbeError, FileNotFoundError, CheckpointMismatchError) as err:
         raise SystemExit(f"lerobot-wm-probe: {err}") from None
+    result.update(held_out=held_out, episodes=episodes, episodes_note=note)
+    if not held_out:
+        result["summary"].insert(0, f"Not held out: {note}. A memory effect here may be memorisation.")
     result["policy_path"] = str(args.policy_path)
     result["eval_commands"] = eval_commands(str(args.policy_path))
     print_report(result, str(args.policy_path))

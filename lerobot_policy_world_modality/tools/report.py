@@ -56,11 +56,13 @@ def fixed_batches(
     repo_id: str | None = None,
     seed: int = 0,
     video_backend: str = "pyav",
+    episodes: list[int] | None = None,
 ) -> list[dict]:
     """`n_batches` collated batches of `batch_size` frames of the dataset, drawn with a fixed seed.
 
     Frames come with the policy's own delta timestamps (history, future, action chunk), so the same
-    seed gives the same frames to every checkpoint and every probe setting.
+    seed gives the same frames to every checkpoint and every probe setting. `episodes`: draw only from
+    these episodes (default: all).
     """
     import torch
     from lerobot.datasets.factory import resolve_delta_timestamps
@@ -69,7 +71,8 @@ def fixed_batches(
     repo_id = repo_id or getattr(cfg, "dataset_repo_id", None) or "local/dataset"
     meta = LeRobotDatasetMetadata(repo_id, root=dataset_root)
     dataset = LeRobotDataset(
-        repo_id, root=dataset_root, delta_timestamps=resolve_delta_timestamps(cfg, meta), video_backend=video_backend
+        repo_id, root=dataset_root, episodes=episodes, delta_timestamps=resolve_delta_timestamps(cfg, meta),
+        video_backend=video_backend,
     )
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(dataset), generator=gen)[: n_batches * batch_size].tolist()

@@ -2,11 +2,14 @@
 
 `ActionTrunk` turns the world latent, the robot state and (optionally) an instruction embedding into
 observation tokens, appends H learned action queries, and runs a pre-norm transformer over them;
-`world_f` reads the query states directly, `world_token_c` inserts its world tokens between the
-observations and the queries.
+`world_f` reads the query states directly (or, on its in-trunk foresight path, runs foresight tokens
+between the observations and the queries, see `world/foresight.py`), `world_token_c` inserts its world
+tokens between the observations and the queries.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -17,6 +20,43 @@ from .prophet import TransformerBlock
 STATE_KEY = "observation.state"  # LeRobot's OBS_STATE, kept literal so this package stays LeRobot-free
 
 
+class MotionEmbedding(nn.Module):
+    """The T-frame latent history as one embedding added to the trunk's current-latent token.
+
+    sum_t c_t * P z_t / ||z_{t-T+1..t}||: one projection P (D -> width, no bias) of every frame, a learned
+    per-channel weight c_t [T, width] per frame, divided by the window's norm (scale-equivariant like
+    the Prophet's input; no LayerNorm, which would erase the frame-to-frame differences). c starts as
+    the mean difference z_{t-i} - z_t over the lags, i.e. motion. Six ops and a D x width matrix: at
+    batch 1 a policy step is bound by op count and by reading weights, not by FLOPs.
+    """
+
+    def __init__(self, latent_dim: int, history_len: int, width: int):
+        super().__init__()
+        if history_len < 2:
+            raise ValueError(
+                f"Reading motion from the history needs history_frames >= 2, got {history_len}: set "
+                "--policy.history_frames=2 or more."
+            )
+        self.history_len = history_len
+        self.proj = nn.Linear(latent_dim, width, bias=False)
+        # Mean difference to the current frame, times sqrt(T D) so the window norm acts as its RMS.
+        lags = torch.full((history_len, 1), 1.0 / (history_len - 1))
+        lags[-1] = -1.0
+        self.lag_weight = nn.Parameter(lags.expand(-1, width) * math.sqrt(history_len * latent_dim))
+
+    def forward(self, history: Tensor | None) -> Tensor:
+        """history [B, T, D] (oldest first, last = current frame) -> [B, width]."""
+        if history is None or history.ndim != 3 or history.shape[1] != self.history_len:
+            raise ValueError(
+                f"The trunk reads a latent history [B, {self.history_len}, D] but got "
+                f"{None if history is None else tuple(history.shape)}: history_frames must match the checkpoint's."
+            )
+        if history.dtype != self.proj.weight.dtype:  # encoders may hand fp16 latents to fp32 modules
+            history = history.to(self.proj.weight.dtype)
+        norm = torch.linalg.vector_norm(history, dim=(1, 2)).clamp_min(1e-6).unsqueeze(-1)
+        return (self.proj(history) * self.lag_weight).sum(dim=1) / norm
+
+
 class ActionTrunk(nn.Module):
     """Observation tokens + H learned action queries through a pre-norm transformer (reusable trunk).
 
@@ -24,6 +64,8 @@ class ActionTrunk(nn.Module):
     projected to `width`), when given the robot state (projected) and, with `language_dim`, the
     instruction embedding (LayerNorm'd and projected, like the latent). Each token type has a learned
     embedding. Callers may insert extra tokens (e.g. world tokens) between observations and queries.
+    With `history_frames` (>= 2), the trunk also reads the motion of the last T world latents, added to
+    the current-latent token (`MotionEmbedding`: no extra sequence length).
     """
 
     def __init__(
@@ -37,6 +79,7 @@ class ActionTrunk(nn.Module):
         ffn_dim: int | None = None,
         dropout: float = 0.0,
         language_dim: int | None = None,
+        history_frames: int | None = None,
     ):
         super().__init__()
         self.latent_norm = nn.LayerNorm(latent_dim)
@@ -54,16 +97,26 @@ class ActionTrunk(nn.Module):
             self.language_proj = nn.Linear(language_dim, width)
         else:
             self.language_norm = self.language_proj = None
+        # Last for the same reason: trunks without a history input keep their initial weights.
+        self.motion = MotionEmbedding(latent_dim, history_frames, width) if history_frames else None
 
     def observation_tokens(
-        self, latent: Tensor, state: Tensor | None, language: Tensor | None = None
+        self,
+        latent: Tensor,
+        state: Tensor | None,
+        language: Tensor | None = None,
+        history: Tensor | None = None,
     ) -> Tensor:
-        """[B, num_obs_tokens, W] from the world latent [B, D], the state [B, S] and the instruction [B, L].
+        """[B, num_obs_tokens, W] from the world latent [B, D], the state [B, S], the instruction [B, L]
+        and the latent history [B, T, D].
 
-        State and instruction are read only when the trunk was built with them.
+        State, instruction and history are read only when the trunk was built with them.
         """
         dtype = self.latent_proj.weight.dtype
-        tokens = [self.latent_proj(self.latent_norm(latent.to(dtype)))]
+        latent_token = self.latent_proj(self.latent_norm(latent.to(dtype)))
+        if self.motion is not None:
+            latent_token = latent_token + self.motion(history)
+        tokens = [latent_token]
         if self.state_proj is not None:
             if state is None:
                 raise KeyError(

@@ -8,8 +8,16 @@
                                                                                         │
                                                                         action head ─> chunk [B, H, A]
 
-Variant A drops the Prophet and the cross-attention; B_cont keeps the Prophet and its loss only.
+Variant A drops the Prophet and the cross-attention; B_cont keeps the Prophet and its loss only;
+A_hist is A whose trunk also reads the motion of the latent history.
 * The instruction (`task`, through a frozen text encoder) is an input only when `language_encoder` is set.
+
+The in-trunk path (`world_path=in_trunk`, see `world/foresight.py`) replaces the Prophet and the
+cross-attention by foresight tokens inside the trunk:
+
+    [z_t + motion(z_{t-T+1..t}), state, instruction*] [foresight tokens] [H action queries]  (one-way mask)
+                                                        │                  │
+                                        head -> K predicted latents    action head -> chunk [B, H, A]
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from torch import Tensor, nn
 
 from ..constants import OBS_WORLD_HISTORY
 from ..trunk_policy import TrunkWorldPolicy, ensure_eval
+from ..world.foresight import ForesightPredictor, StagedMask, run_staged
 from ..world.fusion import GatedCrossAttention
 from ..world.history import LatentHistory, latent_from_batch
 from ..world.path import WorldPath
@@ -53,11 +62,20 @@ class WorldFPolicy(TrunkWorldPolicy):
             d, self.state_dim, config.chunk_size, config.width, config.depth, config.heads,
             config.ffn_dim, config.dropout,
             language_dim=self.language_dim,
+            history_frames=config.history_frames if config.reads_history else None,
         )  # fmt: skip
         self.world = WorldPath(
             config, d, config.width, context_dim=config.width if config.prophet_reads_trunk else None,
             dropout=config.dropout, target_stats=self.world_target_stats,
         )  # fmt: skip
+        self._masks = StagedMask()
+        if config.in_trunk:
+            # The foresight tokens take the Prophet's slot, so WorldPath's targets, loss and logged
+            # scalars apply to their prediction unchanged; the trunk itself replaces the cross-attention.
+            self.world.prophet = ForesightPredictor(
+                d, config.future_frames, config.foresight_tokens, config.width, config.delta_prediction
+            )
+            self.world.fusion = None
         self.action_head = nn.Linear(config.width, self.action_dim)
         self._history = LatentHistory(config.history_frames)
         self.reset()
@@ -70,13 +88,23 @@ class WorldFPolicy(TrunkWorldPolicy):
 
     @property
     def prophet(self) -> Prophet | None:
-        """The Prophet (None in variant A)."""
-        return self.world.prophet
+        """The Prophet (None in variants A / A_hist and on the in-trunk path)."""
+        return None if self.config.in_trunk else self.world.prophet
+
+    @property
+    def foresight(self) -> ForesightPredictor | None:
+        """The in-trunk foresight tokens and head (None on the cross-attention path and in A / A_hist)."""
+        return self.world.prophet if self.config.in_trunk else None
 
     @property
     def fusion(self) -> GatedCrossAttention | None:
-        """The gated cross-attention into the action queries (None in variants A and B_cont)."""
+        """The gated cross-attention into the action queries (None in A, A_hist, B_cont and in_trunk)."""
         return self.world.fusion
+
+    @property
+    def reads_history(self) -> bool:
+        """Whether any module reads the latent history (Prophet, foresight tokens or the A_hist trunk)."""
+        return self.world.prophet is not None or self.config.reads_history
 
     @property
     def world_train_step(self) -> Tensor:
@@ -95,7 +123,7 @@ class WorldFPolicy(TrunkWorldPolicy):
         The latent history is advanced at every call, including those served from the queue.
         """
         ensure_eval(self)
-        history = self._history.push(latent_from_batch(batch)) if self.prophet is not None else None
+        history = self._history.push(latent_from_batch(batch)) if self.reads_history else None
         if len(self._action_queue) == 0:
             actions = self._actions(batch, history)[:, : self.config.n_action_steps]
             self._action_queue.extend(actions.transpose(0, 1))
@@ -110,7 +138,7 @@ class WorldFPolicy(TrunkWorldPolicy):
         """
         ensure_eval(self)
         history = None
-        if self.prophet is not None:
+        if self.reads_history:
             history = batch.get(OBS_WORLD_HISTORY)
             if history is None:
                 history = self._history.push(latent_from_batch(batch))
@@ -126,8 +154,10 @@ class WorldFPolicy(TrunkWorldPolicy):
         """Training loss = action loss + lambda_world * world loss, and a dict of floats for logging."""
         cfg = self.config
         history = targets = valid = None
-        if self.prophet is not None:
+        if self.world.prophet is not None:
             history, targets, valid = self.world.training_inputs(batch)
+        elif self.config.reads_history:
+            history = self.world.training_inputs(batch)[0]
         oracle_prob = self.world.oracle_prob()
         out = self._run(batch, history, cfg.memory_mode_train, targets, oracle_prob, stats=True)
         a_loss = action_loss(out["actions"], batch[ACTION], batch.get("action_is_pad"), cfg.action_loss)
@@ -154,9 +184,11 @@ class WorldFPolicy(TrunkWorldPolicy):
         """
         latent = latent_from_batch(batch)
         language = self._language(batch, latent.shape[0], latent.device)
-        obs = self.trunk.observation_tokens(latent, batch.get(OBS_STATE), language)
+        obs = self.trunk.observation_tokens(latent, batch.get(OBS_STATE), language, history)
+        if self.config.in_trunk:
+            return self._run_in_trunk(obs, history, memory_mode, stats)
         n_obs = obs.shape[1]
-        states = self.trunk(torch.cat([obs, self.trunk.queries(obs.shape[0])], dim=1))
+        states = self._trunk_without_foresight(obs)
         query_states = states[:, n_obs:]
         out: dict = {"stats": {}}
         # B_cont's Prophet only matters for its loss: skip it at rollout, where nothing reads it.
@@ -167,4 +199,44 @@ class WorldFPolicy(TrunkWorldPolicy):
                 memory = self.world.select(pred, memory_mode, oracle, oracle_prob)
                 query_states, out["stats"] = self.world.inject(query_states, memory, stats)
         out["actions"] = self.action_head(query_states)
+        return out
+
+    def _trunk_without_foresight(self, obs: Tensor) -> Tensor:
+        """Trunk states of [obs, action queries].
+
+        A trunk that reads the history (A_hist, in_trunk) keeps its observation tokens from seeing the
+        action queries, as on the in-trunk path; so in_trunk F with its foresight blocked (memory zero) is
+        exactly A_hist with the same weights. A / F on the cross-attention path keep their full attention.
+        """
+        x = torch.cat([obs, self.trunk.queries(obs.shape[0])], dim=1)
+        if not self.config.reads_history:
+            return self.trunk(x)
+        n_obs = obs.shape[1]
+        return self.trunk(x, self._masks(n_obs, 0, x.shape[1] - n_obs, True, x.device))
+
+    def _run_in_trunk(self, obs: Tensor, history: Tensor, memory_mode: str, stats: bool) -> dict:
+        """[obs, foresight tokens, action queries] through the trunk -> prediction and action chunk.
+
+        The action queries read the foresight tokens by `memory_mode` (variant B_cont: never). When
+        nothing reads the prediction (B_cont at rollout), the foresight tokens are left out: under the
+        one-way mask they cannot change the observation or query states.
+        """
+        b = obs.shape[0]
+        queries = self.trunk.queries(b)
+        reads = self.config.inject_memory
+        # At rollout nothing reads the predicted latents (the queries read the foresight states in the
+        # trunk), so the head runs only when the world loss / logged scalars need it.
+        out: dict = {"stats": {}}
+        if not (reads or stats):
+            out["actions"] = self.action_head(self._trunk_without_foresight(obs)[:, obs.shape[1] :])
+            return out
+        fore = self.foresight.queries(b)
+        states = run_staged(
+            self.trunk, obs, fore, queries, self._masks, memory_mode if reads else "zero",
+            detach=self.config.detach_memory and reads,
+        )  # fmt: skip
+        n_obs, n_fore = obs.shape[1], fore.shape[1]
+        if stats:
+            out["prediction"] = self.foresight.predict(states[:, n_obs : n_obs + n_fore], history)
+        out["actions"] = self.action_head(states[:, n_obs + n_fore :])
         return out
