@@ -162,7 +162,9 @@ class Plan:
         info = self.root / "meta" / "info.json"
         if info.exists():
             return int(json.loads(info.read_text())["total_episodes"])
-        return len(self.record["tasks"]) * int(self.record["episodes_per_task"])
+        if self.record:
+            return len(self.record["tasks"]) * int(self.record["episodes_per_task"])
+        raise SpecError(f"dataset.root {self.root} does not exist yet: heldout_episodes cannot be resolved.")
 
     def train_episodes(self) -> list[int] | None:
         """The episodes arms train on (all but the held-out ones), or None when nothing is held out."""
@@ -206,10 +208,15 @@ def parse_train_flags(flags: list[str]):
     args = []
     for flag in flags:
         if flag.startswith("--policy.path="):
-            cfg_file = Path(flag.split("=", 1)[1]).expanduser() / "config.json"
-            if not cfg_file.exists():
-                raise SpecError(f"{flag}: no {cfg_file}; init_from must be a local pretrained_model folder (offline).")
-            args.append(f"--policy.type={json.loads(cfg_file.read_text())['type']}")
+            from lerobot.configs.policies import PreTrainedConfig
+
+            try:
+                ptype = PreTrainedConfig.from_pretrained(flag.split("=", 1)[1]).type
+            except Exception as exc:  # a missing folder, or a Hub id while offline
+                raise SpecError(f"{flag}: cannot read its config.json ({type(exc).__name__}: {str(exc)[:200]}). Use a "
+                                "local pretrained_model folder, or download the checkpoint first "
+                                "(huggingface-cli download <id> --local-dir <dir>)") from None
+            args.append(f"--policy.type={ptype}")
         else:
             args.append(flag)
     err = io.StringIO()
@@ -234,17 +241,27 @@ def _probe_supports_episodes() -> bool:
             return False
 
 
-def validate(spec: dict, output_dir: str | None = None, check_flags: bool = True) -> Plan:
-    """Check the whole spec before anything runs; returns the Plan or raises SpecError naming the fix."""
+def _lerobot_home() -> Path:
+    from lerobot.utils.constants import HF_LEROBOT_HOME
+
+    return Path(HF_LEROBOT_HOME)
+
+
+def validate(spec: dict, output_dir: str | None = None, check_flags: bool = True, require_data: bool = True) -> Plan:
+    """Check the whole spec before anything runs; returns the Plan or raises SpecError naming the fix.
+
+    `check_flags=False` skips parsing the arms' flags (and so their init_from checkpoints) and
+    `require_data=False` the dataset's existence: both only for checking a preset's structure offline.
+    """
     from ..world.memory import ROLLOUT_MEMORY_MODES
 
     for key in ("dataset", "train", "arms", "eval", "comparisons"):
         _need(spec, key, "<top level>", f"{key}: ... (see configs/experiments/metaworld_smoke.yaml)")
     ds, tr, ev = spec["dataset"], spec["train"], spec["eval"]
     repo_id = str(_need(ds, "repo_id", "dataset", "repo_id: local/metaworld_smoke"))
-    root = Path(str(_need(ds, "root", "dataset", "root: outputs/datasets/metaworld_smoke"))).expanduser().resolve()
+    root = Path(ds["root"]).expanduser().resolve() if ds.get("root") else _lerobot_home() / repo_id
     record = ds.get("record")
-    if not (root / "meta" / "info.json").exists():
+    if require_data and not (root / "meta" / "info.json").exists():
         if not record:
             raise SpecError(
                 f"dataset.root {root} is not a LeRobotDataset (no meta/info.json). Record it first "
@@ -310,6 +327,12 @@ def validate(spec: dict, output_dir: str | None = None, check_flags: bool = True
         modes = raw.get("rollout_modes")
         plan.arms[name] = Arm(name, flags, raw.get("init_from"), [str(m) for m in modes] if modes else [])
 
+    for x, y in plan.comparisons:
+        for name in (x.partition("@")[0], y.partition("@")[0]):
+            if name not in plan.arms:
+                raise SpecError(f"Comparison '{x} vs {y}' names arm '{name}', which is not among the arms "
+                                f"{sorted(plan.arms)}. Fix the name or add the arm.")
+
     for arm in plan.arms.values():
         if check_flags:
             try:
@@ -339,9 +362,6 @@ def validate(spec: dict, output_dir: str | None = None, check_flags: bool = True
     for x, y in plan.comparisons:
         for entry in (x, y):
             name, _, mode = entry.partition("@")
-            if name not in plan.arms:
-                raise SpecError(f"Comparison '{x} vs {y}' names arm '{name}', which is not among the arms "
-                                f"{sorted(plan.arms)}. Fix the name or add the arm.")
             mode = mode or plan.arms[name].modes[0]
             if mode not in plan.arms[name].modes:
                 raise SpecError(f"Comparison '{x} vs {y}': arm '{name}' is not evaluated with rollout mode '{mode}' "
