@@ -227,7 +227,11 @@ def parse_train_flags(flags: list[str]):
         lines = [ln for ln in err.getvalue().splitlines() if "error:" in ln]
         raise SpecError(lines[-1].split("error:", 1)[1].strip() if lines else err.getvalue()[-500:]) from None
     except Exception as exc:  # draccus wraps the config class's own ValueErrors in DecodingError
-        raise SpecError(f"{type(exc).__name__}: {exc}") from None
+        root = exc
+        while (root.__cause__ or root.__context__) is not None:
+            root = root.__cause__ or root.__context__
+        detail = str(exc).splitlines()[0] if root is exc else str(root)
+        raise SpecError(detail) from None
 
 
 def _probe_supports_episodes() -> bool:
@@ -351,8 +355,8 @@ def validate(spec: dict, output_dir: str | None = None, check_flags: bool = True
                     parse_train_flags(train_flags(plan, arm, plan.seeds[0]))
                 except SpecError as err:
                     raise SpecError(f"Arm '{arm.name}': lerobot-train would reject its flags: {err}.") from None
-        else:
-            with_modes = True
+        else:  # structure check only: a policy given by type (ours) has rollout memory modes, an init checkpoint not
+            with_modes = any(f.startswith("--policy.type=") for f in (*plan.common_flags, *arm.flags))
         arm.modes = arm.modes or (["pred"] if with_modes else [NO_MEMORY_MODE])
         allowed = ROLLOUT_MEMORY_MODES if with_modes else (NO_MEMORY_MODE,)
         bad = [m for m in arm.modes if m not in allowed]
@@ -543,7 +547,7 @@ def unit_commands(plan: Plan, unit: Unit) -> list[list[str]]:
         if "threshold" in p:
             cmd.append(f"--threshold={p['threshold']}")
         if plan.heldout:
-            cmd.append(f"--episodes=[{','.join(map(str, plan.heldout))}]")
+            cmd.append(f"--episodes={','.join(map(str, plan.heldout))}")
         return [cmd]
     raise ValueError(unit.kind)
 
