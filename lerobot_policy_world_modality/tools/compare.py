@@ -342,7 +342,7 @@ def validate(spec: dict, output_dir: str | None = None, check_flags: bool = True
             try:
                 cfg = parse_train_flags(train_flags(plan, arm, plan.seeds[0]))
             except SpecError as err:
-                raise SpecError(f"Arm '{arm.name}': lerobot-train would reject its flags: {err}. Fix or remove the "
+                raise SpecError(f"Arm '{arm.name}': lerobot-train would reject its flags: {str(err).rstrip('.')}. Fix or remove the "
                                 f"flag in arms[{arm.name}].flags (or train.flags).") from None
             pol = cfg.policy
             arm.policy_type = pol.type
