@@ -24,11 +24,11 @@ COMMON = ["--policy.type=world_f", "--policy.device=cpu", "--policy.push_to_hub=
 
 
 def tiny_spec(root: Path, out: Path, **over) -> dict:
-    """2 arms (A, F) x 2 seeds x 1 MetaWorld task x 2 episodes of 10 steps, a few tiny training steps."""
+    """2 arms (A, F) x 2 seeds x 1 MetaWorld task x 2 episodes of 10 steps, tiny models (~10 s of training)."""
     spec = {
         "name": "tiny", "output_dir": str(out),
         "dataset": {"repo_id": REPO, "root": str(root), "encoder": "pixels"},
-        "train": {"seeds": [0, 1], "steps": 300, "batch_size": 4, "save_freq": 100, "log_freq": 50,
+        "train": {"seeds": [0, 1], "steps": 1000, "batch_size": 16, "save_freq": 250, "log_freq": 100,
                   "curve_batches": 1, "flags": COMMON},
         "arms": [{"name": "A", "flags": ["--policy.variant=A"]}, {"name": "F", "flags": ["--policy.variant=F"]}],
         "eval": {"env": "metaworld", "tasks": ["button-press-v3"], "episodes": 2, "seed": 1000, "episode_length": 10},
@@ -157,16 +157,19 @@ def test_end_to_end_killed_resumed_and_rerun(dataset_root, tmp_path):
     spec_path = tmp_path / "tiny.yaml"
     spec_path.write_text(yaml.safe_dump(tiny_spec(dataset_root, out)))
 
-    # Kill the tool (SIGKILL: no clean-up) once a training run has saved its first checkpoint.
+    # Kill the tool (SIGKILL: no clean-up) once a training run has saved its first checkpoint (of 4). The runs
+    # are long enough (~10 s of training after it) for this poll to win the race on a loaded machine.
     proc = _compare(spec_path, wait=False)
+    saved = "train/*/seed*/checkpoints/last/training_state/training_step.json"
     deadline = time.time() + 600
-    while not list(out.glob("train/*/seed*/checkpoints/000100")) and time.time() < deadline:
+    while not list(out.glob(saved)) and time.time() < deadline:
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    killed = [p.parents[1] for p in out.glob("train/*/seed*/checkpoints/000100")]
-    assert killed and not list(out.glob("units/train*"))
+    time.sleep(1)  # its children die with it (PDEATHSIG); none may finish the run behind our back
+    steps = [json.loads(p.read_text())["step"] for p in out.glob(saved)]
+    assert steps and min(steps) < 1000 and not list(out.glob("units/train*"))
 
     res = _compare(spec_path)
     assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
@@ -176,7 +179,7 @@ def test_end_to_end_killed_resumed_and_rerun(dataset_root, tmp_path):
     assert len(units) == 11 and report["complete"] and all(u["status"] == "done" for u in units.values())
     assert any("--resume=true" in c for u in units.values() for c in u["commands"])
     for run in out.glob("train/*/seed*"):  # every run, resumed or not, reached the shared budget
-        assert json.loads((run / "checkpoints/last/training_state/training_step.json").read_text())["step"] == 300
+        assert json.loads((run / "checkpoints/last/training_state/training_step.json").read_text())["step"] == 1000
     rows = {(r["arm"], r["mode"]): r for r in report["results"]}
     assert set(rows) == {("A", "pred"), ("F", "pred")} and all(r["episodes"] == 4 for r in rows.values())
     comp = report["comparisons"][0]

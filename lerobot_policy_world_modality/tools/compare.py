@@ -36,7 +36,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -64,14 +63,13 @@ def _say(msg: str) -> None:
 
 
 def _bin(name: str) -> str:
-    """The console script `name` of this interpreter's environment."""
-    local = Path(sys.executable).parent / name
-    if local.exists():
-        return str(local)
-    found = shutil.which(name)
-    if not found:
-        raise SpecError(f"'{name}' not found. Install the project: pip install -e '.[metaworld]'")
-    return found
+    """The console script `name` of this interpreter's environment (as the demo finds it)."""
+    from .demo import DemoError, _bin as find_script
+
+    try:
+        return find_script(name)
+    except DemoError as err:
+        raise SpecError(str(err)) from None
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -482,14 +480,14 @@ def is_done(plan: Plan, unit_id: str) -> bool:
     return record_path(plan, unit_id).exists()
 
 
-def _preexec():  # pragma: no cover - runs in the child
-    """Children die with the tool (Linux), so a killed run leaves no orphan writing into its folders."""
-    try:
-        import ctypes
+def _die_with_parent() -> list[str]:
+    """Command prefix that makes a child die with the tool (Linux `setpriv --pdeathsig`), or [] without it.
 
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    A killed tool then leaves no orphan that finishes a training behind the next run's back. PDEATHSIG
+    survives exec, and setting it through setpriv avoids `preexec_fn`, which is unsafe with threads.
+    """
+    found = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    return [found, "--pdeathsig", "KILL", "--"] if found else []
 
 
 def run_cmd(cmd: list[str], log: Path, env: dict | None = None) -> float:
@@ -501,8 +499,7 @@ def run_cmd(cmd: list[str], log: Path, env: dict | None = None) -> float:
     with open(log, "ab") as fh:
         fh.write(f"\n$ {shlex.join(cmd)}\n".encode())
         fh.flush()
-        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env,
-                            preexec_fn=_preexec if sys.platform.startswith("linux") else None).returncode  # fmt: skip
+        rc = subprocess.run([*_die_with_parent(), *cmd], stdout=fh, stderr=subprocess.STDOUT, env=full_env).returncode
     if rc != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
         raise RuntimeError(f"exit code {rc}: {shlex.join(cmd)}\n--- last lines of {log} ---\n{tail}")
@@ -576,8 +573,8 @@ def run_unit(plan: Plan, unit: Unit) -> dict:
 def run_train(plan: Plan, unit: Unit, fresh: list[str], log: Path, record: dict) -> dict:
     """Train one arm-seed, from scratch or from its last checkpoint, then measure its checkpoints."""
     run = train_dir(plan, unit.arm, unit.seed)
-    partial_path = run.parent / f".seed{unit.seed}.seconds"  # wall time of earlier, interrupted attempts
-    earlier = float(partial_path.read_text()) if partial_path.exists() else 0.0
+    partial_path = run.parent / f".seed{unit.seed}.attempts.json"  # wall time of earlier, interrupted attempts
+    earlier = _earlier_seconds(partial_path, run)
     last_cfg = run / "checkpoints" / "last" / "pretrained_model" / "train_config.json"
     if (final_checkpoint(plan, unit.arm, unit.seed) / "model.safetensors").exists():
         seconds = 0.0
@@ -607,12 +604,25 @@ def run_train(plan: Plan, unit: Unit, fresh: list[str], log: Path, record: dict)
     return record
 
 
+def _earlier_seconds(partial_path: Path, run: Path) -> float:
+    """Wall seconds of earlier attempts; a killed one counts up to its last saved checkpoint (what it kept)."""
+    if not partial_path.exists():
+        return 0.0
+    attempts = json.loads(partial_path.read_text())
+    seconds = float(attempts["seconds"])
+    step_file = run / "checkpoints" / "last" / "training_state" / "training_step.json"
+    if attempts.get("started") is not None and step_file.exists():
+        seconds += max(0.0, step_file.stat().st_mtime - attempts["started"])
+    return seconds
+
+
 def _timed_attempt(cmd: list[str], log: Path, partial_path: Path, earlier: float) -> float:
     start = time.time()
+    _atomic_write(partial_path, json.dumps({"seconds": earlier, "started": start}))
     try:
         return run_cmd(cmd, log)
-    finally:  # keep the time spent even when this attempt fails or the tool is stopped
-        _atomic_write(partial_path, str(earlier + time.time() - start))
+    finally:  # keep the time spent when this attempt fails (a SIGKILL skips this: see _earlier_seconds)
+        _atomic_write(partial_path, json.dumps({"seconds": earlier + time.time() - start, "started": None}))
 
 
 def checkpoint_curves_main() -> None:
@@ -817,6 +827,8 @@ def render_html(report: dict) -> str:
     """report.html: one self-contained page (the Markdown tables as HTML, charts as inline PNG, commands)."""
     import html
 
+    from .report import PAGE_CSS
+
     esc = html.escape
     md = results_markdown(report)
     body = []
@@ -852,15 +864,7 @@ def render_html(report: dict) -> str:
     note = "" if report["complete"] else "<p><b>Incomplete:</b> some units have not finished (see Units).</p>"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(report['name'])}: lerobot-wm-compare</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1200px; }}
-table {{ border-collapse: collapse; margin: 8px 0 16px; }}
-th, td {{ border: 1px solid #ddd; padding: 3px 7px; text-align: left; font-size: 13px; }}
-th {{ background: #f5f5f5; }}
-.grid {{ display: flex; flex-wrap: wrap; gap: 12px; }}
-.cell {{ border: 1px solid #ddd; }}
-pre {{ background: #f7f7f7; padding: 6px; font-size: 11px; white-space: pre-wrap; word-break: break-all; }}
-</style></head><body>
+<style>{PAGE_CSS}</style></head><body>
 {note}{''.join(body)}
 <h2>Charts</h2><div class="grid">{charts}</div>
 <h2>Commands</h2>{commands}

@@ -218,6 +218,19 @@ def build_charts(report: dict) -> list[str]:
     ]  # fmt: skip
 
 
+# Style of the one-page reports (demo and compare).
+PAGE_CSS = """
+body { font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1200px; }
+table { border-collapse: collapse; margin: 8px 0 16px; }
+th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: left; font-size: 13px; }
+th { background: #f5f5f5; }
+.grid { display: flex; flex-wrap: wrap; gap: 12px; }
+.cell { border: 1px solid #ddd; }
+pre { background: #f7f7f7; padding: 6px; font-size: 11px; white-space: pre-wrap; word-break: break-all; }
+figure { display: inline-block; margin: 4px; }
+"""
+
+
 def _rel(path: str | None, base: Path) -> str:
     if not path:
         return ""
@@ -267,16 +280,7 @@ def render_html(report: dict, base: Path) -> str:
     charts = "".join(f"<div class='cell'>{img}</div>" for img in build_charts(report))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>world_f demo: {esc(report['task'])}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1120px; }}
-table {{ border-collapse: collapse; margin: 8px 0 16px; }}
-th, td {{ border: 1px solid #ddd; padding: 4px 8px; text-align: left; font-size: 13px; }}
-th {{ background: #f5f5f5; }}
-.grid {{ display: flex; flex-wrap: wrap; gap: 12px; }}
-.cell {{ border: 1px solid #ddd; }}
-pre {{ background: #f7f7f7; padding: 6px; font-size: 11px; white-space: pre-wrap; word-break: break-all; }}
-figure {{ display: inline-block; margin: 4px; }}
-</style></head><body>
+<style>{PAGE_CSS}</style></head><body>
 <h1>world_f on MetaWorld <code>{esc(report['task'])}</code></h1>
 <p>Expert demonstrations &rarr; world latents (encoder <code>{esc(report.get('encoder', ''))}</code>) &rarr;
 <code>lerobot-train --policy.type=world_f</code> &rarr; <code>lerobot-eval --env.type=metaworld</code>.
