@@ -57,6 +57,9 @@ def test_verdicts_and_bootstrap():
     assert stats.paired_comparison("F", "A", y, x)["verdict"] == "A better"
     same = stats.paired_comparison("F", "A", [True, False] * 5, [False, True] * 5)
     assert same["verdict"] == stats.NO_DIFFERENCE and same["p_value"] == 1.0
+    # 3 vs 1 discordant pairs: X looks better but p = 0.625; that is no evidence at this sample size.
+    weak = stats.paired_comparison("F", "A", [True, True, True, False], [False, False, False, True])
+    assert weak["p_value"] == pytest.approx(0.625) and weak["verdict"] == stats.NO_DIFFERENCE
     assert stats.bootstrap_difference([True] * 4, [True] * 4) == (0.0, 0.0)
 
 
