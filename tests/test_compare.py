@@ -3,6 +3,7 @@ run in subprocesses (MetaWorld) that is killed during training, resumed, and rer
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ def tiny_spec(root: Path, out: Path, **over) -> dict:
     spec = {
         "name": "tiny", "output_dir": str(out),
         "dataset": {"repo_id": REPO, "root": str(root), "encoder": "pixels"},
-        "train": {"seeds": [0, 1], "steps": 1000, "batch_size": 16, "save_freq": 250, "log_freq": 100,
+        "train": {"seeds": [0, 1], "steps": 600, "batch_size": 16, "save_freq": 200, "log_freq": 100,
                   "curve_batches": 1, "flags": COMMON},
         "arms": [{"name": "A", "flags": ["--policy.variant=A"]}, {"name": "F", "flags": ["--policy.variant=F"]}],
         "eval": {"env": "metaworld", "tasks": ["button-press-v3"], "episodes": 2, "seed": 1000, "episode_length": 10},
@@ -152,34 +153,39 @@ def _compare(spec_path: Path, *extra, wait=True):
 
 
 @pytest.mark.slow
-def test_end_to_end_killed_resumed_and_rerun(dataset_root, tmp_path):
+def test_end_to_end_killed_rerun_resumed_and_noop(dataset_root, tmp_path):
     out = tmp_path / "out"
     spec_path = tmp_path / "tiny.yaml"
     spec_path.write_text(yaml.safe_dump(tiny_spec(dataset_root, out)))
 
-    # Kill the tool (SIGKILL: no clean-up) once a training run has saved its first checkpoint (of 4). The runs
-    # are long enough (~10 s of training after it) for this poll to win the race on a loaded machine.
+    # Kill the tool (SIGKILL: no clean-up) as soon as it starts a training: its children die with it. The
+    # trigger is the tool's own progress line, read from its pipe (pollers that sleep were seen to lag by
+    # ~20 s on this shared machine, longer than a tiny training).
     proc = _compare(spec_path, wait=False)
-    saved = "train/*/seed*/checkpoints/last/training_state/training_step.json"
-    deadline = time.time() + 600
-    while not list(out.glob(saved)) and time.time() < deadline:
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    time.sleep(1)  # its children die with it (PDEATHSIG); none may finish the run behind our back
-    steps = [json.loads(p.read_text())["step"] for p in out.glob(saved)]
-    assert steps and min(steps) < 1000 and not list(out.glob("units/train*"))
+    for line in proc.stdout:
+        if "train/A/seed0: started" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not list(out.glob("units/train*"))
+    pid_file = out / "train/A/.seed0.pid"  # the training child, if the tool got to start it, died with it
+    pid = int(pid_file.read_text()) if pid_file.exists() else None
+    for _ in range(100):
+        stat = Path(f"/proc/{pid}/stat")
+        if pid is None or not stat.exists() or stat.read_text().split(") ", 1)[1].startswith("Z"):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"lerobot-train (pid {pid}) outlived the killed tool")
 
     res = _compare(spec_path)
     assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
-    assert "resuming from its checkpoint at step" in res.stdout
     report = json.loads((out / "report.json").read_text())
     units = {u["id"]: u for u in report["units"]}
     assert len(units) == 11 and report["complete"] and all(u["status"] == "done" for u in units.values())
-    assert any("--resume=true" in c for u in units.values() for c in u["commands"])
     for run in out.glob("train/*/seed*"):  # every run, resumed or not, reached the shared budget
-        assert json.loads((run / "checkpoints/last/training_state/training_step.json").read_text())["step"] == 1000
+        assert json.loads((run / "checkpoints/last/training_state/training_step.json").read_text())["step"] == 600
     rows = {(r["arm"], r["mode"]): r for r in report["results"]}
     assert set(rows) == {("A", "pred"), ("F", "pred")} and all(r["episodes"] == 4 for r in rows.values())
     comp = report["comparisons"][0]
@@ -193,6 +199,28 @@ def test_end_to_end_killed_resumed_and_rerun(dataset_root, tmp_path):
         assert f"| {uid} | done |" in md
     page = (out / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') >= 4 and "McNemar" in page and "lerobot-train" in page
+
+    # A training killed after its first checkpoint (made from a finished run: its later checkpoints, its
+    # record and its evaluations' records removed) resumes from that checkpoint and ends the same way.
+    run = out / "train/F/seed1"
+    ckpts = run / "checkpoints"
+    for step in ("000400", "000600"):
+        shutil.rmtree(ckpts / step)
+    (ckpts / "last").unlink()
+    (ckpts / "last").symlink_to("000200")
+    for rec in [*out.glob("units/train__F__seed1.json"), *out.glob("units/eval__F__seed1__*.json"),
+                *out.glob("units/probe__F__seed1.json")]:  # fmt: skip
+        rec.unlink()
+    res = _compare(spec_path)
+    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
+    assert "train/F/seed1: resuming from its checkpoint at step 200" in res.stdout
+    assert res.stdout.count(": started") == 3  # the training, its evaluation and its probe, nothing else
+    assert json.loads((ckpts / "last/training_state/training_step.json").read_text())["step"] == 600
+    rec = json.loads((out / "units/train__F__seed1.json").read_text())
+    assert rec["commands"][-1].endswith("--resume=true") and "--config_path=" in rec["commands"][-1]
+    md = (out / "results.md").read_text()
+    for uid in units:
+        assert f"| {uid} | done |" in md
 
     # A rerun runs nothing and writes the same tables.
     res2 = _compare(spec_path)

@@ -490,8 +490,35 @@ def _die_with_parent() -> list[str]:
     return [found, "--pdeathsig", "KILL", "--"] if found else []
 
 
-def run_cmd(cmd: list[str], log: Path, env: dict | None = None) -> float:
-    """Run `cmd` with output to `log`; returns the wall seconds, raises RuntimeError with the log tail on failure."""
+def stop_orphan(pid_file: Path, marker: str) -> None:
+    """Kill the process recorded in `pid_file` if it still runs a command naming `marker` (a run folder).
+
+    Second line of defence after PDEATHSIG: a training left running by a killed tool (another OS, or a
+    child that outlived it) must not keep writing into the folder a rerun resumes from.
+    """
+    if not pid_file.exists():
+        return
+    pid = int(pid_file.read_text() or 0)
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    try:
+        alive = pid > 0 and marker in cmdline.read_bytes().decode(errors="replace")
+    except OSError:
+        alive = False
+    if alive:
+        _say(f"stopping process {pid} left running by an earlier, killed run ({marker})")
+        os.kill(pid, 9)
+        for _ in range(200):
+            if not cmdline.exists():
+                break
+            time.sleep(0.05)
+    pid_file.unlink(missing_ok=True)
+
+
+def run_cmd(cmd: list[str], log: Path, env: dict | None = None, pid_file: Path | None = None) -> float:
+    """Run `cmd` with output to `log`; returns the wall seconds, raises RuntimeError with the log tail on failure.
+
+    With `pid_file`, the child's pid is kept there while it runs (see `stop_orphan`).
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     full_env.setdefault("MUJOCO_GL", "egl")
@@ -499,7 +526,12 @@ def run_cmd(cmd: list[str], log: Path, env: dict | None = None) -> float:
     with open(log, "ab") as fh:
         fh.write(f"\n$ {shlex.join(cmd)}\n".encode())
         fh.flush()
-        rc = subprocess.run([*_die_with_parent(), *cmd], stdout=fh, stderr=subprocess.STDOUT, env=full_env).returncode
+        proc = subprocess.Popen([*_die_with_parent(), *cmd], stdout=fh, stderr=subprocess.STDOUT, env=full_env)
+        if pid_file is not None:
+            _atomic_write(pid_file, str(proc.pid))
+        rc = proc.wait()
+        if pid_file is not None:
+            pid_file.unlink(missing_ok=True)
     if rc != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
         raise RuntimeError(f"exit code {rc}: {shlex.join(cmd)}\n--- last lines of {log} ---\n{tail}")
@@ -574,6 +606,8 @@ def run_train(plan: Plan, unit: Unit, fresh: list[str], log: Path, record: dict)
     """Train one arm-seed, from scratch or from its last checkpoint, then measure its checkpoints."""
     run = train_dir(plan, unit.arm, unit.seed)
     partial_path = run.parent / f".seed{unit.seed}.attempts.json"  # wall time of earlier, interrupted attempts
+    pid_file = run.parent / f".seed{unit.seed}.pid"
+    stop_orphan(pid_file, str(run))
     earlier = _earlier_seconds(partial_path, run)
     last_cfg = run / "checkpoints" / "last" / "pretrained_model" / "train_config.json"
     if (final_checkpoint(plan, unit.arm, unit.seed) / "model.safetensors").exists():
@@ -583,10 +617,10 @@ def run_train(plan: Plan, unit: Unit, fresh: list[str], log: Path, record: dict)
         _say(f"{unit.id}: resuming from its checkpoint at step {done}")
         cmd = [_bin("lerobot-train"), f"--config_path={last_cfg}", "--resume=true"]
         record["commands"].append(shlex.join(cmd))
-        seconds = _timed_attempt(cmd, log, partial_path, earlier)
+        seconds = _timed_attempt(cmd, log, partial_path, earlier, pid_file)
     else:
         shutil.rmtree(run, ignore_errors=True)  # started but no checkpoint yet: nothing to keep
-        seconds = _timed_attempt(fresh, log, partial_path, earlier)
+        seconds = _timed_attempt(fresh, log, partial_path, earlier, pid_file)
     record["seconds"] = earlier + seconds
     curves = run / "compare_curves.json"
     arm = plan.arms[unit.arm]
@@ -616,11 +650,11 @@ def _earlier_seconds(partial_path: Path, run: Path) -> float:
     return seconds
 
 
-def _timed_attempt(cmd: list[str], log: Path, partial_path: Path, earlier: float) -> float:
+def _timed_attempt(cmd: list[str], log: Path, partial_path: Path, earlier: float, pid_file: Path) -> float:
     start = time.time()
     _atomic_write(partial_path, json.dumps({"seconds": earlier, "started": start}))
     try:
-        return run_cmd(cmd, log)
+        return run_cmd(cmd, log, pid_file=pid_file)
     finally:  # keep the time spent when this attempt fails (a SIGKILL skips this: see _earlier_seconds)
         _atomic_write(partial_path, json.dumps({"seconds": earlier + time.time() - start, "started": None}))
 
