@@ -3,9 +3,10 @@
 import json
 import os
 import re
+import base64
+import html
 import subprocess
 import sys
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -50,20 +51,27 @@ def test_demo_reduced_runs_end_to_end_and_reuses_everything(tmp_path):
     assert len(report["train_loss_curve"]) == 5
 
     page = (work / "report.html").read_text()
-    svgs = re.findall(r"<svg.*?</svg>", page, flags=re.S)
-    assert len(svgs) == 4
-    for svg in svgs:
-        ET.fromstring(svg)  # well-formed SVG
-    for title in ("Training losses", "World cosine per horizon", "Gate opening", "Success rate"):
-        assert title in page
-    assert svgs[0].count('class="series"') >= 2 and svgs[1].count('class="series"') >= 1
+    charts = re.findall(r'<img class="chart" alt="([^"]*)" src="data:image/png;base64,([^"]+)"', page)
+    assert len(charts) == 4
+    for _, data in charts:
+        assert base64.b64decode(data).startswith(b"\x89PNG")  # a real PNG inline: readable offline
+    alts = [html.unescape(alt) for alt, _ in charts]
+    for alt, title in zip(alts, ("Training losses", "World cosine per horizon", "Gate opening", "Success rate")):
+        assert alt.startswith(title)
+    assert "action loss (fixed batches)" in alts[0] and "world loss (fixed batches)" in alts[0]
+    assert "horizon 1" in alts[1] and "tanh(gate)" in alts[2]
+    # The probe's verdict stands next to the success rate, in the page and in the console summary.
+    probe = report["probe"]
+    assert {"reads_memory", "gate", "action_loss"} <= set(probe)
+    verdict = "reads its world memory" if probe["reads_memory"] else "IGNORES its world memory"
+    assert verdict in page and f"world memory   {verdict}" in res.stdout
 
     # Second run: every stage is reused and it says so.
     res2 = _demo(work)
     assert res2.returncode == 0, res2.stdout[-4000:] + res2.stderr[-4000:]
-    for stage in ("record", "latents", "train", "eval", "metrics"):
+    for stage in ("record", "latents", "train", "eval", "metrics", "probe"):
         assert re.search(rf"\] {stage}: .*skipped", res2.stdout), (stage, res2.stdout)
-    assert "lerobot-train" not in res2.stdout and "lerobot-eval" not in res2.stdout
+    assert "lerobot-train" not in res2.stdout and "lerobot-eval" not in res2.stdout and "lerobot-wm-probe" not in res2.stdout
     again = json.loads((work / "report.json").read_text())
     assert again["per_checkpoint_metrics"] == per and again["success_rate"] == report["success_rate"]
 

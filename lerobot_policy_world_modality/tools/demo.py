@@ -7,8 +7,10 @@ Stages, each a subprocess of the project's or LeRobot's own console scripts, log
 2. latents  `lerobot-wm-precompute --encoder=pixels`: the latent cache and the latent-only training view;
 3. train    `lerobot-train --policy.type=world_f` on that view, saving a checkpoint every `--save_freq`;
 4. eval     `lerobot-eval --env.type=metaworld` on the final checkpoint;
-5. report   per-checkpoint metrics on fixed dataset batches (`report.checkpoint_metrics`), then
-            `<work_dir>/report.html` (inline SVG charts) and `<work_dir>/report.json`.
+5. probe    `lerobot-wm-probe` on the final checkpoint when the variant has a world memory (F): does the
+            action path read it? Its verdict is printed next to the success rate;
+6. report   per-checkpoint metrics on fixed dataset batches (`report.checkpoint_metrics`), then
+            `<work_dir>/report.html` (matplotlib charts inline as PNG) and `<work_dir>/report.json`.
 
 Running it again reuses every finished stage (complete dataset, complete cache, checkpoint at the
 requested step, finished evaluation, computed metrics) and says so; an interrupted training resumes
@@ -283,6 +285,22 @@ def stage_eval(args, work: Path, run_dir: Path) -> tuple[Path, dict]:
     return eval_dir, record
 
 
+def stage_probe(args, work: Path, run_dir: Path, view: Path, repo_id: str) -> dict | None:
+    """`lerobot-wm-probe` of the final checkpoint (variant F only), reused when its JSON exists; None without memory."""
+    if args.variant != "F":
+        _say(f"probe: variant {args.variant} has no world memory - skipped")
+        return None
+    ckpt = run_dir / "checkpoints" / f"{args.steps:06d}" / "pretrained_model"
+    out = work / "probe" / f"{run_dir.name}_{args.steps:06d}.json"
+    if out.exists():
+        _say(f"probe: result found at {out} - skipped")
+    else:
+        cmd = [_bin("lerobot-wm-probe"), f"--policy.path={ckpt}", f"--dataset.root={view}",
+               f"--dataset.repo_id={repo_id}", f"--batches={args.metric_batches}", "--batch_size=16", f"--out={out}"]
+        run_stage("probe", cmd, work / "logs" / f"probe_{run_dir.name}.log", env={"HF_HUB_OFFLINE": "1"})
+    return json.loads(out.read_text())
+
+
 def stage_metrics(args, work: Path, run_dir: Path, view: Path, repo_id: str) -> list[dict]:
     """checkpoint_metrics of every saved checkpoint, cached per checkpoint in <work>/metrics/."""
     from .report import checkpoint_metrics
@@ -359,17 +377,20 @@ def main(argv: list[str] | None = None) -> int:
         run_dir, train = stage_train(args, work, repo_id, root, view)
         eval_dir, evald = stage_eval(args, work, run_dir)
         per_ckpt = stage_metrics(args, work, run_dir, view, repo_id)
+        probe = stage_probe(args, work, run_dir, view, repo_id)
     except DemoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     report = build_report(args, work, repo_id, root, run_dir, train, eval_dir, evald, per_ckpt)
-    from .report import write_report
+    report["probe"] = probe
+    from .report import probe_verdict, write_report
 
     json_path, html_path = write_report(report, work)
     rate = report["success_rate"]
     print("\n==================== world_f demo ====================")
     print(f"task           {args.task}  ({report['episodes']} expert episodes, {report['frames']} frames)")
     print(f"success rate   {'n/a' if rate is None else f'{100 * rate:.0f}%'} over {args.eval_episodes} eval episodes")
+    print(f"world memory   {probe_verdict(probe)}")
     print(f"training time  {report['train_seconds']:.0f} s for {args.steps} steps (batch {args.batch_size}, {args.size} model)")
     print(f"checkpoint     {report['checkpoint']}")
     print(f"eval videos    {report['eval_videos'] or 'none'}")

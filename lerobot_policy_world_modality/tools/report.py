@@ -1,4 +1,4 @@
-"""Checkpoint metrics and the demo's one-page report (HTML with hand-written inline SVG charts, plus JSON).
+"""Checkpoint metrics and the demo's one-page report (HTML with inline PNG charts from `plots`, plus JSON).
 
 `checkpoint_metrics` is the reusable piece (built from `load_checkpoint`, `fixed_batches` and
 `mean_forward_scalars`, which `lerobot-wm-probe` uses too): it reloads a saved policy and its
@@ -8,7 +8,7 @@ the averaged scalars the policy logs (action loss, world loss, world cosine per 
 ...). lerobot-train's console log only prints the total loss, so the report's training curves come
 from here.
 
-No plotting library is needed: the charts are small SVG documents written by hand.
+The charts come from `plots` (matplotlib), embedded in the page as base64 PNG.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import math
 import re
 from pathlib import Path
 
-# Colours of successive series (colour-blind friendly palette).
-PALETTE = ["#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#7f7f7f", "#000000"]
+from .plots import bar_chart, line_chart
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -142,131 +141,6 @@ def parse_train_log(text: str, log_freq: int) -> list[tuple[int, float]]:
     return sorted(points.items())
 
 
-# ------------------------------------------------------------------------------------------------- SVG
-def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """About n round tick values covering [lo, hi]."""
-    if not math.isfinite(lo) or not math.isfinite(hi):
-        return [0.0, 1.0]
-    if hi <= lo:
-        hi = lo + (abs(lo) or 1.0)
-    raw = (hi - lo) / max(n - 1, 1)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    start = math.floor(lo / step) * step
-    ticks, t = [], start
-    while t <= hi + step * 1e-9:
-        ticks.append(round(t, 12))
-        t += step
-    if ticks[-1] < hi:
-        ticks.append(round(t, 12))
-    return ticks
-
-
-def _fmt(v: float) -> str:
-    if v == 0:
-        return "0"
-    if abs(v) >= 1000:
-        return f"{v / 1000:g}k"
-    return f"{v:.3g}"
-
-
-def line_chart(
-    series: dict[str, list[tuple[float, float]]],
-    title: str,
-    xlabel: str = "training step",
-    ylabel: str = "",
-    y_range: tuple[float, float] | None = None,
-    width: int = 520,
-    height: int = 300,
-) -> str:
-    """An inline SVG line chart of named (x, y) series, with axes, ticks, markers and a legend."""
-    left, right, top, bottom = 58, 16, 34, 46
-    pts = [(x, y) for s in series.values() for x, y in s if math.isfinite(y)]
-    head = (
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}">'
-        f'<rect width="{width}" height="{height}" fill="white"/>'
-        f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14" font-weight="bold">{html.escape(title)}</text>'
-    )
-    if not pts:
-        return head + f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" fill="#888">no data</text></svg>'
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    x_ticks = _nice_ticks(min(xs), max(xs))
-    y_ticks = _nice_ticks(*(y_range or (min(ys), max(ys))))
-    x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
-    pw, ph = width - left - right, height - top - bottom
-
-    def sx(x):
-        return left + (x - x0) / ((x1 - x0) or 1) * pw
-
-    def sy(y):
-        return top + ph - (min(max(y, y0), y1) - y0) / ((y1 - y0) or 1) * ph
-
-    out = [head]
-    for t in y_ticks:
-        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#e5e5e5"/>')
-        out.append(f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end" font-size="11">{_fmt(t)}</text>')
-    for t in x_ticks:
-        out.append(f'<line x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{top + ph}" y2="{top + ph + 4}" stroke="#333"/>')
-        out.append(f'<text x="{sx(t):.1f}" y="{top + ph + 16}" text-anchor="middle" font-size="11">{_fmt(t)}</text>')
-    out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>')
-    out.append(f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle" font-size="12">{html.escape(xlabel)}</text>')
-    out.append(
-        f'<text transform="translate(14 {top + ph / 2}) rotate(-90)" text-anchor="middle" font-size="12">'
-        f"{html.escape(ylabel)}</text>"
-    )
-    for i, (name, data) in enumerate(series.items()):
-        color = PALETTE[i % len(PALETTE)]
-        data = sorted((x, y) for x, y in data if math.isfinite(y))
-        if len(data) > 1:
-            path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in data)
-            out.append(f'<polyline class="series" fill="none" stroke="{color}" stroke-width="2" points="{path}"/>')
-        if len(data) <= 40:
-            out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}"/>' for x, y in data]
-        ly = top + 8 + 15 * i
-        out.append(f'<rect x="{left + pw - 150}" y="{ly}" width="10" height="10" fill="{color}"/>')
-        out.append(f'<text x="{left + pw - 136}" y="{ly + 9}" font-size="11">{html.escape(name)}</text>')
-    out.append("</svg>")
-    return "".join(out)
-
-
-def bar_chart(bars: list[tuple[str, float]], title: str, ylabel: str = "", y_max: float = 100.0,
-              width: int = 520, height: int = 300) -> str:
-    """An inline SVG bar chart (values on [0, y_max]) with each bar's value written above it."""
-    left, right, top, bottom = 58, 16, 34, 46
-    pw, ph = width - left - right, height - top - bottom
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}">'
-        f'<rect width="{width}" height="{height}" fill="white"/>'
-        f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14" font-weight="bold">{html.escape(title)}</text>'
-    ]
-    for t in _nice_ticks(0, y_max):
-        y = top + ph - t / y_max * ph
-        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e5e5e5"/>')
-        out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11">{_fmt(t)}</text>')
-    out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>')
-    out.append(
-        f'<text transform="translate(14 {top + ph / 2}) rotate(-90)" text-anchor="middle" font-size="12">'
-        f"{html.escape(ylabel)}</text>"
-    )
-    slot = pw / max(len(bars), 1)
-    for i, (label, value) in enumerate(bars):
-        h = max(0.0, min(value, y_max)) / y_max * ph
-        x = left + i * slot + slot * 0.2
-        out.append(f'<rect class="bar" x="{x:.1f}" y="{top + ph - h:.1f}" width="{slot * 0.6:.1f}" '
-                   f'height="{h:.1f}" fill="{PALETTE[i % len(PALETTE)]}"/>')
-        # The value sits above the bar, or inside it (in white) when the bar reaches the top.
-        inside = h > ph - 16
-        ty, fill = (top + ph - h + 16, "white") if inside else (top + ph - h - 5, "#222")
-        out.append(f'<text x="{x + slot * 0.3:.1f}" y="{ty:.1f}" text-anchor="middle" fill="{fill}" '
-                   f'font-size="12">{value:.0f}%</text>')
-        out.append(f'<text x="{x + slot * 0.3:.1f}" y="{top + ph + 16}" text-anchor="middle" font-size="11">'
-                   f"{html.escape(label)}</text>")
-    out.append("</svg>")
-    return "".join(out)
-
-
 # ---------------------------------------------------------------------------------------------- report
 def metric_series(per_ckpt: list[dict], keys: list[str], labels: dict[str, str] | None = None) -> dict:
     """Chart series {label: [(step, value)]} of `keys` present in the per-checkpoint metric dicts."""
@@ -285,8 +159,45 @@ def _with_zero(series: dict) -> tuple[float, float] | None:
     return (min(0.0, *ys), max(0.0, *ys)) if ys else None
 
 
+def probe_verdict(probe: dict | None) -> str:
+    """One line saying whether `lerobot-wm-probe`'s result shows the actions reading the world memory.
+
+    Shown next to every success rate of a policy with a memory, so that a success rate is never read
+    as evidence for a memory the policy ignores.
+    """
+    if not probe:
+        return "no world memory (nothing to probe)"
+    if "error" in probe:
+        return f"probe failed: {probe['error']}"
+    change = probe.get("action_loss_change_vs_pred", {})
+    ablated = {m: change[m] for m in ("zero", "shuffle") if m in change}
+    worst = max(ablated, key=lambda m: abs(ablated[m])) if ablated else None
+    detail = f"'{worst}' memory changes the action loss by {100 * ablated[worst]:+.1f}%" if worst else ""
+    gate = probe.get("gate")
+    gate_txt = f", gate tanh(g) {gate:.2g}" if isinstance(gate, (int, float)) else ""
+    if probe.get("reads_memory"):
+        return f"reads its world memory ({detail}{gate_txt})"
+    return f"IGNORES its world memory ({detail}{gate_txt}): the success rate says nothing about the memory"
+
+
+def world_cos_keys(keys) -> list[str]:
+    """The world-cosine scalars among `keys`, by horizon: world_cos_h{k} with its copy-baseline and motion
+    companions (`world_copy_cos_h{k}`, `world_motion_cos_h{k}`) next to it when they exist."""
+    found = [k for k in keys if re.fullmatch(r"world_(copy_|motion_)?cos_h\d+", k)]
+    kind = {"world_cos": 0, "world_copy_cos": 1, "world_motion_cos": 2}
+    return sorted(set(found), key=lambda k: (int(k.rsplit("_h", 1)[1]), kind[k.rsplit("_h", 1)[0]]))
+
+
+def _cos_label(key: str) -> str:
+    name, h = key.rsplit("_h", 1)
+    return {"world_cos": f"horizon {h}", "world_copy_cos": f"copy baseline h{h}",
+            "world_motion_cos": f"motion cos h{h}"}[name]  # fmt: skip
+
+
 def build_charts(report: dict) -> list[str]:
-    """The report's SVG charts: losses, world cosine per horizon, gate opening, success rate."""
+    """The report's charts (inline PNG): losses, world cosine per horizon, gate opening, success rate."""
+    from .stats import wilson_interval
+
     per_ckpt = report.get("per_checkpoint_metrics", [])
     losses = metric_series(
         per_ckpt, ["action_loss", "world_loss"],
@@ -294,17 +205,33 @@ def build_charts(report: dict) -> list[str]:
     )  # fmt: skip
     if report.get("train_loss_curve"):
         losses = {"train loss (console)": report["train_loss_curve"], **losses}
-    horizons = sorted({k for m in per_ckpt for k in m if k.startswith("world_cos_h")}, key=lambda k: int(k[11:]))
-    cos = metric_series(per_ckpt, horizons, {k: f"horizon {k[11:]}" for k in horizons})
+    horizons = world_cos_keys({k for m in per_ckpt for k in m})
+    cos = metric_series(per_ckpt, horizons, {k: _cos_label(k) for k in horizons})
     gate = metric_series(per_ckpt, ["gate", "gate_abs_max"], {"gate": "tanh(gate)", "gate_abs_max": "max |tanh(gate)|"})
     evals = report.get("evaluations") or []
-    bars = [(f"step {e['train_step']}", e["success_rate"] * 100) for e in evals]
+    labels = [f"step {e['train_step']}" for e in evals]
+    rates = [e["success_rate"] * 100 for e in evals]
+    cis = [wilson_interval(round(e["success_rate"] * e["n_episodes"]), e["n_episodes"]) for e in evals]
     return [
         line_chart(losses, "Training losses", ylabel="loss"),
         line_chart(cos, "World cosine per horizon", ylabel="cos(pred, true future latent)"),
         line_chart(gate, "Gate opening over training", ylabel="tanh(gate)", y_range=_with_zero(gate)),
-        bar_chart(bars, f"Success rate ({report.get('eval_episodes', '?')} episodes)", ylabel="success %"),
-    ]
+        bar_chart(labels, rates, f"Success rate ({report.get('eval_episodes', '?')} episodes, Wilson 95%)",
+                  errors=[(100 * lo, 100 * hi) for lo, hi in cis]),
+    ]  # fmt: skip
+
+
+# Style of the one-page reports (demo and compare).
+PAGE_CSS = """
+body { font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1200px; }
+table { border-collapse: collapse; margin: 8px 0 16px; }
+th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: left; font-size: 13px; }
+th { background: #f5f5f5; }
+.grid { display: flex; flex-wrap: wrap; gap: 12px; }
+.cell { border: 1px solid #ddd; }
+pre { background: #f7f7f7; padding: 6px; font-size: 11px; white-space: pre-wrap; word-break: break-all; }
+figure { display: inline-block; margin: 4px; }
+"""
 
 
 def _rel(path: str | None, base: Path) -> str:
@@ -317,7 +244,7 @@ def _rel(path: str | None, base: Path) -> str:
 
 
 def render_html(report: dict, base: Path) -> str:
-    """The one-page HTML report (self-contained: charts are inline SVG; videos are linked files)."""
+    """The one-page HTML report (self-contained: charts are inline PNG; videos are linked files)."""
     esc = html.escape
     rate = report.get("success_rate")
     rows = [
@@ -327,6 +254,7 @@ def render_html(report: dict, base: Path) -> str:
         ("training", f"{report['train_steps']} steps in {report['train_seconds']:.0f} s"),
         ("evaluation", f"{report['eval_episodes']} episodes, episode_length {report.get('episode_length', '?')}"),
         ("success rate", "n/a" if rate is None else f"{100 * rate:.0f}%"),
+        ("world memory (probe)", probe_verdict(report.get("probe"))),
         ("checkpoint", report["checkpoint"]),
         ("eval videos", report.get("eval_videos") or "none"),
     ]
@@ -349,24 +277,19 @@ def render_html(report: dict, base: Path) -> str:
         for v in videos[:4]
     )
     commands = "".join(f"<pre>{esc(c)}</pre>" for c in report.get("commands", []))
-    charts = "".join(f"<div class='cell'>{svg}</div>" for svg in build_charts(report))
+    probe = report.get("probe") or {}
+    probe_html = "".join(f"<li>{esc(line)}</li>" for line in probe.get("summary", []))
+    probe_html = f"<h2>World-memory probe</h2><ul>{probe_html}</ul>" if probe_html else ""
+    charts = "".join(f"<div class='cell'>{img}</div>" for img in build_charts(report))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>world_f demo: {esc(report['task'])}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1120px; }}
-table {{ border-collapse: collapse; margin: 8px 0 16px; }}
-th, td {{ border: 1px solid #ddd; padding: 4px 8px; text-align: left; font-size: 13px; }}
-th {{ background: #f5f5f5; }}
-.grid {{ display: flex; flex-wrap: wrap; gap: 12px; }}
-.cell {{ border: 1px solid #ddd; }}
-pre {{ background: #f7f7f7; padding: 6px; font-size: 11px; white-space: pre-wrap; word-break: break-all; }}
-figure {{ display: inline-block; margin: 4px; }}
-</style></head><body>
+<style>{PAGE_CSS}</style></head><body>
 <h1>world_f on MetaWorld <code>{esc(report['task'])}</code></h1>
 <p>Expert demonstrations &rarr; world latents (encoder <code>{esc(report.get('encoder', ''))}</code>) &rarr;
 <code>lerobot-train --policy.type=world_f</code> &rarr; <code>lerobot-eval --env.type=metaworld</code>.
 Curves are measured on fixed dataset batches at each saved checkpoint (eval mode).</p>
 <table>{table}</table>
+{probe_html}
 <div class="grid">{charts}</div>
 <h2>Per-checkpoint metrics</h2>{metrics_table}
 <h2>Evaluation videos</h2>{video_html or '<p>none</p>'}

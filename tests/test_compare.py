@@ -1,0 +1,229 @@
+"""`lerobot-wm-compare`: spec validation (fast), unit planning and sharding, presets, and one real end-to-end
+run in subprocesses (MetaWorld) that is killed during training, resumed, and rerun as a no-op."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from support.cli import BIN, TINY_WORLD_F
+from support.datasets import make_synthetic_dataset
+
+from lerobot_policy_world_modality.tools import compare
+from lerobot_policy_world_modality.tools.compare import SpecError
+
+REPO = "local/compare_test"
+PRESETS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
+COMMON = ["--policy.type=world_f", "--policy.device=cpu", "--policy.push_to_hub=false", "--dataset.video_backend=pyav",
+          "--num_workers=0", "--eval_freq=0", "--wandb.enable=false", *TINY_WORLD_F]  # fmt: skip
+
+
+def tiny_spec(root: Path, out: Path, **over) -> dict:
+    """2 arms (A, F) x 2 seeds x 1 MetaWorld task x 2 episodes of 10 steps, tiny models (~10 s of training)."""
+    spec = {
+        "name": "tiny", "output_dir": str(out),
+        "dataset": {"repo_id": REPO, "root": str(root), "encoder": "pixels"},
+        "train": {"seeds": [0, 1], "steps": 600, "batch_size": 16, "save_freq": 200, "log_freq": 100,
+                  "curve_batches": 1, "flags": COMMON},
+        "arms": [{"name": "A", "flags": ["--policy.variant=A"]}, {"name": "F", "flags": ["--policy.variant=F"]}],
+        "eval": {"env": "metaworld", "tasks": ["button-press-v3"], "episodes": 2, "seed": 1000, "episode_length": 10},
+        "probe": {"batches": 1, "batch_size": 8},
+        "comparisons": ["F@pred vs A@pred"],
+    }  # fmt: skip
+    spec.update(over)
+    return spec
+
+
+@pytest.fixture(scope="module")
+def dataset_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare") / "ds"
+    make_synthetic_dataset(root, repo_id=REPO, episode_lengths=(12, 9, 10), image_hw=(48, 48))
+    return root
+
+
+# ------------------------------------------------------------------------------------------ validation
+def test_valid_spec_resolves_arms_and_units(dataset_root, tmp_path):
+    plan = compare.validate(tiny_spec(dataset_root, tmp_path / "out"))
+    a, f = plan.arms["A"], plan.arms["F"]
+    assert (a.has_memory, f.has_memory) == (False, True) and a.uses_view and f.uses_latents
+    assert a.modes == f.modes == ["pred"] and plan.comparisons == [("F@pred", "A@pred")]
+    ids = [u.id for u in compare.plan_units(plan)]
+    assert ids[0] == "precompute" and "probe/F/seed1" in ids and not any(i.startswith("probe/A") for i in ids)
+    assert len(ids) == 1 + 4 + 4 + 2
+    flags = compare.train_flags(plan, f, 1)
+    assert "--seed=1" in flags and f"--dataset.root={plan.view_root()}" in flags
+    assert f"--policy.latent_cache_root={plan.cache_root}" in flags
+
+
+def test_unknown_arm_in_a_comparison(dataset_root, tmp_path):
+    with pytest.raises(SpecError, match=r"names arm 'Z'.*\['A', 'F'\].*add the arm"):
+        compare.validate(tiny_spec(dataset_root, tmp_path, comparisons=["Z@pred vs A@pred"]))
+    with pytest.raises(SpecError, match=r"arm 'F' is not evaluated with rollout mode 'zero'"):
+        compare.validate(tiny_spec(dataset_root, tmp_path, comparisons=["F@zero vs A@pred"]))
+
+
+def test_missing_dataset_names_the_path_and_the_fix(tmp_path):
+    missing = tmp_path / "no_such_dataset"
+    with pytest.raises(SpecError, match=r"no_such_dataset is not a LeRobotDataset.*lerobot-wm-record-metaworld.*dataset\.record"):
+        compare.validate(tiny_spec(missing, tmp_path / "out"))
+
+
+def test_flags_lerobot_train_would_reject(dataset_root, tmp_path):
+    bad_name = tiny_spec(dataset_root, tmp_path, arms=[{"name": "A", "flags": ["--policy.varient=A"]},
+                                                        {"name": "F", "flags": ["--policy.variant=F"]}])  # fmt: skip
+    with pytest.raises(SpecError, match=r"Arm 'A'.*--policy\.varient"):
+        compare.validate(bad_name)
+    bad_value = tiny_spec(dataset_root, tmp_path, arms=[{"name": "A", "flags": ["--policy.variant=A"]},
+                                                         {"name": "F", "flags": ["--policy.variant=Q"]}])  # fmt: skip
+    with pytest.raises(SpecError, match=r"Arm 'F'.*variant"):
+        compare.validate(bad_value)
+    owned = tiny_spec(dataset_root, tmp_path, arms=[{"name": "A", "flags": ["--policy.variant=A", "--steps=10"]},
+                                                     {"name": "F", "flags": ["--policy.variant=F"]}])  # fmt: skip
+    with pytest.raises(SpecError, match=r"Arm 'A' sets \['--steps=10'\].*share data and budget"):
+        compare.validate(owned)
+
+
+def test_cli_rejects_a_bad_spec_before_running_anything(dataset_root, tmp_path):
+    out = tmp_path / "out"
+    spec = tiny_spec(dataset_root, out, arms=[{"name": "A", "flags": ["--policy.variant=A"]},
+                                              {"name": "F", "flags": ["--policy.bogus=1"]}])  # fmt: skip
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    res = subprocess.run([str(BIN / "lerobot-wm-compare"), str(path)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "Arm 'F'" in res.stderr and "--policy.bogus" in res.stderr and "Fix or remove" in res.stderr
+    assert not out.exists()  # nothing trained, nothing written
+
+
+# --------------------------------------------------------------------------------------------- shards
+def test_shards_split_units_deterministically_and_keep_evals_with_their_training(dataset_root, tmp_path):
+    spec = tiny_spec(dataset_root, tmp_path, train={**tiny_spec(dataset_root, tmp_path)["train"], "seeds": [0, 1, 2]})
+    units = compare.plan_units(compare.validate(spec, check_flags=False))
+    for n in (1, 2, 4):
+        shards = [[u.id for u in units if compare.shard_of(u, n) == i] for i in range(n)]
+        assert sorted(sum(shards, [])) == sorted(u.id for u in units)  # every unit once
+        assert compare.shard_of(units[0], n) == 0  # the shared precompute is shard 0's
+        for u in units:
+            if u.kind in ("eval", "probe"):
+                train = next(t for t in units if t.id == u.deps[0])
+                assert compare.shard_of(u, n) == compare.shard_of(train, n)
+    assert [u.id for u in compare.plan_units(compare.validate(spec, check_flags=False))] == [u.id for u in units]
+
+
+# -------------------------------------------------------------------------------------------- presets
+@pytest.mark.parametrize("name", ["metaworld_smoke", "metaworld_world_vs_baselines"])
+def test_metaworld_presets_validate_with_lerobots_parser(name, tmp_path):
+    """Every arm's full flag list parses. Needs world_f's A_hist / world_path flags and the probe's --episodes."""
+    plan = compare.validate(compare.load_spec(PRESETS / f"{name}.yaml"), output_dir=str(tmp_path))
+    units = compare.plan_units(plan)
+    assert units[0].id == "record" and units[1].id == "precompute"
+    assert all(compare.unit_commands(plan, u) for u in units)
+
+
+def test_world_vs_baselines_preset_is_the_issues_grid():
+    spec = compare.load_spec(PRESETS / "metaworld_world_vs_baselines.yaml")
+    assert len(spec["train"]["seeds"]) >= 3 and len(spec["eval"]["tasks"]) == 3 and spec["eval"]["episodes"] >= 10
+    assert "pick-place-v3" in spec["eval"]["tasks"] and spec["dataset"]["record"]["episodes_per_task"] >= 30
+    arms = {a["name"]: a for a in spec["arms"]}
+    assert {"A", "A_hist", "B_cont", "F_cross_attn", "F_in_trunk", "F_oracle"} <= set(arms)
+    assert all(arms[n]["rollout_modes"] == ["pred", "zero"] for n in arms if n.startswith("F"))
+
+
+def test_libero_preset_structure(tmp_path):
+    """Offline there is no LIBERO data nor SmolVLA weights: check everything but the flags and the dataset."""
+    plan = compare.validate(compare.load_spec(PRESETS / "libero_smolvla_E0_E2.yaml"), str(tmp_path),
+                            check_flags=False, require_data=False)  # fmt: skip
+    assert plan.arms["E0"].init_from == plan.arms["E2"].init_from  # same init weights
+    assert plan.comparisons[0] == ("E2@pred", "E0@none")
+
+
+# ----------------------------------------------------------------------------------------- end to end
+def _compare(spec_path: Path, *extra, wait=True):
+    env = {**os.environ, "MUJOCO_GL": "egl"}
+    cmd = [str(BIN / "lerobot-wm-compare"), str(spec_path), "--jobs=2", *extra]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+
+
+@pytest.mark.slow
+def test_end_to_end_killed_rerun_resumed_and_noop(dataset_root, tmp_path):
+    out = tmp_path / "out"
+    spec_path = tmp_path / "tiny.yaml"
+    spec_path.write_text(yaml.safe_dump(tiny_spec(dataset_root, out)))
+
+    # Kill the tool (SIGKILL: no clean-up) as soon as it starts a training: its children die with it. The
+    # trigger is the tool's own progress line, read from its pipe (pollers that sleep were seen to lag by
+    # ~20 s on this shared machine, longer than a tiny training).
+    proc = _compare(spec_path, wait=False)
+    for line in proc.stdout:
+        if "train/A/seed0: started" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not list(out.glob("units/train*"))
+    pid_file = out / "train/A/.seed0.pid"  # the training child, if the tool got to start it, died with it
+    pid = int(pid_file.read_text()) if pid_file.exists() else None
+    for _ in range(100):
+        stat = Path(f"/proc/{pid}/stat")
+        if pid is None or not stat.exists() or stat.read_text().split(") ", 1)[1].startswith("Z"):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"lerobot-train (pid {pid}) outlived the killed tool")
+
+    res = _compare(spec_path)
+    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
+    report = json.loads((out / "report.json").read_text())
+    units = {u["id"]: u for u in report["units"]}
+    assert len(units) == 11 and report["complete"] and all(u["status"] == "done" for u in units.values())
+    for run in out.glob("train/*/seed*"):  # every run, resumed or not, reached the shared budget
+        assert json.loads((run / "checkpoints/last/training_state/training_step.json").read_text())["step"] == 600
+    rows = {(r["arm"], r["mode"]): r for r in report["results"]}
+    assert set(rows) == {("A", "pred"), ("F", "pred")} and all(r["episodes"] == 4 for r in rows.values())
+    comp = report["comparisons"][0]
+    assert comp["pairs"] == 4 and comp["verdict"] in ("F@pred better", "A@pred better",
+                                                       "no detectable difference at this sample size")  # fmt: skip
+    assert [(p["arm"], p["seed"]) for p in report["probes"]] == [("F", 0), ("F", 1)]
+    assert all(isinstance(p["reads_memory"], bool) and "world_cos_h1" in p["world"] for p in report["probes"])
+    assert all(c["checkpoints"] and c["console_loss"] for c in report["curves"].values())
+    md = (out / "results.md").read_text()
+    for uid in units:
+        assert f"| {uid} | done |" in md
+    page = (out / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') >= 4 and "McNemar" in page and "lerobot-train" in page
+
+    # A training killed after its first checkpoint (made from a finished run: its later checkpoints, its
+    # record and its evaluations' records removed) resumes from that checkpoint and ends the same way.
+    run = out / "train/F/seed1"
+    ckpts = run / "checkpoints"
+    for step in ("000400", "000600"):
+        shutil.rmtree(ckpts / step)
+    (ckpts / "last").unlink()
+    (ckpts / "last").symlink_to("000200")
+    for rec in [*out.glob("units/train__F__seed1.json"), *out.glob("units/eval__F__seed1__*.json"),
+                *out.glob("units/probe__F__seed1.json")]:  # fmt: skip
+        rec.unlink()
+    res = _compare(spec_path)
+    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
+    assert "train/F/seed1: resuming from its checkpoint at step 200" in res.stdout
+    assert res.stdout.count(": started") == 3  # the training, its evaluation and its probe, nothing else
+    assert json.loads((ckpts / "last/training_state/training_step.json").read_text())["step"] == 600
+    rec = json.loads((out / "units/train__F__seed1.json").read_text())
+    assert rec["commands"][-1].endswith("--resume=true") and "--config_path=" in rec["commands"][-1]
+    md = (out / "results.md").read_text()
+    for uid in units:
+        assert f"| {uid} | done |" in md
+
+    # A rerun runs nothing and writes the same tables.
+    res2 = _compare(spec_path)
+    assert res2.returncode == 0, res2.stderr[-3000:]
+    assert "nothing to do" in res2.stdout and "started" not in res2.stdout
+    assert (out / "results.md").read_text() == md
