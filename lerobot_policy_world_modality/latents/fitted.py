@@ -25,6 +25,8 @@ from .encoders import EncoderIdentity, WorldEncoder
 # File whose presence marks a directory as a fitted world encoder.
 MARKER_FILE = "wm_encoder.json"
 WEIGHTS_FILE = "model.safetensors"
+# Working folder of lerobot-wm-fit-encoder (decoded frames, training checkpoint) inside the encoder dir.
+STATE_DIR = "fit_state"
 # The marker's "format" value; a directory claiming another format is refused.
 FORMAT_NAME = "lerobot_wm_fitted_encoder"
 # Bumped when the directory layout or the network definition changes incompatibly.
@@ -78,14 +80,19 @@ def build_net(arch: dict) -> ConvEncoderNet:
 
 
 def is_fitted_dir(name_or_path: str) -> bool:
-    """True when `name_or_path` is a directory holding a fitted-encoder marker."""
+    """True when `name_or_path` is a fitted-encoder directory: it has the marker, or a fit is under way there."""
     path = Path(name_or_path).expanduser()
-    return path.is_dir() and (path / MARKER_FILE).is_file()
+    return path.is_dir() and ((path / MARKER_FILE).is_file() or (path / STATE_DIR).is_dir())
 
 
 def read_marker(directory: str | Path) -> dict:
     """The marker's content, checked for format and version."""
     path = Path(directory).expanduser() / MARKER_FILE
+    if not path.exists():
+        raise FittedEncoderError(
+            f"Encoder directory '{directory}' has no {MARKER_FILE}: the lerobot-wm-fit-encoder run writing it has not "
+            "finished. Fix: rerun the same lerobot-wm-fit-encoder command (it resumes from its last checkpoint)."
+        )
     try:
         marker = json.loads(path.read_text())
     except (OSError, ValueError) as err:

@@ -41,6 +41,7 @@ from ..latents.fitted import (
     FITTED_MEAN,
     FITTED_STD,
     MARKER_FILE,
+    STATE_DIR,
     WEIGHTS_FILE,
     ConvEncoderNet,
     build_net,
@@ -51,7 +52,6 @@ from ..latents.fitted import (
 
 # Name of the objective in the marker (part of the encoder identity).
 OBJECTIVE = "temporal-infonce-v1"
-STATE_DIR = "fit_state"
 FRAMES_FILE = "frames.npy"
 CHECKPOINT_FILE = "checkpoint.pt"
 # Frames decoded per LeRobot decoder call: contiguous runs, bounded memory at 480x480 float32.
