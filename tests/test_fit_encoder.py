@@ -177,3 +177,18 @@ def test_linear_probe_recovers_a_known_signal_and_only_from_the_image():
     assert ridge_probe(latents, side, episodes, binary=True)["accuracy"] > 0.9
     blind = ridge_probe(np.zeros_like(latents), side, episodes, binary=True)
     assert blind["accuracy"] <= blind["majority_rate"] + 1e-9
+
+
+@pytest.mark.slow
+def test_demo_encoder_fit_fits_on_the_recorded_dataset_once(dataset_root, tmp_path):
+    """`lerobot-wm-demo --encoder=fit`: the fit stage writes an encoder the later stages get, and a rerun reuses it."""
+    from lerobot_policy_world_modality.tools import demo
+
+    args = demo.build_parser().parse_args(["--encoder=fit", *[f"--fit_arg={a}" for a in TINY_FIT]])
+    enc = demo.stage_encoder(args, tmp_path, REPO, dataset_root)
+    assert Path(enc).parent == tmp_path / "encoder" and (Path(enc) / MARKER_FILE).is_file()
+    assert resolve_encoder_identity(enc).kind == "fitted"
+    assert demo.stage_encoder(args, tmp_path, REPO, dataset_root) == enc
+    assert "already fitted" in (tmp_path / "logs" / "fit_encoder.log").read_text()
+    # Any other encoder passes through untouched.
+    assert demo.stage_encoder(demo.build_parser().parse_args([]), tmp_path, REPO, dataset_root) == "pixels"
