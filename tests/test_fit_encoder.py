@@ -196,3 +196,33 @@ def test_demo_encoder_fit_fits_on_the_recorded_dataset_once(dataset_root, tmp_pa
     assert "already fitted" in (tmp_path / "logs" / "fit_encoder.log").read_text()
     # Any other encoder passes through untouched.
     assert demo.stage_encoder(demo.build_parser().parse_args([]), tmp_path, REPO, dataset_root) == "pixels"
+
+
+@pytest.mark.slow
+def test_recorder_sim_state_column_is_optional_and_aligned(tmp_path):
+    """`--store_sim_state` adds MetaWorld's raw observation of the same step; without it, nothing changes and
+    a recording made before the flag existed is still recognised as finished."""
+    from lerobot_policy_world_modality.tools.record_metaworld import RECORDING_INFO, SIM_STATE_KEY
+
+    cli = BIN / "lerobot-wm-record-metaworld"
+    common = ["--env.task=drawer-close-v3", "--episodes_per_task=1", "--max_steps=6", "--success_only=false",
+              "--use_videos=false"]  # fmt: skip
+    plain = tmp_path / "plain"
+    res = _run([cli, "--dataset.repo_id=local/plain", f"--dataset.root={plain}", *common])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert SIM_STATE_KEY not in json.loads((plain / "meta" / "info.json").read_text())["features"]
+    info = json.loads((plain / RECORDING_INFO).read_text())
+    info["plan"].pop("store_sim_state")  # as written before the flag existed
+    (plain / RECORDING_INFO).write_text(json.dumps(info))
+    res = _run([cli, "--dataset.repo_id=local/plain", f"--dataset.root={plain}", *common])
+    assert res.returncode == 0 and "Dataset already recorded" in res.stdout, res.stdout + res.stderr[-2000:]
+
+    sim = tmp_path / "sim"
+    res = _run([cli, "--dataset.repo_id=local/sim", f"--dataset.root={sim}", *common, "--store_sim_state=true"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    table = LeRobotDataset("local/sim", root=sim).hf_dataset.data
+    raw = np.stack(table.column(SIM_STATE_KEY).to_numpy(zero_copy_only=False))
+    state = np.stack(table.column("observation.state").to_numpy(zero_copy_only=False))
+    assert raw.shape == (6, 39)
+    np.testing.assert_array_equal(raw[:, :4], state)  # agent_pos is the raw observation's first 4 entries
+    assert np.abs(raw[:, 4:7]).sum() > 0  # the object position is there
