@@ -19,6 +19,7 @@ torch thread). Prints a table and writes `--out` JSON.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import subprocess
 import sys
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table.to_string(index=False))
     write_result(args.out, {
         "benchmark": "encoder_bench", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": 1},
+        "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": 1,
+                    "loadavg": [round(x, 2) for x in os.getloadavg()]},
         "dataset": {"root": str(root), "frames": int(len(truth["episode"])), "episodes": int(len(np.unique(truth["episode"]))),
                     "test_fraction": 0.25},
         "command": " ".join(sys.argv), "rows": rows,
