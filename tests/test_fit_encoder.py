@@ -116,6 +116,12 @@ def test_same_seed_same_weights_and_a_refit_makes_the_cache_stale(dataset_root, 
     with pytest.raises(LatentCacheError, match="(?i)stale"):
         _cache(dataset_root, cache_root, str(a))
 
+    # A directory from another format version is refused with the fix, not misread.
+    marker = json.loads((b / MARKER_FILE).read_text())
+    (b / MARKER_FILE).write_text(json.dumps({**marker, "format_version": 99}))
+    with pytest.raises(FittedEncoderError, match="refit"):
+        load_encoder(str(b))
+
 
 @pytest.mark.slow
 def test_killed_fit_resumes_to_the_weights_of_an_uninterrupted_fit(dataset_root, tmp_path):
