@@ -149,8 +149,10 @@ def stage_encoder(args, work: Path, repo_id: str, root: Path) -> str:
     """`--encoder=fit`: fit a world encoder on the recorded dataset (reused on rerun); returns the encoder to use."""
     if args.encoder != "fit":
         return args.encoder
-    # Keyed by dataset and fit flags: other flags fit next to the old encoder instead of over it.
-    out = work / "encoder" / f"fit_{_key(str(root), args.fit_arg)}"
+    # Keyed by the dataset (its info.json changes when it is re-recorded) and the fit flags: other data or
+    # flags fit next to the old encoder instead of failing on it.
+    info = (root / "meta" / "info.json").read_text()
+    out = work / "encoder" / f"fit_{_key(str(root), info, args.fit_arg)}"
     cmd = [_bin("lerobot-wm-fit-encoder"), f"--dataset.repo_id={repo_id}", f"--dataset.root={root}",
            f"--output_dir={out}", *args.fit_arg]  # fmt: skip
     run_stage("fit-encoder", cmd, work / "logs" / "fit_encoder.log")
