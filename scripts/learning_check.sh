@@ -4,6 +4,8 @@
 # Target: >= 80% success. Results: outputs/learning_check/report.html (see docs/demo.md).
 # Reuse an already recorded dataset with: bash scripts/learning_check.sh --dataset_root=<dir>
 # It is the quickstart with larger settings: later flags override the quickstart's defaults.
+# With a fitted encoder instead of pixels: bash scripts/learning_check.sh --encoder=fit
+# (fits on the recorded demos first, reused on rerun; --fit_arg=--steps=800 etc. tune the fit).
 set -euo pipefail
 exec bash "$(dirname "$0")/quickstart.sh" --work_dir=outputs/learning_check --episodes=50 \
   --chunk_size=10 --n_action_steps=5 --steps=1500 --batch_size=64 --save_freq=500 --log_freq=50 \

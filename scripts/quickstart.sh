@@ -2,7 +2,9 @@
 # The README's one-command demo: record 10 MetaWorld expert demos of button-press-v3, precompute world
 # latents with the offline `pixels` encoder, train world_f with lerobot-train, evaluate it with
 # lerobot-eval, and write outputs/demo/report.html. Rerunning reuses every finished stage.
-# Extra flags are passed on to lerobot-wm-demo (see `lerobot-wm-demo --help`).
+# Extra flags are passed on to lerobot-wm-demo (see `lerobot-wm-demo --help`), e.g. `--encoder=fit` fits a
+# small world encoder on the recorded frames first (lerobot-wm-fit-encoder, reused on rerun) instead of
+# `pixels`, or `--encoder=<dir>` uses one fitted before.
 set -euo pipefail
 export MUJOCO_GL="${MUJOCO_GL:-egl}"
 # One torch thread per process: on a 2-core machine shared with other jobs, two spinning OpenMP threads

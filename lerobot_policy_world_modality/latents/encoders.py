@@ -23,7 +23,7 @@ class EncoderIdentity:
     """Everything that decides the bytes of a latent; part of the cache fingerprint and checkpoints."""
 
     name: str  # what the user passed: Hub id, local path or built-in name
-    kind: str  # "builtin", "dinov2", "siglip", "vjepa2"
+    kind: str  # "builtin", "dinov2", "siglip", "vjepa2", "fitted"
     revision: str  # Hub commit hash, sha256 of local weights, or the built-in's version tag
     pooling: str  # one of POOLINGS, or "none" for built-ins
     window: int  # frames per latent (1 for image encoders)
@@ -204,6 +204,10 @@ def resolve_encoder_identity(
     side = _builtin_side(name_or_path, pooling, window)
     if side is not None:
         return PixelThumbnailEncoder.make_identity(side)
+    from .fitted import fitted_identity, is_fitted_dir
+
+    if is_fitted_dir(name_or_path):
+        return fitted_identity(name_or_path, pooling=pooling, window=window)
     from .hf_encoders import resolve_encoder_identity as resolve_hf
 
     return resolve_hf(name_or_path, pooling=pooling, window=window, dtype=dtype)
@@ -218,13 +222,20 @@ def load_encoder(
 ) -> WorldEncoder:
     """Build a frozen, eval-mode world encoder from a built-in name, a Hub id or a local path.
 
+    A local path is either a transformers `save_pretrained` directory or a directory written by
+    `lerobot-wm-fit-encoder` (recognised by its `wm_encoder.json` marker, see `latents/fitted.py`).
+
     `pooling` and `window` default per family (see docs/encoders.md); `dtype` applies to model
     weights only (default float32), outputs are always float32. The encoder's `.identity` equals
     `resolve_encoder_identity(name_or_path, pooling, window, dtype)`.
     """
     side = _builtin_side(name_or_path, pooling, window)
+    from .fitted import is_fitted_dir, load_fitted_encoder
+
     if side is not None:
         encoder: WorldEncoder = PixelThumbnailEncoder(side)
+    elif is_fitted_dir(name_or_path):
+        encoder = load_fitted_encoder(name_or_path, pooling=pooling, window=window)
     else:
         from .hf_encoders import load_hf_encoder
 

@@ -40,7 +40,7 @@ SIZES = {
 }
 # Progress lines worth showing at once (the rest of a stage's output only goes to its log).
 _IMPORTANT = re.compile(r"(step:\S+ .*loss:|Recording finished|Dataset already|Latent cache for|pc_success|"
-                        r"Overall Aggregated|Error|error:|Traceback)")
+                        r"Overall Aggregated|Fitted encoder|already fitted|Error|error:|Traceback)")
 
 
 class DemoError(RuntimeError):
@@ -145,6 +145,20 @@ def stage_dataset(args, work: Path) -> tuple[str, Path]:
         cmd.append("--overwrite=true")  # the demo's own dataset, recorded with other settings: replace it
     run_stage("record", cmd, work / "logs" / "record.log")
     return repo_id, root
+
+
+def stage_encoder(args, work: Path, repo_id: str, root: Path) -> str:
+    """`--encoder=fit`: fit a world encoder on the recorded dataset (reused on rerun); returns the encoder to use."""
+    if args.encoder != "fit":
+        return args.encoder
+    # Keyed by the dataset (its info.json changes when it is re-recorded) and the fit flags: other data or
+    # flags fit next to the old encoder instead of failing on it.
+    info = (root / "meta" / "info.json").read_text()
+    out = work / "encoder" / f"fit_{_key(str(root), info, args.fit_arg)}"
+    cmd = [_bin("lerobot-wm-fit-encoder"), f"--dataset.repo_id={repo_id}", f"--dataset.root={root}",
+           f"--output_dir={out}", *args.fit_arg]  # fmt: skip
+    run_stage("fit-encoder", cmd, work / "logs" / "fit_encoder.log")
+    return str(out)
 
 
 def stage_latents(args, work: Path, repo_id: str, root: Path) -> Path:
@@ -340,7 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep only successful expert episodes (false: also short, unfinished ones)")
     p.add_argument("--dataset_root", default=None, help="use (or record into) this dataset instead of <work_dir>/dataset")
     p.add_argument("--repo_id", default=None, help="dataset repo id (default local/wm_demo_<task>)")
-    p.add_argument("--encoder", default="pixels", help="world encoder (offline default: pixels)")
+    p.add_argument("--encoder", default="pixels",
+                   help="world encoder: pixels (offline default), a Hub id or local dir, or 'fit' to fit one on the "
+                   "recorded dataset first (lerobot-wm-fit-encoder, reused on rerun)")
+    p.add_argument("--fit_arg", action="append", default=[], help="extra lerobot-wm-fit-encoder flag (repeatable)")
     p.add_argument("--variant", default="F", choices=["A", "B_cont", "F"], help="world_f variant")
     p.add_argument("--size", default="small", choices=sorted(SIZES), help="model size preset")
     p.add_argument("--chunk_size", type=int, default=10, help="action chunk length")
@@ -373,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
         repo_id, root = stage_dataset(args, work)
+        args.encoder = stage_encoder(args, work, repo_id, root)
         view = stage_latents(args, work, repo_id, root)
         run_dir, train = stage_train(args, work, repo_id, root, view)
         eval_dir, evald = stage_eval(args, work, run_dir)

@@ -44,6 +44,11 @@ METAWORLD_FPS = 80
 # Settings an interrupted recording may be resumed with changed values: they decide how many attempts are made
 # and kept, never what an attempt records (every attempt is seeded on its own).
 RESUMABLE_FIELDS = ("episodes_per_task", "max_attempts_per_task")
+# Optional column with MetaWorld's raw 39-d observation (hand, gripper, object positions and quaternions, goal).
+# Not named observation.*: LeRobot turns observation.* keys into policy inputs, and lerobot-eval's env has no
+# such input, so a policy trained on it could not be evaluated. It is ground truth for probes
+# (benchmarks/encoder_bench.py), not an observation.
+SIM_STATE_KEY = "sim.metaworld_obs"
 
 
 class RecordError(RuntimeError):
@@ -66,6 +71,12 @@ class RecordPlan:
     fps: int  # dataset fps (MetaWorld env's fps by default)
     use_videos: bool  # store observation.image as video (True) or as PNG images in parquet (False)
     vcodec: str  # LeRobot video codec name when use_videos
+    store_sim_state: bool = False  # also store MetaWorld's raw 39-d observation as SIM_STATE_KEY
+
+
+def plan_with_defaults(plan: dict) -> dict:
+    """A stored plan with the fields added after it was written set to their defaults (so old recordings match)."""
+    return {"store_sim_state": False, **plan}
 
 
 def episode_seed(seed: int, task: str, attempt: int) -> int:
@@ -124,8 +135,9 @@ def resolve_tasks(spec: str) -> list[str]:
     return tasks
 
 
-def dataset_features(use_videos: bool) -> dict:
+def dataset_features(use_videos: bool, store_sim_state: bool = False) -> dict:
     """LeRobot feature spec of the recorded dataset (the layout of LeRobot's MetaWorld env and datasets)."""
+    extra = {SIM_STATE_KEY: {"dtype": "float32", "shape": (39,), "names": None}} if store_sim_state else {}
     return {
         "observation.image": {
             "dtype": "video" if use_videos else "image",
@@ -134,6 +146,7 @@ def dataset_features(use_videos: bool) -> dict:
         },
         "observation.state": {"dtype": "float32", "shape": (4,), "names": STATE_NAMES},
         "action": {"dtype": "float32", "shape": (4,), "names": ACTION_NAMES},
+        **extra,
     }
 
 
@@ -161,7 +174,7 @@ class Staging:
             ) from err
         plan_path = self.dir / "plan.json"
         if plan_path.exists():
-            old = json.loads(plan_path.read_text())
+            old = plan_with_defaults(json.loads(plan_path.read_text()))
             diff = {
                 k: (old.get(k), v)
                 for k, v in asdict(plan).items()
@@ -228,7 +241,7 @@ def run_attempt(env, plan: RecordPlan, task: str, attempt: int, out_dir: Path, o
     dataset = LeRobotDataset.create(
         repo_id=plan.repo_id,
         fps=plan.fps,
-        features=dataset_features(plan.use_videos),
+        features=dataset_features(plan.use_videos, plan.store_sim_state),
         root=out_dir,
         robot_type="sawyer",
         use_videos=plan.use_videos,
@@ -248,14 +261,15 @@ def run_attempt(env, plan: RecordPlan, task: str, attempt: int, out_dir: Path, o
             expert = expert + rng.normal(0.0, plan.action_noise, size=expert.shape)
         # The executed action is the clipped float32 one; recording exactly it lets a replay reproduce frames.
         action = np.clip(expert, -1.0, 1.0).astype(np.float32)
-        dataset.add_frame(
-            {
-                "observation.image": obs["pixels"],
-                "observation.state": np.asarray(obs["agent_pos"], dtype=np.float32),
-                "action": action,
-                "task": env.task_description,
-            }
-        )
+        frame = {
+            "observation.image": obs["pixels"],
+            "observation.state": np.asarray(obs["agent_pos"], dtype=np.float32),
+            "action": action,
+            "task": env.task_description,
+        }
+        if plan.store_sim_state:
+            frame[SIM_STATE_KEY] = np.asarray(raw_obs, dtype=np.float32)
+        dataset.add_frame(frame)
         raw_obs, _reward, _terminated, truncated, info = env._env.step(action)
         steps += 1
         if success_step is None and bool(info.get("success", 0)):
@@ -309,7 +323,7 @@ def record(plan: RecordPlan, root: Path, overwrite: bool = False) -> dict:
         shutil.rmtree(root, ignore_errors=True)
     if root.exists():
         done = json.loads(info_path.read_text()) if info_path.exists() else None
-        same = done is not None and {k: v for k, v in done["plan"].items() if k != "max_attempts_per_task"} == {
+        same = done is not None and {k: v for k, v in plan_with_defaults(done["plan"]).items() if k != "max_attempts_per_task"} == {
             k: v for k, v in asdict(plan).items() if k != "max_attempts_per_task"
         }  # how many attempts were allowed does not change a finished dataset
         if same:
@@ -440,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset.use_videos", "--use_videos", dest="use_videos", type=_bool, nargs="?", const=True,
                    default=True)
     p.add_argument("--dataset.vcodec", "--vcodec", dest="vcodec", default="libsvtav1")
+    p.add_argument("--store_sim_state", type=_bool, nargs="?", const=True, default=False,
+                   help=f"also store MetaWorld's raw 39-d observation (object positions) as {SIM_STATE_KEY}, for probes")
     p.add_argument("--overwrite", type=_bool, nargs="?", const=True, default=False,
                    help="discard an existing dataset or interrupted recording at this root")
     return p
@@ -479,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed, action_noise=args.action_noise, success_only=args.success_only,
             max_attempts_per_task=args.max_attempts_per_task or 3 * args.episodes_per_task,
             max_steps=args.max_steps, steps_after_success=args.steps_after_success, fps=args.fps,
-            use_videos=args.use_videos, vcodec=args.vcodec,
+            use_videos=args.use_videos, vcodec=args.vcodec, store_sim_state=args.store_sim_state,
         )
         summary = record(plan, root, overwrite=args.overwrite)
     except RecordError as err:

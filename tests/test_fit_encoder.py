@@ -1,0 +1,234 @@
+"""lerobot-wm-fit-encoder: fit, load by path everywhere, cache == online, seeds, resume, refit staleness, probe."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lerobot.datasets.lerobot_dataset import LeRobotDataset
+from support.cli import BIN, TINY_WORLD_F, capped_eval_cmd, short_train_flags
+from support.datasets import make_synthetic_dataset
+
+from lerobot_policy_world_modality.latents import precompute
+from lerobot_policy_world_modality.latents.cache import DatasetIdentity, LatentCache, LatentCacheError
+from lerobot_policy_world_modality.latents.encoders import load_encoder, resolve_encoder_identity
+from lerobot_policy_world_modality.latents.fitted import MARKER_FILE, STATE_DIR, WEIGHTS_FILE, FittedEncoderError
+from lerobot_policy_world_modality.latents.linear_probe import ridge_probe
+from lerobot_policy_world_modality.tools import fit_encoder
+
+REPO = "local/fit_encoder"
+# A fit small enough for seconds on the CPU: what is tested is the machinery, not the quality.
+TINY_FIT = ["--steps=8", "--batch_size=8", "--save_every=4", "--dim=32", "--channels=8,16", "--no_progress"]
+
+
+def _run(cmd, timeout=600):
+    env = {**os.environ, "MUJOCO_GL": "egl"}
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _fit_args(root, out, *extra) -> list[str]:
+    return [f"--dataset.repo_id={REPO}", f"--dataset.root={root}", f"--output_dir={out}", *TINY_FIT, *extra]
+
+
+@pytest.fixture(scope="module")
+def dataset_root(tmp_path_factory):
+    """A real video dataset: 3 episodes (12, 9, 15 frames) of a moving square, 48x48."""
+    root = tmp_path_factory.mktemp("fit_ds") / "ds"
+    make_synthetic_dataset(root, repo_id=REPO, episode_lengths=(12, 9, 15), image_hw=(48, 48))
+    return root
+
+
+def _cache(root, cache_root, encoder: str) -> LatentCache:
+    return LatentCache.open(cache_root, DatasetIdentity.from_dataset(REPO, root), "observation.image",
+                            resolve_encoder_identity(encoder))
+
+
+@pytest.mark.slow
+def test_fitted_encoder_loads_by_path_in_precompute_train_and_eval(dataset_root, tmp_path):
+    """Console-script fit -> precompute (cache == online encodings) -> lerobot-train -> capped lerobot-eval."""
+    enc = tmp_path / "enc"
+    res = _run([BIN / "lerobot-wm-fit-encoder", *_fit_args(dataset_root, enc)])
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert (enc / MARKER_FILE).is_file() and (enc / WEIGHTS_FILE).is_file()
+    cache_root = Path(os.environ["LEROBOT_WM_CACHE"])
+    res = _run([BIN / "lerobot-wm-precompute", f"--dataset.repo_id={REPO}", f"--dataset.root={dataset_root}",
+                f"--encoder={enc}", "--no_progress"])  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    # Cached latents equal the online encodings of the dataset's own frames.
+    encoder = load_encoder(str(enc))
+    assert encoder.identity.kind == "fitted" and encoder.identity.dim == 32
+    dataset = LeRobotDataset(REPO, root=dataset_root, video_backend="pyav")
+    online = torch.cat([encoder.encode(dataset[i]["observation.image"][None]) for i in range(len(dataset))])
+    cached = _cache(dataset_root, cache_root, str(enc)).latents
+    assert cached.shape == online.shape == (36, 32)
+    assert (cached - online).abs().max().item() <= 1e-5
+    assert torch.unique(cached, dim=0).shape[0] == len(dataset)  # the latents differ frame to frame
+
+    view = Path(next(ln for ln in res.stdout.splitlines() if "training view" in ln).split(": ", 1)[1].strip())
+    out = tmp_path / "train"
+    res = _run([BIN / "lerobot-train", "--policy.type=world_f", f"--policy.encoder={enc}", *TINY_WORLD_F,
+                f"--dataset.repo_id={REPO}", f"--dataset.root={view}", *short_train_flags(out, 2)])  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    ckpt = out / "checkpoints" / "last" / "pretrained_model"
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["encoder"] == str(enc) and cfg["world_latent_dim"] == 32
+    step = next(s for s in json.loads((ckpt / "policy_preprocessor.json").read_text())["steps"]
+                if s.get("registry_name") == "world_modality_latents")  # fmt: skip
+    assert step["config"]["encoder_identity"]["revision"] == encoder.identity.revision
+
+    res = _run(capped_eval_cmd(ckpt, tmp_path / "eval", episode_length=4))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    assert "pc_success" in (tmp_path / "eval" / "eval_info.json").read_text()
+
+
+def test_same_seed_same_weights_and_a_refit_makes_the_cache_stale(dataset_root, tmp_path, capsys):
+    """Seed 0 twice gives the same bytes; a refit with seed 1 changes the identity; the old cache is refused."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert fit_encoder.main(_fit_args(dataset_root, a)) == 0
+    assert fit_encoder.main(_fit_args(dataset_root, b)) == 0
+    assert (a / WEIGHTS_FILE).read_bytes() == (b / WEIGHTS_FILE).read_bytes()
+    id_a = resolve_encoder_identity(str(a))
+    assert id_a.revision == resolve_encoder_identity(str(b)).revision
+    # A rerun with the same settings reuses the fit.
+    assert fit_encoder.main(_fit_args(dataset_root, a)) == 0
+    assert "already fitted" in capsys.readouterr().out
+
+    cache_root = tmp_path / "cache"
+    assert precompute.main([f"--dataset.repo_id={REPO}", f"--dataset.root={dataset_root}", f"--encoder={a}",
+                            f"--cache_root={cache_root}", "--no_progress", "--no_training_view"]) == 0  # fmt: skip
+    _cache(dataset_root, cache_root, str(a))  # valid now
+
+    # Other settings into the same directory need --overwrite, and then change the identity.
+    assert fit_encoder.main(_fit_args(dataset_root, a, "--seed=1")) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert fit_encoder.main(_fit_args(dataset_root, a, "--seed=1", "--overwrite")) == 0
+    id_new = resolve_encoder_identity(str(a))
+    assert id_new.revision != id_a.revision
+    assert (a / WEIGHTS_FILE).read_bytes() != (b / WEIGHTS_FILE).read_bytes()
+    with pytest.raises(LatentCacheError, match="(?i)stale"):
+        _cache(dataset_root, cache_root, str(a))
+
+    # A directory from another format version is refused with the fix, not misread.
+    marker = json.loads((b / MARKER_FILE).read_text())
+    (b / MARKER_FILE).write_text(json.dumps({**marker, "format_version": 99}))
+    with pytest.raises(FittedEncoderError, match="refit"):
+        load_encoder(str(b))
+
+
+@pytest.mark.slow
+def test_killed_fit_resumes_to_the_weights_of_an_uninterrupted_fit(dataset_root, tmp_path):
+    """SIGKILL after the first checkpoint; the rerun resumes there and ends bit-identical to a straight run."""
+    longer = ["--steps=300", "--save_every=4"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([str(BIN / "lerobot-wm-fit-encoder"), *_fit_args(dataset_root, killed, *longer)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    ckpt = killed / STATE_DIR / fit_encoder.CHECKPOINT_FILE
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists(), "the fit wrote no checkpoint before it was killed"
+    assert not (killed / MARKER_FILE).exists(), "the fit finished before the kill; the test needs more --steps"
+    done = torch.load(ckpt, weights_only=True)["step"]
+    assert 0 < done < 300
+    with pytest.raises(FittedEncoderError, match="has not finished"):
+        resolve_encoder_identity(str(killed))
+
+    res = _run([BIN / "lerobot-wm-fit-encoder", *_fit_args(dataset_root, killed, *longer)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Resuming the fit from step" in res.stdout
+    straight = tmp_path / "straight"
+    assert fit_encoder.main(_fit_args(dataset_root, straight, *longer)) == 0
+    assert (killed / WEIGHTS_FILE).read_bytes() == (straight / WEIGHTS_FILE).read_bytes()
+
+
+def test_dataset_without_cameras_is_a_clear_error(tmp_path, capsys):
+    root = tmp_path / "nocam"
+    make_synthetic_dataset(root, repo_id=REPO, cameras=())
+    assert fit_encoder.main(_fit_args(root, tmp_path / "enc")) == 2
+    err = capsys.readouterr().err
+    assert "has no camera" in err and "--encoder=pixels" in err
+    assert not (tmp_path / "enc" / MARKER_FILE).exists()
+
+
+def _square_frames(n_episodes: int = 12, length: int = 10, side: int = 32, seed: int = 0):
+    """Frames with a bright square at a random place; returns frames, (x, y) of the square, episode ids."""
+    rng = np.random.default_rng(seed)
+    frames = np.full((n_episodes * length, 3, side, side), 40, dtype=np.uint8)
+    pos = rng.integers(0, side - 6, size=(len(frames), 2))
+    for i, (x, y) in enumerate(pos):
+        frames[i, :, y : y + 6, x : x + 6] = 230
+    return torch.from_numpy(frames), pos.astype(np.float64), np.repeat(np.arange(n_episodes), length)
+
+
+def test_linear_probe_recovers_a_known_signal_and_only_from_the_image():
+    frames, pos, episodes = _square_frames()
+    latents = load_encoder("pixels-16").encode(frames).numpy()
+    real = ridge_probe(latents, pos, episodes)
+    assert real["r2_mean"] > 0.8, real
+    assert real["n_test"] == 30 and real["n_train"] == 90  # 3 of 12 episodes held out
+    # Latents that ignore the image (the same latents, paired with other frames' targets) score nothing.
+    shuffled = ridge_probe(latents[np.random.default_rng(1).permutation(len(latents))], pos, episodes)
+    assert shuffled["r2_mean"] < 0.2, shuffled
+    # Even a nearly unregularised probe, which fits its 90 training frames exactly (768-d latents), scores
+    # nothing on the held-out episodes: the score is out of sample.
+    loose = ridge_probe(latents[np.random.default_rng(1).permutation(len(latents))], pos, episodes, alphas=(1e-2,))
+    assert loose["r2_mean"] < 0.2, loose
+    side = pos[:, 0] > 13
+    assert ridge_probe(latents, side, episodes, binary=True)["accuracy"] > 0.9
+    blind = ridge_probe(np.zeros_like(latents), side, episodes, binary=True)
+    assert blind["accuracy"] <= blind["majority_rate"] + 1e-9
+
+
+@pytest.mark.slow
+def test_demo_encoder_fit_fits_on_the_recorded_dataset_once(dataset_root, tmp_path):
+    """`lerobot-wm-demo --encoder=fit`: the fit stage writes an encoder the later stages get, and a rerun reuses it."""
+    from lerobot_policy_world_modality.tools import demo
+
+    args = demo.build_parser().parse_args(["--encoder=fit", *[f"--fit_arg={a}" for a in TINY_FIT]])
+    enc = demo.stage_encoder(args, tmp_path, REPO, dataset_root)
+    assert Path(enc).parent == tmp_path / "encoder" and (Path(enc) / MARKER_FILE).is_file()
+    assert resolve_encoder_identity(enc).kind == "fitted"
+    assert demo.stage_encoder(args, tmp_path, REPO, dataset_root) == enc
+    assert "already fitted" in (tmp_path / "logs" / "fit_encoder.log").read_text()
+    # Any other encoder passes through untouched.
+    assert demo.stage_encoder(demo.build_parser().parse_args([]), tmp_path, REPO, dataset_root) == "pixels"
+
+
+@pytest.mark.slow
+def test_recorder_sim_state_column_is_optional_and_aligned(tmp_path):
+    """`--store_sim_state` adds MetaWorld's raw observation of the same step; without it, nothing changes and
+    a recording made before the flag existed is still recognised as finished."""
+    from lerobot_policy_world_modality.tools.record_metaworld import RECORDING_INFO, SIM_STATE_KEY
+
+    cli = BIN / "lerobot-wm-record-metaworld"
+    common = ["--env.task=drawer-close-v3", "--episodes_per_task=1", "--max_steps=6", "--success_only=false",
+              "--use_videos=false"]  # fmt: skip
+    plain = tmp_path / "plain"
+    res = _run([cli, "--dataset.repo_id=local/plain", f"--dataset.root={plain}", *common])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert SIM_STATE_KEY not in json.loads((plain / "meta" / "info.json").read_text())["features"]
+    info = json.loads((plain / RECORDING_INFO).read_text())
+    info["plan"].pop("store_sim_state")  # as written before the flag existed
+    (plain / RECORDING_INFO).write_text(json.dumps(info))
+    res = _run([cli, "--dataset.repo_id=local/plain", f"--dataset.root={plain}", *common])
+    assert res.returncode == 0 and "Dataset already recorded" in res.stdout, res.stdout + res.stderr[-2000:]
+
+    sim = tmp_path / "sim"
+    res = _run([cli, "--dataset.repo_id=local/sim", f"--dataset.root={sim}", *common, "--store_sim_state=true"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    table = LeRobotDataset("local/sim", root=sim).hf_dataset.data
+    raw = np.stack(table.column(SIM_STATE_KEY).to_numpy(zero_copy_only=False))
+    state = np.stack(table.column("observation.state").to_numpy(zero_copy_only=False))
+    assert raw.shape == (6, 39)
+    np.testing.assert_array_equal(raw[:, :4], state)  # agent_pos is the raw observation's first 4 entries
+    assert np.abs(raw[:, 4:7]).sum() > 0  # the object position is there
