@@ -6,7 +6,7 @@ do-no-harm (blocked foresight = A_hist with the same weights), save/load, A_hist
 
 import pytest
 import torch
-from test_world_f_model import B, D, H, K, T, eval_batch, make_policy, train_batch
+from test_world_f_model import B, D, H, K, T, assert_rollout_history_matches_window, eval_batch, make_policy, train_batch
 
 from lerobot_policy_world_modality.constants import OBS_WORLD_HISTORY, OBS_WORLD_LATENT
 from lerobot_policy_world_modality.world.foresight import StagedMask, run_staged
@@ -184,13 +184,7 @@ def test_rollout_history_gives_the_training_window_actions(kw):
     """A_hist and in_trunk keep their own latent history at rollout: a rollout step and a training-style
     batch with the cache's episode-clamped window give the same chunk; A keeps none."""
     latents = torch.randn(4, 2, D)
-    policy = make_policy(**kw).eval()
-    policy.reset()
-    for t in range(3):
-        obs = eval_batch(latents[t])
-        chunk = policy.predict_action_chunk(obs)
-        window = torch.stack([latents[max(i, 0)] for i in range(t - T + 1, t + 1)], dim=1)
-        assert torch.equal(chunk, policy.predict_action_chunk({**obs, OBS_WORLD_HISTORY: window}))
+    assert_rollout_history_matches_window(make_policy(**kw).eval(), latents)
     a = make_policy(variant="A").eval()
     a.select_action(eval_batch(latents[0]))
     assert a.world_history is None

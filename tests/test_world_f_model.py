@@ -191,16 +191,19 @@ def test_eval_history_matches_training_windows_across_episodes():
             assert torch.equal(policy.world_history[0], latents[window, 0])
 
 
-def test_eval_actions_equal_actions_from_training_window():
-    """A rollout step and a training-style batch with the cache's window give the same chunk."""
-    latents = torch.randn(4, 2, D)
-    policy = make_policy()
+def assert_rollout_history_matches_window(policy, latents):
+    """Rollout steps over `latents` [t, B, D] give the chunks of batches carrying the cache's clamped window."""
     policy.reset()
     for t in range(3):
         obs = eval_batch(latents[t])
         chunk = policy.predict_action_chunk(obs)
         window = torch.stack([latents[max(i, 0)] for i in range(t - T + 1, t + 1)], dim=1)
         assert torch.equal(chunk, policy.predict_action_chunk({**obs, OBS_WORLD_HISTORY: window}))
+
+
+def test_eval_actions_equal_actions_from_training_window():
+    """A rollout step and a training-style batch with the cache's window give the same chunk."""
+    assert_rollout_history_matches_window(make_policy(), torch.randn(4, 2, D))
 
 
 def test_reset_clears_action_queue_and_history():

@@ -179,7 +179,7 @@ def save_fitted_encoder(directory: str | Path, net: ConvEncoderNet, marker: dict
     """Write weights, then the marker (the commit point), each atomically."""
     from safetensors.torch import save
 
-    from .cache import atomic_write_bytes
+    from ..fileio import atomic_write_bytes
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

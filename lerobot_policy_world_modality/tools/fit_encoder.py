@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..latents.cache import DatasetIdentity, atomic_write_bytes
+from ..fileio import atomic_write_bytes
+from ..latents.cache import DatasetIdentity
 from ..latents.encoders import preprocess_frames
 from ..latents.fitted import (
     FITTED_MEAN,

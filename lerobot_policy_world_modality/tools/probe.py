@@ -283,7 +283,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     """Console entry point of lerobot-wm-probe."""
     from ..checkpoints import CheckpointMismatchError
-    from ..latents.cache import atomic_write_bytes
+    from ..fileio import atomic_write_bytes
     from ..world.memory import MEMORY_MODES
     from .report import fixed_batches, load_checkpoint
 
