@@ -116,13 +116,47 @@ def test_shards_split_units_deterministically_and_keep_evals_with_their_training
     assert [u.id for u in compare.plan_units(compare.validate(spec, check_flags=False))] == [u.id for u in units]
 
 
+def test_units_are_seed_major_so_a_partial_run_stays_paired(dataset_root, tmp_path):
+    spec = tiny_spec(dataset_root, tmp_path, train={**tiny_spec(dataset_root, tmp_path)["train"], "seeds": [0, 1, 2]})
+    trains = [(u.arm, u.seed) for u in compare.plan_units(compare.validate(spec, check_flags=False)) if u.kind == "train"]
+    assert trains == [("A", 0), ("F", 0), ("A", 1), ("F", 1), ("A", 2), ("F", 2)]
+
+
+def test_encoder_fit_is_a_unit_before_precompute_and_every_arm_reads_it(dataset_root, tmp_path):
+    spec = tiny_spec(dataset_root, tmp_path / "out")
+    spec["dataset"] = {**spec["dataset"], "encoder": "fit", "fit": {"steps": 30, "flags": ["--dim=16"]}}
+    plan = compare.validate(spec)
+    units = compare.plan_units(plan)
+    assert [u.id for u in units[:2]] == ["fit_encoder", "precompute"] and units[1].deps == ["fit_encoder"]
+    enc = str(tmp_path / "out" / "encoder")
+    fit_cmd = compare.unit_commands(plan, units[0])[0]
+    assert f"--output_dir={enc}" in fit_cmd and "--steps=30" in fit_cmd and fit_cmd[-1] == "--dim=16"
+    assert f"--encoder={enc}" in compare.unit_commands(plan, units[1])[0]
+    assert f"--policy.encoder={enc}" in compare.train_flags(plan, plan.arms["F"], 0)
+    spec["dataset"]["fit"] = {"stepz": 3}
+    with pytest.raises(SpecError, match=r"dataset\.fit has unknown keys \['stepz'\]"):
+        compare.validate(spec, check_flags=False)
+
+
+def test_children_get_one_share_of_the_cores_each():
+    """N jobs x torch's one-thread-per-core oversubscribes the machine; the children split the cores."""
+    assert compare.threads_per_job(2, None, environ={}, cpus=2) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    assert compare.threads_per_job(3, None, environ={}, cpus=16)["OMP_NUM_THREADS"] == "5"
+    assert compare.threads_per_job(4, None, environ={"OMP_NUM_THREADS": "2"}, cpus=16) == {}  # the caller's value
+    assert compare.threads_per_job(4, 3, environ={"OMP_NUM_THREADS": "2"}, cpus=16)["OMP_NUM_THREADS"] == "3"
+    res = subprocess.run([str(BIN / "lerobot-wm-compare"), "x.yaml", "--threads_per_job=0"], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 2 and "--threads_per_job must be >= 1" in res.stderr
+
+
 # -------------------------------------------------------------------------------------------- presets
 @pytest.mark.parametrize("name", ["metaworld_smoke", "metaworld_world_vs_baselines"])
 def test_metaworld_presets_validate_with_lerobots_parser(name, tmp_path):
     """Every arm's full flag list parses. Needs world_f's A_hist / world_path flags and the probe's --episodes."""
     plan = compare.validate(compare.load_spec(PRESETS / f"{name}.yaml"), output_dir=str(tmp_path))
     units = compare.plan_units(plan)
-    assert units[0].id == "record" and units[1].id == "precompute"
+    assert units[0].id == "record" and [u.id for u in units[1:3]] in (["precompute", "train/A/seed0"],
+                                                                     ["fit_encoder", "precompute"])  # fmt: skip
     assert all(compare.unit_commands(plan, u) for u in units)
 
 

@@ -9,6 +9,7 @@ tasks, the rollout memory modes of each arm and the comparisons to report. The w
 each a subprocess of a stock entry point, its output logged to `<output_dir>/logs/<unit>.log`:
 
     record     lerobot-wm-record-metaworld  (only when the spec says how and the dataset does not exist)
+    fit_encoder lerobot-wm-fit-encoder      (only with `dataset.encoder: fit`; into <output_dir>/encoder)
     precompute lerobot-wm-precompute        (latent cache + latent-only training view)
     train      lerobot-train, one per arm and seed (then per-checkpoint metrics for the curves)
     eval       lerobot-eval, one per arm, seed, task and rollout mode (MetaWorld: the capped launcher)
@@ -146,6 +147,7 @@ class Plan:
     comparisons: list[tuple[str, str]]
     heldout: list[int] = field(default_factory=list)
     record: dict | None = None
+    fit: dict | None = None  # lerobot-wm-fit-encoder settings when dataset.encoder is "fit"
     probe: dict = field(default_factory=dict)
     alpha: float = 0.05
 
@@ -289,9 +291,19 @@ def validate(spec: dict, output_dir: str | None = None, check_flags: bool = True
         raise SpecError("train.steps and train.batch_size must be >= 1 and train.seeds distinct integers.")
     episodes = int(_need(ev, "episodes", "eval", "episodes: 10"))
     tasks = [str(t) for t in _need(ev, "tasks", "eval", "tasks: [button-press-v3]")]
+    encoder, fit = str(ds.get("encoder", "pixels")), None
+    if encoder == "fit":  # the tool fits one encoder on the dataset's frames; every arm then reads it
+        fit = dict(ds.get("fit") or {})
+        unknown = sorted(set(fit) - {"steps", "seed", "flags"})
+        if unknown:
+            raise SpecError(f"dataset.fit has unknown keys {unknown}; it takes steps, seed and flags "
+                            "(other lerobot-wm-fit-encoder options, e.g. ['--dim=256']).")
+        encoder = str(out / "encoder")
+    elif ds.get("fit"):
+        raise SpecError("dataset.fit is set but dataset.encoder is not 'fit': set encoder: fit, or remove 'fit'.")
     plan = Plan(
         spec=spec, out=out, arms={}, repo_id=repo_id, root=root, cameras=cameras,
-        encoder=str(ds.get("encoder", "pixels")),
+        encoder=encoder, fit=fit,
         cache_root=Path(ds["cache_root"]).expanduser().resolve() if ds.get("cache_root") else out / "cache",
         seeds=seeds, steps=steps, batch_size=batch,
         save_freq=int(tr.get("save_freq") or max(1, steps // 4)), log_freq=int(tr.get("log_freq") or max(1, steps // 20)),
@@ -447,12 +459,16 @@ def plan_units(plan: Plan) -> list[Unit]:
     if plan.record and not (plan.root / "meta" / "info.json").exists():
         units.append(Unit("record", "record"))
         setup = ["record"]
+    if plan.fit is not None:
+        units.append(Unit("fit_encoder", "fit_encoder", deps=list(setup)))
+        setup = ["fit_encoder"]
     if any(a.uses_latents for a in plan.arms.values()):
         units.append(Unit("precompute", "precompute", deps=list(setup)))
         setup = ["precompute"]
     group = 0
-    for arm in plan.arms.values():
-        for seed in plan.seeds:
+    # Seed-major: a run stopped part way has the same seeds for every arm, so what finished is still paired.
+    for seed in plan.seeds:
+        for arm in plan.arms.values():
             tid = f"train/{arm.name}/seed{seed}"
             units.append(Unit(tid, "train", list(setup), arm.name, seed, group=group))
             for task in plan.tasks:
@@ -520,7 +536,7 @@ def run_cmd(cmd: list[str], log: Path, env: dict | None = None, pid_file: Path |
     With `pid_file`, the child's pid is kept there while it runs (see `stop_orphan`).
     """
     log.parent.mkdir(parents=True, exist_ok=True)
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **CHILD_THREADS, **(env or {})}
     full_env.setdefault("MUJOCO_GL", "egl")
     start = time.time()
     with open(log, "ab") as fh:
@@ -538,6 +554,28 @@ def run_cmd(cmd: list[str], log: Path, env: dict | None = None, pid_file: Path |
     return time.time() - start
 
 
+# Thread-count variables every child gets (set by `main` from --threads_per_job); empty keeps the caller's.
+CHILD_THREADS: dict[str, str] = {}
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def threads_per_job(jobs: int, requested: int | None, environ=os.environ, cpus: int | None = None) -> dict[str, str]:
+    """Thread-count variables for the children of a run with `jobs` units side by side.
+
+    Without them each torch child starts one thread per core, so N jobs run N x cores threads; on a small
+    shared machine their spin-waits starve each other (two tiny trainings side by side on 2 cores ran
+    ~8x slower than with one thread each; see docs/compare.md). An explicit --threads_per_job wins, then the caller's OMP_NUM_THREADS, then
+    cores // jobs.
+    """
+    if requested is not None:
+        n = requested
+    elif environ.get("OMP_NUM_THREADS"):
+        return {}
+    else:
+        n = max(1, (cpus or os.cpu_count() or 1) // max(1, jobs))
+    return {k: str(n) for k in THREAD_VARS}
+
+
 def _log(plan: Plan, unit: Unit) -> Path:
     return plan.out / "logs" / f"{unit.id.replace('/', '__')}.log"
 
@@ -550,6 +588,11 @@ def unit_commands(plan: Plan, unit: Unit) -> list[list[str]]:
                  f"--env.task={','.join(r['tasks'])}", f"--episodes_per_task={r['episodes_per_task']}",
                  f"--seed={r.get('seed', 0)}", f"--max_steps={r.get('max_steps', 200)}",
                  *[str(f) for f in r.get("flags", [])]]]  # fmt: skip
+    if unit.kind == "fit_encoder":  # reruns resume a killed fit from its last save (same flags)
+        f = plan.fit or {}
+        return [[_bin("lerobot-wm-fit-encoder"), f"--dataset.repo_id={plan.repo_id}", f"--dataset.root={plan.root}",
+                 f"--camera={','.join(plan.cameras)}", f"--output_dir={plan.encoder}", f"--steps={f.get('steps', 400)}",
+                 f"--seed={f.get('seed', 0)}", "--no_progress", *[str(x) for x in f.get("flags", [])]]]  # fmt: skip
     if unit.kind == "precompute":
         return [[_bin("lerobot-wm-precompute"), f"--dataset.repo_id={plan.repo_id}", f"--dataset.root={plan.root}",
                  f"--encoder={plan.encoder}", f"--cache_root={plan.cache_root}", f"--camera={','.join(plan.cameras)}"]]
@@ -922,6 +965,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="experiment file (YAML or JSON), e.g. configs/experiments/metaworld_smoke.yaml")
     p.add_argument("--output_dir", default=None, help="default: the spec's output_dir, else outputs/compare/<name>")
     p.add_argument("--jobs", type=int, default=1, help="units run side by side on this machine")
+    p.add_argument("--threads_per_job", type=int, default=None,
+                   help="torch/OpenMP threads of each child; default: $OMP_NUM_THREADS if set, else cores // jobs")
     p.add_argument("--num_shards", type=int, default=1, help="machines sharing the output folder")
     p.add_argument("--shard_index", type=int, default=0, help="which of --num_shards this process is (0-based)")
     p.add_argument("--dry_run", action="store_true", help="validate, list the units and commands, run nothing")
@@ -935,6 +980,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1 or args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
         print("error: need --jobs >= 1, --num_shards >= 1 and 0 <= --shard_index < --num_shards.", file=sys.stderr)
         return 2
+    if args.threads_per_job is not None and args.threads_per_job < 1:
+        print(f"error: --threads_per_job must be >= 1 (got {args.threads_per_job}).", file=sys.stderr)
+        return 2
+    CHILD_THREADS.clear()
+    CHILD_THREADS.update(threads_per_job(args.jobs, args.threads_per_job))
     os.environ.setdefault("MUJOCO_GL", "egl")
     try:
         plan = validate(load_spec(args.spec), args.output_dir)
@@ -944,7 +994,8 @@ def main(argv: list[str] | None = None) -> int:
     units = plan_units(plan)
     plan.out.mkdir(parents=True, exist_ok=True)
     _atomic_write(plan.out / "spec.json", json.dumps(plan.spec, indent=2))
-    _say(f"{len(units)} units, output in {plan.out}")
+    threads = CHILD_THREADS.get("OMP_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS", "torch default")
+    _say(f"{len(units)} units, output in {plan.out} ({args.jobs} at a time, {threads} thread(s) each)")
     if args.dry_run:
         for u in units:
             state = "done" if is_done(plan, u.id) else f"shard {shard_of(u, args.num_shards)}"
