@@ -138,6 +138,21 @@ def test_encoder_fit_is_a_unit_before_precompute_and_every_arm_reads_it(dataset_
         compare.validate(spec, check_flags=False)
 
 
+def test_evals_last_runs_every_training_and_probe_before_any_evaluation(dataset_root, tmp_path, monkeypatch):
+    """Scheduler order only: the units' work is replaced by a stub that records the order."""
+    plan = compare.validate(tiny_spec(dataset_root, tmp_path / "out"), check_flags=False)
+    units = compare.plan_units(plan)
+    for evals_last in (False, True):
+        shutil.rmtree(plan.out, ignore_errors=True)
+        order: list[str] = []
+        monkeypatch.setattr(compare, "run_unit", lambda _plan, u: order.append(u.id) or {"seconds": 0})
+        assert compare.execute(plan, units, jobs=1, poll_s=0.01, evals_last=evals_last) == []
+        kinds = [i.split("/")[0] for i in order]
+        assert sorted(order) == sorted(u.id for u in units)
+        first_eval = kinds.index("eval")
+        assert ("train" in kinds[first_eval:]) is not evals_last  # plan order interleaves; evals_last does not
+
+
 def test_children_get_one_share_of_the_cores_each():
     """N jobs x torch's one-thread-per-core oversubscribes the machine; the children split the cores."""
     assert compare.threads_per_job(2, None, environ={}, cpus=2) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

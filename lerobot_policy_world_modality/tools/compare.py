@@ -316,6 +316,8 @@ def validate(spec: dict, output_dir: str | None = None, check_flags: bool = True
     )  # fmt: skip
     if episodes < 1:
         raise SpecError("eval.episodes must be >= 1.")
+    if not (isinstance(ev.get("videos", 1), int) and ev.get("videos", 1) >= 0):
+        raise SpecError(f"eval.videos must be a whole number >= 0 of episodes to render per evaluation (got {ev['videos']!r}).")
 
     held = ds.get("heldout_episodes")
     if held:
@@ -471,12 +473,12 @@ def plan_units(plan: Plan) -> list[Unit]:
         for arm in plan.arms.values():
             tid = f"train/{arm.name}/seed{seed}"
             units.append(Unit(tid, "train", list(setup), arm.name, seed, group=group))
+            if arm.has_memory:  # before the (simulator-bound, slow) evaluations: it answers "is it used?" cheaply
+                units.append(Unit(f"probe/{arm.name}/seed{seed}", "probe", [tid], arm.name, seed, group=group))
             for task in plan.tasks:
                 for mode in arm.modes:
                     units.append(Unit(f"eval/{arm.name}/seed{seed}/{task}/{mode}", "eval", [tid], arm.name, seed,
                                       task, mode, group=group))  # fmt: skip
-            if arm.has_memory:
-                units.append(Unit(f"probe/{arm.name}/seed{seed}", "probe", [tid], arm.name, seed, group=group))
             group += 1
     return units
 
@@ -608,6 +610,8 @@ def unit_commands(plan: Plan, unit: Unit) -> list[list[str]]:
                f"--seed={plan.eval_seed}", f"--output_dir={out}"]  # fmt: skip
         if plan.episode_length:
             cmd.insert(len(launcher) + 1, f"--env.episode_length={plan.episode_length}")
+        if plan.env == "metaworld":  # the launcher's own flag: stock lerobot-eval renders 10 videos per run
+            cmd.insert(len(launcher) + 1, f"--max_videos={int(plan.spec['eval'].get('videos', 1))}")
         if unit.mode != NO_MEMORY_MODE:
             cmd.insert(len(launcher) + 1, f"--policy.memory_mode_rollout={unit.mode}")
         return [cmd]
@@ -715,8 +719,12 @@ def checkpoint_curves_main() -> None:
 
 
 def execute(plan: Plan, units: list[Unit], jobs: int = 1, num_shards: int = 1, shard_index: int = 0,
-            poll_s: float = 5.0) -> list[str]:
-    """Run this shard's unfinished units, `jobs` at a time, in dependency order; returns the failed unit ids."""
+            poll_s: float = 5.0, evals_last: bool = False) -> list[str]:
+    """Run this shard's unfinished units, `jobs` at a time, in dependency order; returns the failed unit ids.
+
+    `evals_last` starts an evaluation only when no other unit is ready: every training and probe (the cheap
+    "is the memory used?" answer) comes first, the simulator-bound evaluations after.
+    """
     by_id = {u.id: u for u in units}
     mine = [u for u in units if shard_of(u, num_shards) == shard_index]
     todo = [u for u in mine if not is_done(plan, u.id)]
@@ -737,6 +745,8 @@ def execute(plan: Plan, units: list[Unit], jobs: int = 1, num_shards: int = 1, s
                 failed.append(u.id)
                 todo.remove(u)
             ready = [u for u in todo if all(is_done(plan, d) for d in u.deps)]
+            if evals_last:
+                ready.sort(key=lambda u: u.kind == "eval")  # stable: plan order within each group
             for u in ready[: max(1, jobs) - len(running)]:
                 todo.remove(u)
                 _say(f"{u.id}: started (log {_log(plan, u)})")
@@ -969,6 +979,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch/OpenMP threads of each child; default: $OMP_NUM_THREADS if set, else cores // jobs")
     p.add_argument("--num_shards", type=int, default=1, help="machines sharing the output folder")
     p.add_argument("--shard_index", type=int, default=0, help="which of --num_shards this process is (0-based)")
+    p.add_argument("--evals_last", action="store_true",
+                   help="run every training and probe before any evaluation (evaluations are the slow part)")
     p.add_argument("--dry_run", action="store_true", help="validate, list the units and commands, run nothing")
     p.add_argument("--report_only", action="store_true", help="only (re)write the report from finished units")
     return p
@@ -1003,7 +1015,8 @@ def main(argv: list[str] | None = None) -> int:
             for c in unit_commands(plan, u):
                 print(f"    {shlex.join(c)}")
         return 0
-    failed = [] if args.report_only else execute(plan, units, args.jobs, args.num_shards, args.shard_index)
+    failed = [] if args.report_only else execute(plan, units, args.jobs, args.num_shards, args.shard_index,
+                                                 evals_last=args.evals_last)
     report = write_reports(plan, units)
     _say(f"report: {plan.out / 'report.html'} ({'complete' if report['complete'] else 'incomplete'})")
     print(results_markdown(report))

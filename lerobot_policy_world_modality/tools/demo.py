@@ -257,7 +257,28 @@ def lerobot_eval_capped() -> None:
     MetaWorld's 500 steps (`MetaworldEnv._max_episode_steps = max_path_length`), ~110 s per failing
     episode here. This launcher sets that attribute to the requested length after the env is built
     and then calls LeRobot's own entry point unchanged.
+
+    `--max_videos=N` (this launcher's own flag, taken out of argv) caps the episodes rendered to video:
+    stock lerobot-eval always renders up to 10, a second render of every step plus video encoding.
     """
+    videos = [a for a in sys.argv[1:] if a.startswith("--max_videos=")]
+    if videos:
+        sys.argv = [a for a in sys.argv if a not in videos]
+        try:
+            max_videos = int(videos[-1].split("=", 1)[1])
+        except ValueError:
+            sys.exit(f"error: {videos[-1]} must be an integer number of episodes to render (0 = no videos).")
+        if max_videos < 0:
+            sys.exit(f"error: {videos[-1]} must be >= 0.")
+        from lerobot.scripts import lerobot_eval
+
+        original_all = lerobot_eval.eval_policy_all
+
+        def eval_all(*a, **kw):
+            kw["max_episodes_rendered"] = min(max_videos, kw.get("max_episodes_rendered", max_videos))
+            return original_all(*a, **kw)
+
+        lerobot_eval.eval_policy_all = eval_all
     lengths = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--env.episode_length=")]
     if lengths:
         from lerobot.envs import metaworld
