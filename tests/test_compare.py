@@ -168,7 +168,9 @@ def test_children_get_one_share_of_the_cores_each():
 @pytest.mark.parametrize("name", ["metaworld_smoke", "metaworld_world_vs_baselines"])
 def test_metaworld_presets_validate_with_lerobots_parser(name, tmp_path):
     """Every arm's full flag list parses. Needs world_f's A_hist / world_path flags and the probe's --episodes."""
-    plan = compare.validate(compare.load_spec(PRESETS / f"{name}.yaml"), output_dir=str(tmp_path))
+    spec = compare.load_spec(PRESETS / f"{name}.yaml")
+    spec["dataset"]["root"] = str(tmp_path / "not_recorded_yet")  # not the preset's real (maybe recorded) one
+    plan = compare.validate(spec, output_dir=str(tmp_path))
     units = compare.plan_units(plan)
     assert units[0].id == "record" and [u.id for u in units[1:3]] in (["precompute", "train/A/seed0"],
                                                                      ["fit_encoder", "precompute"])  # fmt: skip
