@@ -110,7 +110,7 @@ def test_config_parses_with_lerobots_parser(path, tmp_path, monkeypatch):
     # The variant sets these two; writing them too would suggest they can disagree with it.
     assert "use_prophet" not in raw and "inject_memory" not in raw
     # Auto-filled fields stay unset in a shared config (they describe one dataset / one encoder).
-    for auto in ("dataset_repo_id", "dataset_root", "world_latent_dim"):
+    for auto in ("dataset_repo_id", "dataset_root", "world_latent_dim", "trained_encoder"):
         assert raw.get(auto) is None, auto
 
 
@@ -235,7 +235,7 @@ GROUPS = {
     "World latents (shared by all world policy types)": [
         "encoder", "encoder_pooling", "encoder_window", "encoder_dtype", "encoder_device", "world_cameras",
         "history_frames", "future_frames", "future_stride", "latent_cache_root", "world_latent_dim", "dataset_repo_id",
-        "dataset_root",
+        "dataset_root", "trained_encoder",
     ],
     "Language input (optional; see language.py)": ["language_encoder", "language_encoder_revision", "language_max_length"],
     "Prophet and world loss": [

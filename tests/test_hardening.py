@@ -182,3 +182,20 @@ def test_edited_shards_are_refused(image_root, tmp_path, damage):
         _open_cache(image_root, cache_root)
     precompute.main(_args(image_root, cache_root, "--no_progress", "--no_training_view", "--overwrite"))
     _open_cache(image_root, cache_root)
+
+
+def test_a_horizon_longer_than_every_episode_is_warned_about(tmp_path, caplog):
+    """Future windows past an episode's end are masked: a horizon no episode reaches trains silently without it."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
+
+    from lerobot_policy_world_modality.latents.processor import warn_if_no_future_fits
+
+    root = tmp_path / "ds"
+    make_synthetic_dataset(root, repo_id="local/short", episode_lengths=(5, 6))
+    meta = LeRobotDatasetMetadata("local/short", root=root)
+    with caplog.at_level("WARNING"):
+        assert warn_if_no_future_fits(WorldFConfig(variant="F", future_frames=3, future_stride=2), meta)
+    assert "3 x 2 = 6 frames, but the longest episode of local/short has 6" in caplog.text
+    assert "--policy.future_frames" in caplog.text
+    assert not warn_if_no_future_fits(WorldFConfig(variant="F", future_frames=5, future_stride=1), meta)
+    assert not warn_if_no_future_fits(WorldFConfig(variant="A", future_frames=3, future_stride=2), meta)

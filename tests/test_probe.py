@@ -57,6 +57,9 @@ def test_probe_tells_a_policy_that_reads_its_memory_from_one_that_ignores_it(vie
     assert r["gate"] == pytest.approx(0.76, abs=0.05)  # tanh(1.0) after 3 small steps
     assert "reads the world memory" in res.stdout and "--policy.memory_mode_rollout=zero" in res.stdout
     assert r["frames"] == 16 and set(r["world_cosine"]) == {"world_cos_h1", "world_cos_h2"}
+    assert set(r["world_copy_cosine"]) == {"world_copy_cos_h1", "world_copy_cos_h2"}
+    assert set(r["world_motion_cosine"]) == {"world_motion_cos_h1", "world_motion_cos_h2"}
+    assert "copy baseline (z_t vs true future): h1" in res.stdout and "motion cosine" in res.stdout
     # Trained on every episode: the probe says it reads training frames, and the oracle row is off-distribution.
     assert r["held_out"] is False and r["episodes"] is None and "TRAINING FRAMES" in res.stdout
     assert r["summary"][0].startswith("Not held out") and r["oracle_off_distribution"] is True

@@ -115,6 +115,14 @@ def test_precompute_train_eval_metaworld(dataset_root, tmp_path):
     assert "pc_success" in json.dumps(overall)
     assert torch.isfinite(torch.tensor(float(overall["avg_sum_reward"])))
 
+    # Another encoder at eval is refused by name (the saved preprocessor would silently keep the old one).
+    assert cfg["trained_encoder"] == "pixels"
+    res = _run([BIN / "lerobot-eval", f"--policy.path={ckpt}", "--policy.encoder=/models/other_encoder",
+                "--policy.device=cpu", "--env.type=metaworld", "--env.task=button-press-v3", "--eval.n_episodes=1",
+                "--eval.batch_size=1", f"--output_dir={tmp_path / 'eval_other'}"])  # fmt: skip
+    assert res.returncode != 0
+    assert "--policy.encoder=/models/other_encoder differs from the encoder this checkpoint was trained with ('pixels')" in res.stderr
+
 
 @pytest.mark.slow
 def test_train_with_language_input(dataset_root, tmp_path):

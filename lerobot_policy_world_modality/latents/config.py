@@ -42,6 +42,8 @@ class WorldLatentOptions:
     dataset_root: str | None = None
     # Dimension of the world latent (all world cameras concatenated); filled at construction from the encoder.
     world_latent_dim: int | None = None
+    # Encoder the policy was trained with; filled by lerobot-train, a different --policy.encoder at load is refused.
+    trained_encoder: str | None = None
 
     def validate_future_stride(self) -> None:
         """Raise ValueError for a future stride below 1."""

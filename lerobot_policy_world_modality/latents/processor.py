@@ -9,6 +9,7 @@ policy keeps its own history.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,12 +105,37 @@ def bind_world_target_stats(config: Any, dataset_meta: Any = None) -> dict[str, 
     return world_target_stats(config) if wanted and dataset_meta is not None else None
 
 
+def warn_if_no_future_fits(config: WorldLatentOptions, dataset_meta: Any) -> bool:
+    """Warn (and return True) when no episode is long enough for the furthest predicted future.
+
+    Windows past an episode's end are masked out of the world loss, so a horizon longer than every
+    episode trains no Prophet at all while training itself runs normally.
+    """
+    if not getattr(config, "use_prophet", True):
+        return False
+    horizon = config.future_frames * config.future_stride
+    try:
+        lengths = [int(n) for n in dataset_meta.episodes["length"]]
+    except (AttributeError, KeyError, TypeError):  # metadata without per-episode lengths: nothing to check
+        return False
+    if not lengths or max(lengths) > horizon:
+        return False
+    logging.getLogger(__name__).warning(
+        "future_frames x future_stride = %d x %d = %d frames, but the longest episode of %s has %d: no frame "
+        "has its furthest future inside its episode, so the last horizons get no world loss (with "
+        "future_stride >= that length, none does). Lower --policy.future_frames or --policy.future_stride.",
+        config.future_frames, config.future_stride, horizon, dataset_meta.repo_id, max(lengths),
+    )  # fmt: skip
+    return True
+
+
 def bind_training_dataset(config: WorldLatentOptions, dataset_meta: Any) -> None:
     """Record the training dataset in `config` and fail fast when its latent cache is missing or stale.
 
     Called by the policies' constructors with the `dataset_meta` that `lerobot-train` passes them;
     the world-latent step built from the same config then reads that dataset's cache.
     """
+    warn_if_no_future_fits(config, dataset_meta)
     view = source_of_view(dataset_meta.info)
     if view is None:
         config.dataset_repo_id = dataset_meta.repo_id
@@ -145,6 +171,15 @@ def bind_policy_world_latents(config: WorldLatentOptions, dataset_meta: Any = No
     if dataset_meta is not None:
         # First, so the dimension below is resolved for the cameras of the dataset actually trained on.
         bind_training_dataset(config, dataset_meta)
+        config.trained_encoder = config.encoder
+    elif config.trained_encoder and config.encoder != config.trained_encoder:
+        # The saved preprocessor encodes with the training encoder whatever the config says: refuse the
+        # override rather than print one encoder and run another.
+        raise ValueError(
+            f"--policy.encoder={config.encoder} differs from the encoder this checkpoint was trained with "
+            f"('{config.trained_encoder}'): its actions only make sense on latents of that encoder, and its saved "
+            "preprocessor encodes with it. Drop --policy.encoder, or train a policy on latents of the new encoder."
+        )
     if config.world_latent_dim is None or dataset_meta is not None:
         dim = resolve_world_latent_dim(config)
         if config.world_latent_dim is not None and config.world_latent_dim != dim:

@@ -851,7 +851,8 @@ def probe_row(probe: dict) -> dict:
     """The probe table's columns of one probe JSON: verdict, gate, entropy, and every world_* scalar it has."""
     from .report import probe_verdict, world_cos_keys
 
-    scalars = {k: v for k, v in {**probe, **probe.get("world_cosine", {})}.items()
+    scalars = {k: v for k, v in {**probe, **probe.get("world_cosine", {}), **probe.get("world_copy_cosine", {}),
+                                 **probe.get("world_motion_cosine", {})}.items()
                if k.startswith("world_") and isinstance(v, (int, float))}  # fmt: skip
     ordered = world_cos_keys(scalars) + sorted(k for k in scalars if k not in world_cos_keys(scalars))
     return {"reads_memory": probe.get("reads_memory"), "gate": probe.get("gate"),

@@ -168,6 +168,9 @@ def probe(
         "attn_entropy_uniform": math.log(cfg.future_frames),
         "memory_norm": pred.get("memory_norm"),
         "world_cosine": {k: v for k, v in pred.items() if k.startswith("world_cos_h")},
+        # What the world cosine has to beat (copying z_t), and whether the predicted change points the right way.
+        "world_copy_cosine": {k: v for k, v in pred.items() if k.startswith("world_copy_cos_h")},
+        "world_motion_cosine": {k: v for k, v in pred.items() if k.startswith("world_motion_cos_h")},
     }
     result["summary"] = summarise(result)
     return result
@@ -245,6 +248,11 @@ def print_report(r: dict, policy_path: str) -> None:
     cos = "  ".join(f"{k[len('world_cos_'):]} {v:.3f}" for k, v in r["world_cosine"].items())
     if cos:
         print(f"\n  world cosine (Prophet vs true future): {cos}")
+    for key, label in (("world_copy_cosine", "copy baseline (z_t vs true future)"),
+                       ("world_motion_cosine", "motion cosine (predicted vs true change)")):  # fmt: skip
+        vals = "  ".join(f"{k.rsplit('_', 1)[1]} {v:.3f}" for k, v in r.get(key, {}).items())
+        if vals:
+            print(f"  {label}: {vals}")
     if r["gate"] is not None:
         print(f"  gate tanh(gate): {r['gate']:.4g}" + (f" (max |.| {r['gate_abs_max']:.4g})" if r["gate_abs_max"] else ""))
     print()
