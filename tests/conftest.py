@@ -9,7 +9,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The entry points run as subprocesses, often two at once (compare --jobs 2, an eval next to a training):
-# with torch's default one-thread-per-core they oversubscribe this 2-core machine and crawl (~8x slower).
+# with torch's default one-thread-per-core they oversubscribe this 2-core machine and crawl (docs/benchmarks.md).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 

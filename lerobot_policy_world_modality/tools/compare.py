@@ -584,8 +584,8 @@ def threads_per_job(jobs: int, requested: int | None, environ=os.environ, cpus: 
     """Thread-count variables for the children of a run with `jobs` units side by side.
 
     Without them each torch child starts one thread per core, so N jobs run N x cores threads; on a small
-    shared machine their spin-waits starve each other (two tiny trainings side by side on 2 cores ran
-    ~8x slower than with one thread each; see docs/compare.md). An explicit --threads_per_job wins, then the caller's OMP_NUM_THREADS, then
+    shared machine their spin-waits starve each other (measured in benchmarks/eval_cost_bench.py; figures in
+    docs/benchmarks.md). An explicit --threads_per_job wins, then the caller's OMP_NUM_THREADS, then
     cores // jobs.
     """
     if requested is not None:
