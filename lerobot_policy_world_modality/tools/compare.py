@@ -335,7 +335,7 @@ def validate(spec: dict, output_dir: str | None = None, check_flags: bool = True
     )  # fmt: skip
     if episodes < 1:
         raise SpecError("eval.episodes must be >= 1.")
-    if not (isinstance(ev.get("videos", 1), int) and ev.get("videos", 1) >= 0):
+    if not (type(ev.get("videos", 1)) is int and ev.get("videos", 1) >= 0):  # bool is an int subclass: refuse it
         raise SpecError(f"eval.videos must be a whole number >= 0 of episodes to render per evaluation (got {ev['videos']!r}).")
 
     held = ds.get("heldout_episodes")
