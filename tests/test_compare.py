@@ -246,6 +246,8 @@ def test_end_to_end_killed_rerun_resumed_and_noop(dataset_root, tmp_path):
     assert all(isinstance(p["reads_memory"], bool) and "world_cos_h1" in p["world"] for p in report["probes"])
     assert all(c["checkpoints"] and c["console_loss"] for c in report["curves"].values())
     md = (out / "results.md").read_text()
+    change = report["probes"][0]["action_loss_change_vs_pred"]
+    assert f"| F | 0 | {'yes' if report['probes'][0]['reads_memory'] else 'NO'} | {100 * change['shuffle']:+.1f}% | " in md
     for uid in units:
         assert f"| {uid} | done |" in md
     page = (out / "report.html").read_text()
@@ -270,6 +272,8 @@ def test_end_to_end_killed_rerun_resumed_and_noop(dataset_root, tmp_path):
     rec = json.loads((out / "units/train__F__seed1.json").read_text())
     assert rec["commands"][-1].endswith("--resume=true") and "--config_path=" in rec["commands"][-1]
     md = (out / "results.md").read_text()
+    change = report["probes"][0]["action_loss_change_vs_pred"]
+    assert f"| F | 0 | {'yes' if report['probes'][0]['reads_memory'] else 'NO'} | {100 * change['shuffle']:+.1f}% | " in md
     for uid in units:
         assert f"| {uid} | done |" in md
 

@@ -897,12 +897,16 @@ def results_markdown(report: dict) -> str:
     lines += ["", "## World-memory probe (per checkpoint)", ""]
     if report["probes"]:
         wkeys = list(dict.fromkeys(k for p in report["probes"] for k in p["world"]))
-        lines += ["| arm | seed | reads memory? | gate tanh(g) | attention entropy (uniform) | " + " | ".join(wkeys) + " |",
-                  "|---|---|---|---|---|" + "---|" * len(wkeys)]  # fmt: skip
+        # The interventions' effects are the evidence the verdict rests on, so they sit next to it.
+        lines += ["| arm | seed | reads memory? | action loss Δ shuffle | action loss Δ zero | gate tanh(g) | "
+                  "attention entropy (uniform) | " + " | ".join(wkeys) + " |",
+                  "|---|---|---|---|---|---|---|" + "---|" * len(wkeys)]  # fmt: skip
         for p in report["probes"]:
             ent = f"{_num(p['attn_entropy'])} ({_num(p['attn_entropy_uniform'])})"
-            lines.append(f"| {p['arm']} | {p['seed']} | {'yes' if p['reads_memory'] else 'NO'} | {_num(p['gate'])} | {ent} | "
-                         + " | ".join(_num(p["world"].get(k)) for k in wkeys) + " |")
+            change = p.get("action_loss_change_vs_pred", {})
+            deltas = " | ".join(f"{100 * change[k]:+.1f}%" if k in change else "" for k in ("shuffle", "zero"))
+            lines.append(f"| {p['arm']} | {p['seed']} | {'yes' if p['reads_memory'] else 'NO'} | {deltas} | "
+                         f"{_num(p['gate'])} | {ent} | " + " | ".join(_num(p["world"].get(k)) for k in wkeys) + " |")
     else:
         lines.append("No checkpoint with a world memory was probed.")
     lines += ["", "## Units", "", "| unit | status | wall s |", "|---|---|---|"]
