@@ -20,6 +20,9 @@ from torch import Tensor
 
 from .checkpoints import StrictCheckpointLoading
 from .language import FrozenTextEncoder, bind_language_encoder, instructions_from_batch
+from .latents.binding import bind_policy_world_latents, bind_world_target_stats
+from .latents.processor import reset_online_state
+from .world.fusion import fusion_gates
 
 
 @dataclass
@@ -170,9 +173,6 @@ class TrunkWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
         super().__init__(config)
         config.validate_features()
         self.config = config
-        # Imported lazily: the latent pipeline pulls in encoders and caches.
-        from .latents.processor import bind_policy_world_latents, bind_world_target_stats
-
         bind_policy_world_latents(config, dataset_meta)
         # Standardisation statistics of the world targets for the subclass's WorldPath (None when not
         # standardised or when rebuilt from a checkpoint, whose buffers carry them).
@@ -196,8 +196,6 @@ class TrunkWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
         LeRobot's AdamW preset otherwise updates one tensor at a time, which on a CPU made the
         optimiser step ~2.3x slower (measured: 19 -> 8 ms per step for world_f A at batch 8).
         """
-        from .world.fusion import fusion_gates
-
         decay, no_decay = [], []
         mult = getattr(self.config, "gate_lr_mult", 1.0)
         gates = [p for p in fusion_gates(self) if p.requires_grad] if mult != 1.0 else []
@@ -215,8 +213,6 @@ class TrunkWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
     def reset(self):
         """Start a new episode: clear the action queue and the world step's online frame buffers."""
         self._action_queue = deque([], maxlen=self.config.n_action_steps)
-        from .latents.processor import reset_online_state
-
         reset_online_state()
 
     @property

@@ -188,7 +188,7 @@ def test_a_horizon_longer_than_every_episode_is_warned_about(tmp_path, caplog):
     """Future windows past an episode's end are masked: a horizon no episode reaches trains silently without it."""
     from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
 
-    from lerobot_policy_world_modality.latents.processor import warn_if_no_future_fits
+    from lerobot_policy_world_modality.latents.binding import warn_if_no_future_fits
 
     root = tmp_path / "ds"
     make_synthetic_dataset(root, repo_id="local/short", episode_lengths=(5, 6))

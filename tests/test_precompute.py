@@ -22,7 +22,8 @@ from lerobot_policy_world_modality.latents.cache import (
     LatentCacheError,
     cache_dir_for,
 )
-from lerobot_policy_world_modality.latents.encoders import WorldEncoder, load_encoder
+from lerobot_policy_world_modality.latents.encoder_base import WorldEncoder
+from lerobot_policy_world_modality.latents.encoders import load_encoder
 
 CAMERAS = ("observation.image", "observation.wrist")
 SCRIPT = str(Path(sys.executable).parent / "lerobot-wm-precompute")

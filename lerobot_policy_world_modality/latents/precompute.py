@@ -43,7 +43,8 @@ from .cache import (
     write_meta,
     write_shard,
 )
-from .encoders import WorldEncoder, load_encoder
+from .encoder_base import WorldEncoder
+from .encoders import load_encoder
 from .train_view import default_view_root, write_training_view
 
 # LeRobotDataset's default timestamp tolerance; lerobot-train uses the same default.

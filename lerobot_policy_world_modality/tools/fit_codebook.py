@@ -28,7 +28,7 @@ import torch
 from ..latents.cache import LatentCacheError, default_cache_root
 from ..latents.encoders import resolve_encoder_identity
 from ..latents.precompute import CODEBOOK_DIR, _train_flags, add_cache_flags, check_cache_flags, select_cameras
-from ..latents.processor import open_latent_cache
+from ..latents.binding import open_latent_cache
 from ..latents.train_view import default_view_root, source_of_view
 from ..world.codebook import (
     CodebookError,

@@ -37,7 +37,7 @@ from torch import nn
 
 from ..fileio import atomic_write_bytes
 from ..latents.cache import DatasetIdentity
-from ..latents.encoders import preprocess_frames
+from ..latents.encoder_base import preprocess_frames
 from ..latents.fitted import (
     FITTED_MEAN,
     FITTED_STD,
