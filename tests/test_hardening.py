@@ -12,8 +12,7 @@ from lerobot.configs.types import FeatureType, PolicyFeature
 from support.datasets import make_synthetic_dataset
 
 from lerobot_policy_world_modality.checkpoints import CheckpointMismatchError
-from lerobot_policy_world_modality.latents import precompute
-from lerobot_policy_world_modality.tools import fit_codebook
+from lerobot_policy_world_modality.tools import fit_codebook, precompute
 from lerobot_policy_world_modality.world_f.configuration_world_f import WorldFConfig
 from lerobot_policy_world_modality.world_f.modeling_world_f import WorldFPolicy
 

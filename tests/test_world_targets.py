@@ -196,7 +196,7 @@ def test_delta_prediction_is_an_alias_of_world_target_delta_and_old_configs_load
 # ------------------------------------------------------------------------------ statistics through a real cache
 def _precompute(repo, root):
     """lerobot-wm-precompute's entry point, in-process (the console script runs the same `main`)."""
-    from lerobot_policy_world_modality.latents.precompute import main
+    from lerobot_policy_world_modality.tools.precompute import main
 
     args = [f"--dataset.repo_id={repo}", f"--dataset.root={root}", "--encoder=pixels",
             "--camera=observation.image", "--no_progress"]  # fmt: skip
