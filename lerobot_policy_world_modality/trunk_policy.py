@@ -146,8 +146,8 @@ def gate_param_group(gates: list[Tensor], lr: float, mult: float) -> dict:
 def ensure_eval(policy: torch.nn.Module) -> None:
     """Put a policy in eval mode for inference; free when it already is.
 
-    `nn.Module.eval()` walks every submodule (measured on the CPU: 0.50 ms for world_f, 0.16 ms for
-    its variant A; more for a VLM), and select_action runs at every environment step.
+    `nn.Module.eval()` walks every submodule (more of them for a VLM), and select_action runs at every
+    environment step (its cost: docs/benchmarks.md).
     """
     if policy.training:
         policy.eval()
@@ -194,7 +194,7 @@ class TrunkWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
 
         The groups ask for PyTorch's fused AdamW kernel where it exists for the parameters' device:
         LeRobot's AdamW preset otherwise updates one tensor at a time, which on a CPU made the
-        optimiser step ~2.3x slower (measured: 19 -> 8 ms per step for world_f A at batch 8).
+        optimiser step more than twice as slow (figures in docs/benchmarks.md).
         """
         decay, no_decay = [], []
         mult = getattr(self.config, "gate_lr_mult", 1.0)
