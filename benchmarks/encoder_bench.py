@@ -33,11 +33,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_io import write_result  # sibling module: benchmarks run as scripts from this folder
 
-from lerobot_policy_world_modality.latents import precompute  # noqa: E402
 from lerobot_policy_world_modality.latents.cache import DatasetIdentity, LatentCache  # noqa: E402
 from lerobot_policy_world_modality.latents.encoders import load_encoder  # noqa: E402
 from lerobot_policy_world_modality.latents.linear_probe import ridge_probe  # noqa: E402
-from lerobot_policy_world_modality.tools import fit_encoder  # noqa: E402
+from lerobot_policy_world_modality.tools import fit_encoder, precompute  # noqa: E402
 from lerobot_policy_world_modality.tools.record_metaworld import SIM_STATE_KEY  # noqa: E402
 
 CAMERA = "observation.image"

@@ -79,7 +79,7 @@ def render_costs(task: str, frames: int) -> list[dict]:
 
 def train_pair(steps: int, work: Path) -> list[dict]:
     """Steps/s of two tiny world_f trainings side by side: default threads, then one thread each."""
-    from lerobot_policy_world_modality.latents import precompute
+    from lerobot_policy_world_modality.tools import precompute
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from support.datasets import make_synthetic_dataset

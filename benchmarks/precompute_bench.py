@@ -97,7 +97,7 @@ def main() -> None:
         encoder.encode(frames[s : s + bs])
     encode_s = time.perf_counter() - t0
 
-    from lerobot_policy_world_modality.latents.encoders import preprocess_frames
+    from lerobot_policy_world_modality.latents.encoder_base import preprocess_frames
 
     eid = encoder.identity
     pixels = preprocess_frames(frames, eid.image_size, eid.image_mean, eid.image_std)

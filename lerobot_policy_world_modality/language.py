@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from .latents.hf_encoders import EncoderLoadError, file_digest
+from .latents.encoder_base import file_digest
+from .latents.hf_encoders import EncoderLoadError
 from .sources import resolve_source
 
 # The documented default choice when the language input is enabled (384-d, 22 M parameters).

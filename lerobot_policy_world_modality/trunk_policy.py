@@ -20,6 +20,9 @@ from torch import Tensor
 
 from .checkpoints import StrictCheckpointLoading
 from .language import FrozenTextEncoder, bind_language_encoder, instructions_from_batch
+from .latents.binding import bind_policy_world_latents, bind_world_target_stats
+from .latents.processor import reset_online_state
+from .world.fusion import fusion_gates
 
 
 @dataclass
@@ -143,8 +146,8 @@ def gate_param_group(gates: list[Tensor], lr: float, mult: float) -> dict:
 def ensure_eval(policy: torch.nn.Module) -> None:
     """Put a policy in eval mode for inference; free when it already is.
 
-    `nn.Module.eval()` walks every submodule (measured on the CPU: 0.50 ms for world_f, 0.16 ms for
-    its variant A; more for a VLM), and select_action runs at every environment step.
+    `nn.Module.eval()` walks every submodule (more of them for a VLM), and select_action runs at every
+    environment step (its cost: docs/benchmarks.md).
     """
     if policy.training:
         policy.eval()
@@ -170,9 +173,6 @@ class TrunkWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
         super().__init__(config)
         config.validate_features()
         self.config = config
-        # Imported lazily: the latent pipeline pulls in encoders and caches.
-        from .latents.processor import bind_policy_world_latents, bind_world_target_stats
-
         bind_policy_world_latents(config, dataset_meta)
         # Standardisation statistics of the world targets for the subclass's WorldPath (None when not
         # standardised or when rebuilt from a checkpoint, whose buffers carry them).
@@ -194,10 +194,8 @@ class TrunkWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
 
         The groups ask for PyTorch's fused AdamW kernel where it exists for the parameters' device:
         LeRobot's AdamW preset otherwise updates one tensor at a time, which on a CPU made the
-        optimiser step ~2.3x slower (measured: 19 -> 8 ms per step for world_f A at batch 8).
+        optimiser step more than twice as slow (figures in docs/benchmarks.md).
         """
-        from .world.fusion import fusion_gates
-
         decay, no_decay = [], []
         mult = getattr(self.config, "gate_lr_mult", 1.0)
         gates = [p for p in fusion_gates(self) if p.requires_grad] if mult != 1.0 else []
@@ -215,8 +213,6 @@ class TrunkWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
     def reset(self):
         """Start a new episode: clear the action queue and the world step's online frame buffers."""
         self._action_queue = deque([], maxlen=self.config.n_action_steps)
-        from .latents.processor import reset_online_state
-
         reset_online_state()
 
     @property

@@ -8,7 +8,7 @@
 set -euo pipefail
 export MUJOCO_GL="${MUJOCO_GL:-egl}"
 # One torch thread per process: on a 2-core machine shared with other jobs, two spinning OpenMP threads
-# per process made training steps 10-30x slower (seen here: 3 s/step instead of 0.2 s/step).
+# per process made training steps many times slower (figures in docs/benchmarks.md).
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 command -v lerobot-wm-demo >/dev/null || {
   echo "lerobot-wm-demo not found: activate the environment you installed the project into" \

@@ -10,7 +10,6 @@ import pytest
 import torch
 from support.datasets import make_synthetic_dataset
 
-from lerobot_policy_world_modality.latents import precompute
 from lerobot_policy_world_modality.latents.cache import (
     DatasetIdentity,
     EpisodeBounds,
@@ -21,6 +20,7 @@ from lerobot_policy_world_modality.latents.cache import (
     write_shard,
 )
 from lerobot_policy_world_modality.latents.encoders import load_encoder
+from lerobot_policy_world_modality.tools import precompute
 
 CAMERA = "observation.image"
 # Episodes of lengths 5, 1, 8 -> global ranges [0, 5), [5, 6), [6, 14).

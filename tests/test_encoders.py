@@ -27,12 +27,8 @@ from transformers import (
     VJEPA2VideoProcessor,
 )
 
-from lerobot_policy_world_modality.latents.encoders import (
-    PixelThumbnailEncoder,
-    load_encoder,
-    preprocess_frames,
-    resolve_encoder_identity,
-)
+from lerobot_policy_world_modality.latents.encoder_base import preprocess_frames
+from lerobot_policy_world_modality.latents.encoders import PixelThumbnailEncoder, load_encoder, resolve_encoder_identity
 from lerobot_policy_world_modality.latents.hf_encoders import IMAGENET_MEAN, IMAGENET_STD, EncoderLoadError
 
 VIT = dict(num_hidden_layers=2, num_attention_heads=2, patch_size=8)

@@ -16,12 +16,11 @@ from lerobot.datasets.lerobot_dataset import LeRobotDataset
 from support.cli import BIN, TINY_WORLD_F, capped_eval_cmd, short_train_flags
 from support.datasets import make_synthetic_dataset
 
-from lerobot_policy_world_modality.latents import precompute
 from lerobot_policy_world_modality.latents.cache import DatasetIdentity, LatentCache, LatentCacheError
 from lerobot_policy_world_modality.latents.encoders import load_encoder, resolve_encoder_identity
 from lerobot_policy_world_modality.latents.fitted import MARKER_FILE, STATE_DIR, WEIGHTS_FILE, FittedEncoderError
 from lerobot_policy_world_modality.latents.linear_probe import ridge_probe
-from lerobot_policy_world_modality.tools import fit_encoder
+from lerobot_policy_world_modality.tools import fit_encoder, precompute
 
 REPO = "local/fit_encoder"
 # A fit small enough for seconds on the CPU: what is tested is the machinery, not the quality.

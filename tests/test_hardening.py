@@ -9,11 +9,11 @@ import textwrap
 import pytest
 import torch
 from lerobot.configs.types import FeatureType, PolicyFeature
+from support.cli import BIN
 from support.datasets import make_synthetic_dataset
 
 from lerobot_policy_world_modality.checkpoints import CheckpointMismatchError
-from lerobot_policy_world_modality.latents import precompute
-from lerobot_policy_world_modality.tools import fit_codebook
+from lerobot_policy_world_modality.tools import fit_codebook, precompute
 from lerobot_policy_world_modality.world_f.configuration_world_f import WorldFConfig
 from lerobot_policy_world_modality.world_f.modeling_world_f import WorldFPolicy
 
@@ -188,7 +188,7 @@ def test_a_horizon_longer_than_every_episode_is_warned_about(tmp_path, caplog):
     """Future windows past an episode's end are masked: a horizon no episode reaches trains silently without it."""
     from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
 
-    from lerobot_policy_world_modality.latents.processor import warn_if_no_future_fits
+    from lerobot_policy_world_modality.latents.binding import warn_if_no_future_fits
 
     root = tmp_path / "ds"
     make_synthetic_dataset(root, repo_id="local/short", episode_lengths=(5, 6))
@@ -199,3 +199,82 @@ def test_a_horizon_longer_than_every_episode_is_warned_about(tmp_path, caplog):
     assert "--policy.future_frames" in caplog.text
     assert not warn_if_no_future_fits(WorldFConfig(variant="F", future_frames=5, future_stride=1), meta)
     assert not warn_if_no_future_fits(WorldFConfig(variant="A", future_frames=3, future_stride=2), meta)
+
+
+# ------------------------------------------------------------------ errors a failed command ends with
+
+
+def test_a_bad_policy_option_is_the_last_line_after_draccus(tmp_path):
+    """draccus wraps a config's ValueError in its own errors; the line after the traceback is ours."""
+    import draccus
+    from lerobot.configs.train import TrainPipelineConfig
+
+    from lerobot_policy_world_modality.cli_errors import final_line
+
+    raw = {"dataset": {"repo_id": "local/x"}, "policy": {"type": "world_token_c", "world_token_dropout": 1.5}}
+    with pytest.raises(Exception) as caught:
+        draccus.decode(TrainPipelineConfig, raw)
+    assert "world_token_dropout" not in str(caught.value).splitlines()[-1]  # draccus's own last line hides it
+    assert final_line(caught.value) == (
+        "Invalid world_token_c policy configuration: world_token_dropout must lie in [0, 1), got 1.5."
+    )
+
+
+def test_config_validation_errors_are_still_value_errors():
+    """Python callers that catch ValueError from a config keep working."""
+    from lerobot_policy_world_modality.cli_errors import PolicyConfigError
+
+    with pytest.raises(PolicyConfigError, match=r"--policy\.history_frames >= 1") as caught:
+        WorldFConfig(history_frames=-1)
+    assert isinstance(caught.value, ValueError) and caught.value.policy_type == "world_f"
+
+
+def test_a_truncated_config_json_is_named(tmp_path):
+    """LeRobot parses config.json before any policy code runs; the final line names the file and the fix."""
+    from lerobot.configs.policies import PreTrainedConfig
+
+    from lerobot_policy_world_modality.cli_errors import final_line
+
+    _tiny_world_f().save_pretrained(tmp_path)
+    config = tmp_path / "config.json"
+    config.write_bytes(config.read_bytes()[:200])
+    with pytest.raises(ValueError) as caught:  # json.JSONDecodeError, without the path
+        PreTrainedConfig.from_pretrained(tmp_path)
+    assert str(config) not in str(caught.value)
+    line = final_line(caught.value)
+    assert line.startswith(f"Cannot read {config}:") and "download the checkpoint again" in line
+
+
+def _last_lines(res: subprocess.CompletedProcess, n: int = 3) -> str:
+    return "\n".join(res.stderr.strip().splitlines()[-n:])
+
+
+@pytest.mark.slow
+def test_lerobot_train_ends_with_the_bad_flag(tmp_path):
+    """A negative --policy.history_frames: the last lines lerobot-train prints name the flag and the fix."""
+    res = subprocess.run(
+        [BIN / "lerobot-train", "--policy.type=world_f", "--policy.history_frames=-1", "--dataset.repo_id=local/x",
+         "--policy.push_to_hub=false", f"--output_dir={tmp_path / 'out'}"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode != 0
+    last = _last_lines(res)
+    assert "--policy.history_frames >= 1" in last and "(got -1, 4)" in last and "--policy.use_prophet=false" in last, last
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damaged", ["config.json", "model.safetensors"])
+def test_lerobot_eval_names_a_truncated_checkpoint_file(tmp_path, damaged):
+    """lerobot-eval on a checkpoint with a file cut short: the last lines name that file and the fix."""
+    ckpt = tmp_path / "pretrained_model"
+    _tiny_world_f().save_pretrained(ckpt)
+    target = ckpt / damaged
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    res = subprocess.run(
+        [BIN / "lerobot-eval", f"--policy.path={ckpt}", "--env.type=metaworld", "--env.task=button-press-v3",
+         "--eval.n_episodes=1", "--eval.batch_size=1", f"--output_dir={tmp_path / 'eval'}"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode != 0
+    last = _last_lines(res)
+    assert last.count(str(target)) == 1 and "download the checkpoint again" in last, last

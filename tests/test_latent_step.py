@@ -172,7 +172,7 @@ def test_training_view_keeps_indices_and_drops_cameras(dataset_root, tmp_path):
 def test_future_stride_windows_through_the_step_and_its_saved_config(dataset_root, tmp_path):
     """With future_stride=s the step adds z_{t+s}, ..., z_{t+Ks}, clamped and masked at the episode's end,
     and a pipeline saved with it rebuilds the same step."""
-    from lerobot_policy_world_modality.latents.precompute import main as precompute
+    from lerobot_policy_world_modality.tools.precompute import main as precompute
 
     precompute([f"--dataset.repo_id={REPO}", f"--dataset.root={dataset_root}", "--encoder=pixels",
                 "--camera=observation.image", "--no_progress"])  # fmt: skip

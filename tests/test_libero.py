@@ -179,9 +179,9 @@ def test_online_latents_of_libero_env_frames_equal_precomputed(libero_home, monk
     from lerobot.datasets.utils import dataset_to_policy_features
     from lerobot.policies.factory import make_policy_config, make_pre_post_processors
 
-    from lerobot_policy_world_modality.latents import precompute
+    from lerobot_policy_world_modality.tools import precompute
     from lerobot_policy_world_modality.latents.encoders import load_encoder
-    from lerobot_policy_world_modality.latents.processor import bind_training_dataset
+    from lerobot_policy_world_modality.latents.binding import bind_training_dataset
 
     for key, value in libero_home.items():
         monkeypatch.setenv(key, value)

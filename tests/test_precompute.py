@@ -14,7 +14,7 @@ import torch
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 from support.datasets import make_synthetic_dataset
 
-from lerobot_policy_world_modality.latents import precompute
+from lerobot_policy_world_modality.latents import precompute as engine
 from lerobot_policy_world_modality.latents.cache import (
     DatasetIdentity,
     EpisodeBounds,
@@ -22,7 +22,9 @@ from lerobot_policy_world_modality.latents.cache import (
     LatentCacheError,
     cache_dir_for,
 )
-from lerobot_policy_world_modality.latents.encoders import WorldEncoder, load_encoder
+from lerobot_policy_world_modality.latents.encoder_base import WorldEncoder
+from lerobot_policy_world_modality.latents.encoders import load_encoder
+from lerobot_policy_world_modality.tools import precompute
 
 CAMERAS = ("observation.image", "observation.wrist")
 SCRIPT = str(Path(sys.executable).parent / "lerobot-wm-precompute")
@@ -91,7 +93,7 @@ def test_video_windows_repeat_padded_at_episode_start(video_root):
     """For window m > 1 the loader gives frames t-m+1..t clamped to the episode start, as decoded by LeRobot."""
     dataset = LeRobotDataset("local/synthetic", root=video_root, video_backend="pyav")
     bounds = EpisodeBounds.from_identity(DatasetIdentity.from_meta(dataset.meta))
-    loader = precompute.BatchLoader(precompute.FrameSource(dataset, CAMERAS[0], "pyav"), bounds, window=3)
+    loader = engine.BatchLoader(engine.FrameSource(dataset, CAMERAS[0], "pyav"), bounds, window=3)
     windows = loader.load(3, 8)  # frames 3..7: crosses the length-1 episode [5, 6) and the start of [6, 14)
     assert windows.shape == (5, 3, 3, 48, 48)
     expected_indices = [[1, 2, 3], [2, 3, 4], [5, 5, 5], [6, 6, 6], [6, 6, 7]]
@@ -182,5 +184,5 @@ def test_nan_latents_are_rejected_before_writing(video_root, tmp_path):
     """NaN encoder output names the frames and leaves no shard behind."""
     dataset = LeRobotDataset("local/synthetic", root=video_root, video_backend="pyav")
     with pytest.raises(LatentCacheError, match=r"NaN/Inf latents for frames \[1\]"):
-        precompute.precompute_camera(dataset, CAMERAS[0], _NaNOnSecondFrame(), tmp_path / "c", progress=False)
+        engine.precompute_camera(dataset, CAMERAS[0], _NaNOnSecondFrame(), tmp_path / "c", progress=False)
     assert not list((tmp_path / "c").glob("*/*/*/shard-*.npy"))

@@ -54,7 +54,7 @@ def test_factory_binds_the_camera_dataset_and_refuses_the_latent_only_view(datas
     from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
     from lerobot.policies.factory import make_policy, make_policy_config, make_pre_post_processors
 
-    from lerobot_policy_world_modality.latents.precompute import main as precompute
+    from lerobot_policy_world_modality.tools.precompute import main as precompute
     from lerobot_policy_world_modality.latents.processor import WorldLatentStep
     from lerobot_policy_world_modality.smolvla_world.modeling_smolvla_world import SmolVLAWorldPolicy
 

@@ -196,7 +196,7 @@ def test_delta_prediction_is_an_alias_of_world_target_delta_and_old_configs_load
 # ------------------------------------------------------------------------------ statistics through a real cache
 def _precompute(repo, root):
     """lerobot-wm-precompute's entry point, in-process (the console script runs the same `main`)."""
-    from lerobot_policy_world_modality.latents.precompute import main
+    from lerobot_policy_world_modality.tools.precompute import main
 
     args = [f"--dataset.repo_id={repo}", f"--dataset.root={root}", "--encoder=pixels",
             "--camera=observation.image", "--no_progress"]  # fmt: skip
@@ -208,7 +208,7 @@ def test_statistics_come_from_the_cache_and_travel_in_the_checkpoint(tmp_path, m
     identically with no cache at all."""
     from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
 
-    from lerobot_policy_world_modality.latents.processor import open_world_caches
+    from lerobot_policy_world_modality.latents.binding import open_world_caches
 
     repo, root = "local/targets", tmp_path / "ds"
     make_synthetic_dataset(root, repo_id=repo, episode_lengths=(6, 2, 9), image_hw=(16, 16), use_videos=False)
@@ -487,7 +487,7 @@ def test_lerobot_train_with_dynamics_targets_saves_a_checkpoint_that_needs_no_ca
 
     from support.cli import BIN, TINY_WORLD_F, short_train_flags
 
-    from lerobot_policy_world_modality.latents.processor import world_target_stats
+    from lerobot_policy_world_modality.latents.binding import world_target_stats
 
     repo, root = "local/targets_e2e", tmp_path / "ds"
     make_synthetic_dataset(root, repo_id=repo, episode_lengths=(10, 3, 9), image_hw=(16, 16), use_videos=False)
@@ -528,7 +528,7 @@ def test_smolvla_world_binds_the_statistics_of_its_training_dataset(tiny_vlm, tm
     from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
     from support.vlm import TINY_SMOLVLA
 
-    from lerobot_policy_world_modality.latents.processor import world_target_stats
+    from lerobot_policy_world_modality.latents.binding import world_target_stats
     from lerobot_policy_world_modality.smolvla_world.configuration_smolvla_world import SmolVLAWorldConfig
     from lerobot_policy_world_modality.smolvla_world.modeling_smolvla_world import SmolVLAWorldPolicy
 

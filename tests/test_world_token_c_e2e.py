@@ -47,7 +47,7 @@ def test_fit_tool_factory_and_online_tokens_equal_cached(dataset_root, capsys):
 
     import lerobot_policy_world_modality  # noqa: F401  (registers the type)
     from lerobot_policy_world_modality.constants import OBS_WORLD_LATENT
-    from lerobot_policy_world_modality.latents.precompute import main as precompute
+    from lerobot_policy_world_modality.tools.precompute import main as precompute
     from lerobot_policy_world_modality.latents.processor import WorldLatentStep
     from lerobot_policy_world_modality.tools.fit_codebook import main as fit
     from lerobot_policy_world_modality.world.codebook import CodebookError, load_codebook, save_codebook

@@ -29,7 +29,7 @@ import torch
 
 from ..constants import CACHE_ENV_VAR
 from ..fileio import atomic_write_bytes, atomic_write_json
-from .encoders import EncoderIdentity
+from .encoder_base import EncoderIdentity
 
 # Bumped when the on-disk layout changes; caches of another version are rebuilt.
 # 2: shard checksums in meta.json, dataset content digest in the identity.

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .encoders import EncoderIdentity, WorldEncoder
+from .encoder_base import EncoderIdentity, WorldEncoder, file_digest
 
 # File whose presence marks a directory as a fitted world encoder.
 MARKER_FILE = "wm_encoder.json"
@@ -107,8 +107,6 @@ def read_marker(directory: str | Path) -> dict:
 
 def fitted_revision(directory: str | Path) -> str:
     """sha256 over the weights and the marker: any refit or edit changes it."""
-    from .hf_encoders import file_digest
-
     directory = Path(directory).expanduser()
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():

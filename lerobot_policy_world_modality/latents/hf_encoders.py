@@ -5,7 +5,7 @@ saved with `save_pretrained` take the same path. The family is read from the che
 `model_type`; the latent dimension, the image size and the normalisation are read from the
 checkpoint (model config and image / video processor config), never hard-coded.
 
-`resolve_encoder_identity` computes the `EncoderIdentity` from the config files and the revision
+`resolve_hf_encoder_identity` computes the `EncoderIdentity` from the config files and the revision
 alone, without building the model; `load_hf_encoder` builds the identity through that same code,
 so the identity a training run computes to find its latent cache is exactly the one the encoder
 that filled the cache carried.
@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..sources import resolve_source
-from .encoders import EncoderIdentity, WorldEncoder
+from .encoder_base import EncoderIdentity, WorldEncoder, file_digest
 
 # model_type values of each supported family (the config's `model_type`).
 FAMILY_MODEL_TYPES = {
@@ -229,23 +229,6 @@ def _preprocessing(family: str, config, proc: dict | None) -> tuple[tuple[int, i
     return (int(size[0]), int(size[1])), mean, std
 
 
-# Per-process memo of file digests keyed by (path, size, mtime) so repeated resolves are free.
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of one file's bytes (memoised while the file is unchanged)."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _DIGESTS[key] = h.hexdigest()
-    return _DIGESTS[key]
-
-
 def local_revision(directory: str | Path) -> str:
     """sha256 over a local checkpoint's weight files (sorted by name) and its config.json."""
     directory = Path(directory)
@@ -345,7 +328,7 @@ def _resolve(name_or_path: str, pooling: str | None, window: int | None, dtype) 
     return _Resolved(identity=identity, family=family, source=source, commit=commit, config=config)
 
 
-def resolve_encoder_identity(
+def resolve_hf_encoder_identity(
     name_or_path: str,
     pooling: str | None = None,
     window: int | None = None,

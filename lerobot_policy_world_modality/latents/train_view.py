@@ -1,7 +1,7 @@
 """Latent-only training views: a LeRobotDataset without its cameras, for policies that read cached latents.
 
-LeRobotDataset 0.4.4 decodes every video key of every sample, whether or not the policy reads it
-(about 27 ms per 480x480 frame here, against 0.08 ms for the tabular columns). `world_f` reads only
+LeRobotDataset 0.4.4 decodes every video key of every sample, whether or not the policy reads it,
+and decoding costs far more than the tabular columns (figures in docs/benchmarks.md). `world_f` reads only
 cached world latents and the robot state in training, so decoding frames would dominate its training
 time for nothing. A training view is a small copy of the dataset's tabular part (parquet data and
 metadata, no videos, no image columns) that stock `lerobot-train` loads like any local dataset:

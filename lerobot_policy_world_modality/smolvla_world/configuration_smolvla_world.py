@@ -19,6 +19,7 @@ from lerobot.configs.types import FeatureType, NormalizationMode
 from lerobot.policies.rtc.configuration_rtc import RTCConfig
 from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
 
+from ..cli_errors import policy_config_errors
 from ..latents.config import WorldLatentOptions
 from ..sources import checkpoint_file
 from ..world.options import WorldMemoryOptions
@@ -205,16 +206,17 @@ class SmolVLAWorldConfig(WorldMemoryOptions, WorldLatentOptions, SmolVLAOptions,
     world_dropout: float = 0.0
 
     def __post_init__(self):
-        super().__post_init__()
-        if self.init_from and not self.init_from_loaded:
-            self.adopt_init_config()
-        for name in ("inject_expert_input", "inject_prefix"):
-            if getattr(self, name) and not self.use_prophet:
-                raise ValueError(
-                    f"{name}=True needs use_prophet=True: the injected memory is the Prophet's prediction."
-                )
-        self.validate_world_memory(baseline_hint="For plain SmolVLA use --policy.type=smolvla.")
-        self.smolvla_config()  # SmolVLA's own validation of its options (n_action_steps <= chunk_size, ...)
+        with policy_config_errors(self.type):
+            super().__post_init__()
+            if self.init_from and not self.init_from_loaded:
+                self.adopt_init_config()
+            for name in ("inject_expert_input", "inject_prefix"):
+                if getattr(self, name) and not self.use_prophet:
+                    raise ValueError(
+                        f"{name}=True needs use_prophet=True: the injected memory is the Prophet's prediction."
+                    )
+            self.validate_world_memory(baseline_hint="For plain SmolVLA use --policy.type=smolvla.")
+            self.smolvla_config()  # SmolVLA's own validation of its options (n_action_steps <= chunk_size, ...)
 
     # ------------------------------------------------------------------ SmolVLA composition
     def smolvla_config(self) -> SmolVLAConfig:

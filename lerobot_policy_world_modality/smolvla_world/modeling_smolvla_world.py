@@ -24,6 +24,9 @@ from torch import Tensor
 
 from ..checkpoints import StrictCheckpointLoading
 from ..constants import OBS_WORLD_HISTORY
+from ..latents.binding import bind_policy_world_latents, bind_world_target_stats
+from ..latents.processor import reset_online_state
+from ..latents.train_view import source_of_view
 from ..sources import checkpoint_file
 from ..trunk_policy import ensure_eval, gate_param_group
 from ..world.fusion import GatedCrossAttention, fusion_gates
@@ -41,8 +44,6 @@ def init_weights_file(init_from: str) -> str:
 
 def refuse_training_view(dataset_meta) -> None:
     """Stop with the fix when lerobot-train was pointed at a latent-only training view (it has no images)."""
-    from ..latents.train_view import source_of_view
-
     view = source_of_view(dataset_meta.info)
     if view is not None:
         raise ValueError(
@@ -74,8 +75,6 @@ class SmolVLAWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
             refuse_training_view(dataset_meta)
         config.validate_features()
         self.config = config
-        from ..latents.processor import bind_policy_world_latents, bind_world_target_stats
-
         bind_policy_world_latents(config, dataset_meta)
         self.smolvla = SmolVLAPolicy(config.smolvla_config())
         model = self.smolvla.model
@@ -184,8 +183,6 @@ class SmolVLAWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
         self.history.reset()
         self._action_queue.clear()
         self.smolvla.reset()
-        from ..latents.processor import reset_online_state
-
         reset_online_state()
 
     def _rollout_memory(self, batch: dict[str, Tensor], history: Tensor | None) -> Tensor | None:

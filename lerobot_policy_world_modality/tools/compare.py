@@ -195,7 +195,7 @@ def _parse_comparison(item) -> tuple[str, str]:
 
 @contextlib.contextmanager
 def _no_help_text():
-    """Skip draccus's --help text while parsing: it reads the source of every config class (~7 s per parse).
+    """Skip draccus's --help text while parsing: it reads the source of every config class, seconds per parse.
 
     Only the help strings change (they are never printed here); the parse and its errors are the same.
     """

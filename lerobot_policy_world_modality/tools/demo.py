@@ -254,8 +254,8 @@ def lerobot_eval_capped() -> None:
     """Run stock `lerobot-eval` (same argv) with MetaWorld episodes capped at `--env.episode_length`.
 
     LeRobot 0.4.4's MetaWorld env ignores `--env.episode_length`: its rollouts always last up to
-    MetaWorld's 500 steps (`MetaworldEnv._max_episode_steps = max_path_length`), ~110 s per failing
-    episode here. This launcher sets that attribute to the requested length after the env is built
+    MetaWorld's 500 steps (`MetaworldEnv._max_episode_steps = max_path_length`), so a failing episode
+    costs minutes (docs/benchmarks.md). This launcher sets that attribute to the requested length after the env is built
     and then calls LeRobot's own entry point unchanged.
 
     `--max_videos=N` (this launcher's own flag, taken out of argv) caps the episodes rendered to video:
@@ -364,7 +364,7 @@ def stage_metrics(args, work: Path, run_dir: Path, view: Path, repo_id: str) -> 
 
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line options; defaults are the quickstart's (finishes well under 30 minutes on 2 CPU cores)."""
+    """Command-line options; defaults are the quickstart's (its measured time: docs/demo.md)."""
     p = argparse.ArgumentParser(prog="lerobot-wm-demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--work_dir", default="outputs/demo", help="everything goes here (dataset, cache, runs, report)")

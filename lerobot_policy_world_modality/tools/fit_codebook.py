@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
+from ..latents.binding import open_latent_cache
 from ..latents.cache import LatentCacheError, default_cache_root
 from ..latents.encoders import resolve_encoder_identity
-from ..latents.precompute import CODEBOOK_DIR, _train_flags, add_cache_flags, check_cache_flags, select_cameras
-from ..latents.processor import open_latent_cache
+from ..latents.precompute import CODEBOOK_DIR
 from ..latents.train_view import default_view_root, source_of_view
 from ..world.codebook import (
     CodebookError,
@@ -38,6 +38,7 @@ from ..world.codebook import (
     options_dict,
     save_codebook,
 )
+from .precompute import add_cache_flags, check_cache_flags, select_cameras, train_flags
 
 
 def codebook_name(options: FitOptions, cameras: list[str]) -> str:
@@ -184,7 +185,7 @@ def _report(args, meta: dict, out: Path, cameras: list[str], view: dict | None) 
         if view
         else default_view_root(cache_root, meta["dataset"]["repo_id"], meta["dataset"]["root"])
     )
-    flags = _train_flags(args, cameras, view_dir if (view_dir / "meta" / "info.json").is_file() else None)
+    flags = train_flags(args, cameras, view_dir if (view_dir / "meta" / "info.json").is_file() else None)
     print(
         f"Train with:\n  lerobot-train --policy.type=world_token_c {flags} --policy.codebook_path={out} ..."
     )

@@ -37,7 +37,7 @@ from torch import nn
 
 from ..fileio import atomic_write_bytes
 from ..latents.cache import DatasetIdentity
-from ..latents.encoders import preprocess_frames
+from ..latents.encoder_base import preprocess_frames
 from ..latents.fitted import (
     FITTED_MEAN,
     FITTED_STD,
@@ -50,6 +50,8 @@ from ..latents.fitted import (
     read_marker,
     save_fitted_encoder,
 )
+from ..latents.precompute import FrameSource
+from .precompute import select_cameras
 
 # Name of the objective in the marker (part of the encoder identity).
 OBJECTIVE = "temporal-infonce-v1"
@@ -71,8 +73,6 @@ def _split_list(text: str | None) -> list[str]:
 def open_datasets(repo_ids: list[str], roots: list[str], camera_arg: str | None, video_backend: str) -> list[tuple]:
     """(dataset, cameras) for each dataset; clear errors for missing cameras or mismatched flags."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
-
-    from ..latents.precompute import select_cameras
 
     if not repo_ids:
         raise FitEncoderError("No dataset given: pass --dataset.repo_id=<id>[,<id>...] (and --dataset.root).")
@@ -122,8 +122,6 @@ def extract_frames(datasets: list[tuple], image_size: int, stride: int, video_ba
     encoder's own `preprocess_frames` resize, so the fit sees what the encoder sees at eval.
     """
     from tqdm import tqdm
-
-    from ..latents.precompute import FrameSource
 
     jobs = []
     for ds, cams in datasets:

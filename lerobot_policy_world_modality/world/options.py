@@ -92,8 +92,9 @@ class WorldMemoryOptions:
             )
         if self.use_prophet and (self.history_frames < 1 or self.future_frames < 1):
             raise ValueError(
-                f"The Prophet needs history_frames >= 1 and future_frames >= 1 (got {self.history_frames}, "
-                f"{self.future_frames}); set them, or turn the Prophet off (use_prophet=False)."
+                f"The Prophet needs --policy.history_frames >= 1 and --policy.future_frames >= 1 (got "
+                f"{self.history_frames}, {self.future_frames}); set them, or turn the Prophet off "
+                "(--policy.use_prophet=false)."
                 + (f" {baseline_hint}" if baseline_hint else "")
             )
         if self.memory_mode_train not in MEMORY_MODES:

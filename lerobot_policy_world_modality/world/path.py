@@ -63,7 +63,7 @@ class WorldPath(nn.Module):
     latent_dim: world latent dimension D; hidden_width: width of the states the memory is injected
     into; context_dim: width of optional context tokens the Prophet also reads (e.g. trunk states);
     target_stats: with `standardise_targets`, the statistics from the latent cache
-    (`latents.processor.world_target_stats`; None when a checkpoint's weights will fill them).
+    (`latents.binding.world_target_stats`; None when a checkpoint's weights will fill them).
     Keeps the count of training forward passes (`train_step`, saved with the weights) that drives
     scheduled sampling, so a resumed run continues its schedule.
     """
@@ -150,7 +150,7 @@ class WorldPath(nn.Module):
                     "standardise_targets=True but the policy has no target statistics: they are computed from "
                     "the latent cache when lerobot-train builds the policy (dataset_meta given) and saved in its "
                     "checkpoint. Train through lerobot-train, load a checkpoint trained with them, or call "
-                    "policy.world.set_target_stats(latents.processor.world_target_stats(config))."
+                    "policy.world.set_target_stats(latents.binding.world_target_stats(config))."
                 )
         return getattr(self, name_mean), getattr(self, name_std)
 

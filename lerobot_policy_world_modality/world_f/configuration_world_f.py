@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from lerobot.configs.policies import PreTrainedConfig
 
+from ..cli_errors import policy_config_errors
 from ..language import LanguageOptions
 from ..latents.config import WorldLatentOptions
 from ..trunk_policy import TrunkPolicyOptions
@@ -71,15 +72,16 @@ class WorldFConfig(
     trunk_reads_history: bool = False
 
     def __post_init__(self):
-        super().__post_init__()
-        preset = self.variant_preset(VARIANTS)
-        if preset is not None:
-            self.use_prophet, self.inject_memory = preset
-            if self.variant in HISTORY_VARIANTS:
-                self.trunk_reads_history = True
-        self.validate_trunk()
-        self.validate_world_memory("For the baseline without world prediction use --policy.variant=A.")
-        self.validate_world_path()
+        with policy_config_errors(self.type):
+            super().__post_init__()
+            preset = self.variant_preset(VARIANTS)
+            if preset is not None:
+                self.use_prophet, self.inject_memory = preset
+                if self.variant in HISTORY_VARIANTS:
+                    self.trunk_reads_history = True
+            self.validate_trunk()
+            self.validate_world_memory("For the baseline without world prediction use --policy.variant=A.")
+            self.validate_world_path()
 
     @property
     def in_trunk(self) -> bool:

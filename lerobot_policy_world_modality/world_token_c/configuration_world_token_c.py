@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from lerobot.configs.policies import PreTrainedConfig
 
+from ..cli_errors import policy_config_errors
 from ..language import LanguageOptions
 from ..latents.config import WorldLatentOptions
 from ..trunk_policy import TrunkPolicyOptions
@@ -73,20 +74,21 @@ class WorldTokenCConfig(TrunkPolicyOptions, WorldLatentOptions, LanguageOptions,
     lambda_world: float = 1.0
 
     def __post_init__(self):
-        super().__post_init__()
-        preset = self.variant_preset(VARIANTS)
-        if preset is not None:
-            self.world_token_input = preset
-        self.validate_trunk()
-        self.validate_future_stride()
-        if self.future_frames < 1 or self.history_frames < 1:
-            raise ValueError(
-                f"world_token_c predicts the tokens of the next K frames: set --policy.future_frames >= 1 "
-                f"(got {self.future_frames}) and --policy.history_frames >= 1 (got {self.history_frames})."
-            )
-        if not 0.0 <= self.world_token_dropout < 1.0:
-            raise ValueError(f"world_token_dropout must lie in [0, 1), got {self.world_token_dropout}.")
-        if self.codebook_factorisation is not None and self.codebook_factorisation not in FACTORISATIONS:
-            raise ValueError(
-                f"codebook_factorisation must be one of {FACTORISATIONS}, got '{self.codebook_factorisation}'."
-            )
+        with policy_config_errors(self.type):
+            super().__post_init__()
+            preset = self.variant_preset(VARIANTS)
+            if preset is not None:
+                self.world_token_input = preset
+            self.validate_trunk()
+            self.validate_future_stride()
+            if self.future_frames < 1 or self.history_frames < 1:
+                raise ValueError(
+                    f"world_token_c predicts the tokens of the next K frames: set --policy.future_frames >= 1 "
+                    f"(got {self.future_frames}) and --policy.history_frames >= 1 (got {self.history_frames})."
+                )
+            if not 0.0 <= self.world_token_dropout < 1.0:
+                raise ValueError(f"world_token_dropout must lie in [0, 1), got {self.world_token_dropout}.")
+            if self.codebook_factorisation is not None and self.codebook_factorisation not in FACTORISATIONS:
+                raise ValueError(
+                    f"codebook_factorisation must be one of {FACTORISATIONS}, got '{self.codebook_factorisation}'."
+                )

@@ -20,6 +20,7 @@ from lerobot.utils.constants import ACTION, OBS_STATE
 from torch import Tensor, nn
 
 from ..constants import OBS_WORLD_FUTURE, OBS_WORLD_FUTURE_VALID
+from ..latents.binding import open_world_caches
 from ..trunk_policy import TrunkWorldPolicy, ensure_eval
 from ..world.codebook import Codebook, CodebookError, load_codebook
 from ..world.history import latent_from_batch
@@ -78,8 +79,6 @@ def bind_codebook(config: WorldTokenCConfig, training: bool) -> Codebook:
 
 def _check_codebook_cache(config: WorldTokenCConfig, meta: dict) -> None:
     """Fail when the codebook was fitted on other latents than the training dataset's caches."""
-    from ..latents.processor import open_world_caches
-
     cameras = config.resolved_world_cameras()
     now = [cache.meta["fingerprint"] for cache in open_world_caches(config)]
     fitted = [c.get("fingerprint") for c in meta.get("caches", [])]
