@@ -1,0 +1,195 @@
+"""Action-conditioned dynamics, the progress head and the rerank / CEM planners (pure torch and world_f)."""
+
+import pytest
+import torch
+
+from lerobot_policy_world_modality.constants import OBS_WORLD_GOAL, OBS_WORLD_LATENT, OBS_WORLD_REMAINING
+from lerobot_policy_world_modality.latents.cache import EpisodeBounds
+from lerobot_policy_world_modality.world.dynamics import ActionDynamics, progress_targets
+from lerobot_policy_world_modality.world.planner import PlannerSettings, plan_chunk
+from lerobot_policy_world_modality.world.prophet import Prophet
+from lerobot_policy_world_modality.world_f.modeling_world_f import WorldFPolicy
+
+from test_world_f_model import A, B, H, K, eval_batch, make_config, train_batch
+
+
+# ------------------------------------------------------------------------------------ a known world
+def point_world(goal: torch.Tensor):
+    """x_end = x_0 + sum of the chunk's actions (x_0 = 0); score = -|x_end - goal|^2. Best chunk sum: goal."""
+
+    def score(chunks):  # [B, N, H, A] -> [B, N]
+        return -(chunks.sum(dim=2) - goal[:, None]).pow(2).sum(-1)
+
+    return score
+
+
+@pytest.mark.parametrize("kind", ["rerank", "cem"])
+def test_planner_picks_the_best_scored_chunk_and_is_deterministic(kind):
+    goal = torch.tensor([[1.5, -1.0], [0.0, 2.0]])
+    proposal = torch.zeros(2, 4, 2)
+    seen = []
+    base = point_world(goal)
+
+    def score(chunks):
+        seen.append(chunks.clone())
+        return base(chunks)
+
+    settings = PlannerSettings(kind, samples=64, iterations=6, elite_frac=0.2, noise=0.6)
+    chunk, info = plan_chunk(proposal, score, settings, torch.Generator().manual_seed(0))
+    # It returns the best candidate it scored (no other chunk scored higher) ...
+    every = torch.cat(seen, dim=1)
+    best_seen = base(every).max(dim=1).values
+    assert torch.allclose(info["score"], best_seen) and torch.allclose(base(chunk[:, None])[:, 0], best_seen)
+    # ... which beats the policy's own proposal (a candidate too), and CEM gets close to the optimum.
+    assert (info["score"] > info["proposal_score"]).all()
+    error = (chunk.sum(1) - goal).norm(dim=-1)
+    assert (error < (0.35 if kind == "cem" else 1.5)).all(), error
+    # The same seed gives the same plan; another seed another.
+    again, _ = plan_chunk(proposal, base, settings, torch.Generator().manual_seed(0))
+    other, _ = plan_chunk(proposal, base, settings, torch.Generator().manual_seed(1))
+    assert torch.equal(chunk, again) and not torch.equal(chunk, other)
+
+
+def test_planner_keeps_the_proposal_when_it_is_the_best():
+    goal = torch.zeros(1, 2)
+    chunk, info = plan_chunk(torch.zeros(1, 4, 2), point_world(goal), PlannerSettings("rerank", samples=8))
+    assert torch.equal(chunk, torch.zeros(1, 4, 2)) and info["score"].item() == 0.0
+
+
+def test_planner_settings_are_validated_by_name():
+    for bad, name in [(dict(samples=1), "planner_samples"), (dict(elite_frac=0.0), "planner_elite_frac"),
+                      (dict(noise=0.0), "planner_noise"), (dict(iterations=0), "planner_iterations")]:  # fmt: skip
+        with pytest.raises(ValueError, match=name):
+            PlannerSettings("cem", **bad).validate()
+
+
+# ------------------------------------------------------------ the dynamics use the actions they are given
+def test_action_conditioned_dynamics_beat_the_history_only_prophet_when_actions_drive_the_future():
+    """z_{t+1} = z_t + M a_t with actions independent of the past: only a model that reads them can predict."""
+    torch.manual_seed(0)
+    d, a_dim, t_hist, k = 8, 2, 2, 2
+    mix = torch.randn(a_dim, d)
+
+    def batch(n, g):
+        z0 = torch.randn(n, d, generator=g)
+        prev = torch.randn(n, a_dim, generator=g)
+        actions = torch.randn(n, k, a_dim, generator=g)
+        history = torch.stack([z0 - prev @ mix, z0], dim=1)
+        future = z0[:, None] + torch.cumsum(actions @ mix, dim=1)
+        return history, actions, future - z0[:, None]
+
+    common = dict(width=32, depth=1, heads=2, delta=True, rescale_output=False)
+    models = {"history": Prophet(d, t_hist, k, **common),
+              "actions": ActionDynamics(d, t_hist, k, a_dim, k, **common)}  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    for name, model in models.items():
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(300):
+            history, actions, target = batch(64, g)
+            pred = model(history).prediction() if name == "history" else model(history, actions)
+            loss = (pred - target).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    history, actions, target = batch(512, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        err_hist = (models["history"](history).prediction() - target).pow(2).mean().item()
+        err_act = (models["actions"](history, actions) - target).pow(2).mean().item()
+        shuffled = (models["actions"](history, actions[torch.randperm(512)]) - target).pow(2).mean().item()
+    assert err_act < 0.2 * err_hist, (err_act, err_hist)
+    assert shuffled > 5 * err_act  # it reads the actions it is given, not the history
+
+
+def test_remaining_fraction_and_progress_targets():
+    bounds = EpisodeBounds([0, 5], [5, 8])
+    remaining = bounds.remaining_fraction(torch.arange(8))
+    assert remaining.tolist() == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0, 1.0, 0.5, 0.0])
+    targets = progress_targets(remaining, torch.tensor([True] * 5 + [False] * 3))
+    assert targets[:5].tolist() == pytest.approx(remaining[:5].tolist()) and targets[5:].tolist() == [1.0] * 3
+
+
+# ----------------------------------------------------------------------------------- world_f with a planner
+def planning_policy(seed=0, **overrides):
+    torch.manual_seed(seed)
+    kw = dict(variant="A", dynamics="action_conditioned", progress_head=True, planner="cem",
+              planner_samples=8, planner_iterations=2)  # fmt: skip
+    return WorldFPolicy(make_config(**(kw | overrides)))
+
+
+def test_world_f_trains_its_dynamics_without_touching_the_actions():
+    policy = planning_policy(planner="none")
+    batch = train_batch() | {OBS_WORLD_REMAINING: torch.rand(B)}
+    policy.train()
+    loss, info = policy.forward(batch)
+    assert {"dyn_loss", "dyn_cos_h1", "dyn_motion_cos_h1", "progress_loss", "action_loss"} <= set(info)
+    loss.backward()
+    assert policy.world.dynamics.net.context_type.grad is not None
+    # The action path never reads the world model: A with the same trunk gives the same chunk.
+    policy.eval()
+    plain = WorldFPolicy(make_config(variant="A"))
+    plain.load_state_dict({k: v for k, v in policy.state_dict().items() if k in plain.state_dict()})
+    latent = batch[OBS_WORLD_LATENT]
+    policy.reset()
+    plain.reset()
+    assert torch.equal(policy.predict_action_chunk(eval_batch(latent)), plain.predict_action_chunk(eval_batch(latent)))
+
+
+def test_planned_actions_follow_the_goal_and_survive_save_and_load(tmp_path):
+    policy = planning_policy()
+    policy.eval()
+    latent = train_batch()[OBS_WORLD_LATENT]
+    obs = eval_batch(latent)
+    policy.reset()
+    planned = policy.predict_action_chunk(obs)
+    policy.reset()
+    assert torch.equal(policy.predict_action_chunk(obs), planned)  # reset re-seeds the planner
+    with torch.no_grad():
+        proposal = policy._run(obs, policy.world_history, "pred", None, 0.0, False)["actions"]
+    assert planned.shape == (B, H, A) and not torch.equal(planned, proposal)
+
+    # A goal latent changes what the planner prefers.
+    policy.reset()
+    goal_plan = policy.predict_action_chunk(obs | {OBS_WORLD_GOAL: torch.randn(B, latent.shape[1])})
+    assert not torch.equal(goal_plan, planned)
+
+    policy.save_pretrained(tmp_path / "ckpt")
+    loaded = WorldFPolicy.from_pretrained(tmp_path / "ckpt")
+    loaded.eval()
+    loaded.reset()
+    assert loaded.config.planner == "cem" and torch.equal(loaded.predict_action_chunk(obs), planned)
+
+
+def test_select_action_plans_once_per_chunk():
+    policy = planning_policy(planner="rerank", planner_samples=4)
+    policy.eval()
+    calls = []
+    score = policy.world.score_chunks
+    policy.world.score_chunks = lambda *a, **k: calls.append(1) or score(*a, **k)
+    policy.reset()
+    latent = train_batch()[OBS_WORLD_LATENT]
+    for _ in range(policy.config.n_action_steps + 1):
+        policy.select_action(eval_batch(latent))
+    assert len(calls) == 2
+
+
+def test_planner_without_goal_or_progress_head_says_what_to_do():
+    policy = planning_policy(progress_head=False)
+    policy.eval()
+    policy.reset()
+    with pytest.raises(RuntimeError, match="progress_head"):
+        policy.predict_action_chunk(eval_batch(train_batch()[OBS_WORLD_LATENT]))
+
+
+@pytest.mark.parametrize(
+    "overrides, flag",
+    [
+        (dict(planner="cem", dynamics="none"), "dynamics=action_conditioned"),
+        (dict(progress_head=True, dynamics="none", planner="none"), "dynamics=action_conditioned"),
+        (dict(dynamics="action_conditioned", future_stride=3, planner="none", progress_head=False), "chunk_size"),
+        (dict(planner="beam"), "planner 'beam'"),
+        (dict(planner_horizon=K + 1), "planner_horizon"),
+    ],
+)
+def test_bad_planning_settings_name_the_flag(overrides, flag):
+    with pytest.raises(ValueError, match=flag):
+        planning_policy(**overrides)
