@@ -193,3 +193,54 @@ def test_planner_without_goal_or_progress_head_says_what_to_do():
 def test_bad_planning_settings_name_the_flag(overrides, flag):
     with pytest.raises(ValueError, match=flag):
         planning_policy(**overrides)
+
+
+# ------------------------------------------------------------------------- through lerobot-train / -eval
+@pytest.mark.slow
+def test_train_with_dynamics_then_eval_with_cem_planner_in_metaworld(tmp_path):
+    """lerobot-train with the world model and progress head on a recorded dataset; the checkpoint holds
+    them; stock lerobot-eval plans with --policy.planner=cem on one capped MetaWorld episode."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from support.cli import BIN, TINY_WORLD_F, capped_eval_cmd, short_train_flags
+    from support.datasets import make_synthetic_dataset
+
+    def run(cmd):
+        env = {**os.environ, "MUJOCO_GL": "egl"}
+        return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600, env=env)
+
+    repo = "local/planning_e2e"
+    root = tmp_path / "ds"
+    make_synthetic_dataset(root, repo_id=repo, episode_lengths=(12, 9), image_hw=(48, 48))
+    res = run([BIN / "lerobot-wm-precompute", f"--dataset.repo_id={repo}", f"--dataset.root={root}"])
+    assert res.returncode == 0, res.stderr
+    view = Path(next(ln for ln in res.stdout.splitlines() if "training view" in ln).split(": ", 1)[1].strip())
+    out = tmp_path / "train"
+    res = run([BIN / "lerobot-train", "--policy.type=world_f", "--policy.encoder=pixels", *TINY_WORLD_F,
+               "--policy.variant=A", "--policy.dynamics=action_conditioned", "--policy.progress_head=true",
+               f"--dataset.repo_id={repo}", f"--dataset.root={view}", *short_train_flags(out, 4)])  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    ckpt = out / "checkpoints" / "last" / "pretrained_model"
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["dynamics"] == "action_conditioned" and cfg["planner"] == "none"
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert "world.dynamics.net.context_type" in keys and "world.progress.net.1.weight" in keys
+
+    eval_dir = tmp_path / "eval"
+    res = run([*capped_eval_cmd(ckpt, eval_dir, episode_length=6), "--policy.planner=cem",
+               "--policy.planner_samples=4", "--policy.planner_iterations=2"])  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    info = json.loads((eval_dir / "eval_info.json").read_text())
+    overall = info.get("overall", info.get("aggregated", {}))
+    assert torch.isfinite(torch.tensor(float(overall["avg_sum_reward"])))
+    # The override reached the policy: without the planner the same episode (same env seed) goes otherwise.
+    res = run(capped_eval_cmd(ckpt, tmp_path / "eval_plain", episode_length=6))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    plain = json.loads((tmp_path / "eval_plain" / "eval_info.json").read_text())
+    plain = plain.get("overall", plain.get("aggregated", {}))
+    assert float(plain["avg_sum_reward"]) != float(overall["avg_sum_reward"])
