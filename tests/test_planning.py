@@ -244,3 +244,47 @@ def test_train_with_dynamics_then_eval_with_cem_planner_in_metaworld(tmp_path):
     plain = json.loads((tmp_path / "eval_plain" / "eval_info.json").read_text())
     plain = plain.get("overall", plain.get("aggregated", {}))
     assert float(plain["avg_sum_reward"]) != float(overall["avg_sum_reward"])
+
+
+@pytest.mark.slow
+def test_failed_episodes_are_recorded_marked_and_reach_the_progress_head(tmp_path):
+    """Random-action episodes are kept with episode_success 0, survive precompute and lerobot-train, and the
+    policy built on the training view reads them as failures (progress target 1 on every frame)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
+    from support.cli import BIN, TINY_WORLD_F, short_train_flags
+
+    def run(cmd):
+        env = {**os.environ, "MUJOCO_GL": "egl"}
+        return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600, env=env)
+
+    repo, root = "local/failures", tmp_path / "ds"
+    res = run([BIN / "lerobot-wm-record-metaworld", f"--dataset.repo_id={repo}", f"--dataset.root={root}",
+               "--env.task=button-press-v3", "--episodes_per_task=2", "--max_steps=8", "--actions=random",
+               "--success_only=false", "--dataset.use_videos=false"])  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    ds = LeRobotDataset(repo, root=root)
+    assert ds.num_episodes == 2 and float(ds[0]["episode_success"]) == 0.0
+    # Random actions with --success_only true would record nothing: refused before the simulator starts.
+    bad = run([BIN / "lerobot-wm-record-metaworld", f"--dataset.repo_id={repo}", f"--dataset.root={tmp_path / 'x'}",
+               "--env.task=button-press-v3", "--actions=random"])  # fmt: skip
+    assert bad.returncode == 2 and "--success_only false" in bad.stderr
+
+    res = run([BIN / "lerobot-wm-precompute", f"--dataset.repo_id={repo}", f"--dataset.root={root}"])
+    assert res.returncode == 0, res.stderr
+    view = Path(next(ln for ln in res.stdout.splitlines() if "training view" in ln).split(": ", 1)[1].strip())
+    flags = ["--policy.variant=A", "--policy.dynamics=action_conditioned", "--policy.progress_head=true"]
+    res = run([BIN / "lerobot-train", "--policy.type=world_f", "--policy.encoder=pixels", *TINY_WORLD_F, *flags,
+               f"--dataset.repo_id={repo}", f"--dataset.root={view}", *short_train_flags(tmp_path / "out", 2)])  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+
+    from lerobot.policies.factory import make_policy, make_policy_config
+
+    cfg = make_policy_config("world_f", device="cpu", variant="A", dynamics="action_conditioned", progress_head=True,
+                             width=32, depth=1, heads=2, history_frames=3, future_frames=2, chunk_size=4,
+                             n_action_steps=2)  # fmt: skip
+    policy = make_policy(cfg, ds_meta=LeRobotDatasetMetadata(repo, root=view))
+    assert policy._success_of({"episode_index": torch.tensor([1, 0])}).tolist() == [False, False]

@@ -108,3 +108,25 @@ def write_training_view(repo_id: str, source_root: str | Path, view_root: str | 
     tmp.rename(view_root)
     shutil.rmtree(old, ignore_errors=True)
     return view_root
+
+
+def episode_success_table(dataset_root: str | Path, column: str = "episode_success") -> "torch.Tensor | None":
+    """Per-episode success [num_episodes] (1.0 / 0.0; NaN for an episode with no frame) from the dataset's
+    `column` (a per-frame mark written by recorders that keep failures), or None when it has none.
+
+    Read from the parquet data, not the episode metadata: LeRobot's merge does not keep per-episode
+    statistics of extra columns. A training view keeps the column, so its root works too.
+    """
+    import torch
+
+    files = sorted(Path(dataset_root).glob("data/*/*.parquet"))
+    if not files or column not in pq.read_schema(files[0]).names:
+        return None
+    tables = [pq.read_table(f, columns=["episode_index", column]) for f in files]
+    episodes = torch.cat([torch.tensor(t.column("episode_index").to_pylist()) for t in tables]).long()
+    # A shape-(1,) feature may be stored as a scalar or a one-element list column, depending on the writer.
+    marks = torch.cat([torch.tensor(t.column(column).to_pylist(), dtype=torch.float32).reshape(t.num_rows, -1)[:, 0]
+                       for t in tables])  # fmt: skip
+    table = torch.full((int(episodes.max()) + 1,), float("nan"))
+    table[episodes] = marks
+    return table

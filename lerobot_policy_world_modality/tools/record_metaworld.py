@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..constants import EPISODE_SUCCESS
 from ..fileio import TEMP_MARK, atomic_write_json, fsync_dir
 
 STATE_NAMES = ["hand_x", "hand_y", "hand_z", "gripper_distance"]
@@ -72,11 +73,12 @@ class RecordPlan:
     use_videos: bool  # store observation.image as video (True) or as PNG images in parquet (False)
     vcodec: str  # LeRobot video codec name when use_videos
     store_sim_state: bool = False  # also store MetaWorld's raw 39-d observation as SIM_STATE_KEY
+    actions: str = "expert"  # who acts: "expert" (scripted policy + action_noise) or "random" (uniform in [-1, 1])
 
 
 def plan_with_defaults(plan: dict) -> dict:
     """A stored plan with the fields added after it was written set to their defaults (so old recordings match)."""
-    return {"store_sim_state": False, **plan}
+    return {"store_sim_state": False, "actions": "expert", **plan}
 
 
 def episode_seed(seed: int, task: str, attempt: int) -> int:
@@ -135,9 +137,15 @@ def resolve_tasks(spec: str) -> list[str]:
     return tasks
 
 
-def dataset_features(use_videos: bool, store_sim_state: bool = False) -> dict:
-    """LeRobot feature spec of the recorded dataset (the layout of LeRobot's MetaWorld env and datasets)."""
+def dataset_features(use_videos: bool, store_sim_state: bool = False, mark_success: bool = False) -> dict:
+    """LeRobot feature spec of the recorded dataset (the layout of LeRobot's MetaWorld env and datasets).
+
+    mark_success: add EPISODE_SUCCESS (1.0 on every frame of an episode that succeeded, else 0.0), for
+    recordings that keep failures. Not an `observation.*` key, so it never becomes a policy input.
+    """
     extra = {SIM_STATE_KEY: {"dtype": "float32", "shape": (39,), "names": None}} if store_sim_state else {}
+    if mark_success:
+        extra[EPISODE_SUCCESS] = {"dtype": "float32", "shape": (1,), "names": None}
     return {
         "observation.image": {
             "dtype": "video" if use_videos else "image",
@@ -241,7 +249,7 @@ def run_attempt(env, plan: RecordPlan, task: str, attempt: int, out_dir: Path, o
     dataset = LeRobotDataset.create(
         repo_id=plan.repo_id,
         fps=plan.fps,
-        features=dataset_features(plan.use_videos, plan.store_sim_state),
+        features=dataset_features(plan.use_videos, plan.store_sim_state, mark_success=not plan.success_only),
         root=out_dir,
         robot_type="sawyer",
         use_videos=plan.use_videos,
@@ -253,11 +261,16 @@ def run_attempt(env, plan: RecordPlan, task: str, attempt: int, out_dir: Path, o
     raw_obs, _ = env._env.reset()
     success_step = None
     steps = 0
+    # Frames wait here until the episode ends when failures are kept: their success mark is known only then.
+    pending: list[dict] = []
     while steps < plan.max_steps:
         # Rendering is most of the cost, so the frame is rendered here, only for steps that are recorded.
         obs = env._format_raw_obs(raw_obs)
-        expert = np.asarray(env.expert_policy.get_action(raw_obs), dtype=np.float64)
-        if plan.action_noise > 0:
+        if plan.actions == "random":
+            expert = rng.uniform(-1.0, 1.0, size=4)
+        else:
+            expert = np.asarray(env.expert_policy.get_action(raw_obs), dtype=np.float64)
+        if plan.action_noise > 0 and plan.actions == "expert":
             expert = expert + rng.normal(0.0, plan.action_noise, size=expert.shape)
         # The executed action is the clipped float32 one; recording exactly it lets a replay reproduce frames.
         action = np.clip(expert, -1.0, 1.0).astype(np.float32)
@@ -269,7 +282,10 @@ def run_attempt(env, plan: RecordPlan, task: str, attempt: int, out_dir: Path, o
         }
         if plan.store_sim_state:
             frame[SIM_STATE_KEY] = np.asarray(raw_obs, dtype=np.float32)
-        dataset.add_frame(frame)
+        if plan.success_only:
+            dataset.add_frame(frame)
+        else:
+            pending.append(frame)
         raw_obs, _reward, _terminated, truncated, info = env._env.step(action)
         steps += 1
         if success_step is None and bool(info.get("success", 0)):
@@ -282,6 +298,8 @@ def run_attempt(env, plan: RecordPlan, task: str, attempt: int, out_dir: Path, o
             break  # MetaWorld's own 500-step limit
     success = success_step is not None
     kept = success or not plan.success_only
+    for frame in pending:
+        dataset.add_frame({**frame, EPISODE_SUCCESS: np.array([float(success)], dtype=np.float32)})
     if kept:
         dataset.save_episode()
     dataset.stop_image_writer()
@@ -446,7 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes_per_task", "--dataset.num_episodes", dest="episodes_per_task", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--action_noise", type=float, default=0.1, help="std of Gaussian noise on expert actions")
-    p.add_argument("--success_only", type=_bool, nargs="?", const=True, default=True)
+    p.add_argument("--actions", choices=("expert", "random"), default="expert",
+                   help="who acts: the scripted expert (plus --action_noise) or uniform random actions")
+    p.add_argument("--success_only", type=_bool, nargs="?", const=True, default=True,
+                   help=f"keep only successful episodes; with false every episode is kept and marked in {EPISODE_SUCCESS}")
     p.add_argument("--max_attempts_per_task", type=int, default=None, help="default: 3 x episodes_per_task")
     p.add_argument("--max_steps", type=int, default=200, help="max steps (frames) per episode, <= 500")
     p.add_argument("--steps_after_success", type=int, default=5)
@@ -469,6 +490,9 @@ def _check(args) -> None:
         raise RecordError(f"--max_steps must be in 1..500 (MetaWorld's episode limit), got {args.max_steps}.")
     if args.action_noise < 0:
         raise RecordError(f"--action_noise is a standard deviation and must be >= 0, got {args.action_noise}.")
+    if args.actions == "random" and args.success_only:
+        raise RecordError("--actions random almost never succeeds, so --success_only would record nothing: add "
+                          "--success_only false (episodes are kept and marked in episode_success).")
     if args.steps_after_success < 0 or args.fps < 1:
         raise RecordError("--steps_after_success must be >= 0 and --dataset.fps >= 1.")
     if args.use_videos:
@@ -496,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
             max_attempts_per_task=args.max_attempts_per_task or 3 * args.episodes_per_task,
             max_steps=args.max_steps, steps_after_success=args.steps_after_success, fps=args.fps,
             use_videos=args.use_videos, vcodec=args.vcodec, store_sim_state=args.store_sim_state,
+            actions=args.actions,
         )
         summary = record(plan, root, overwrite=args.overwrite)
     except RecordError as err:
