@@ -287,4 +287,4 @@ def test_failed_episodes_are_recorded_marked_and_reach_the_progress_head(tmp_pat
                              width=32, depth=1, heads=2, history_frames=3, future_frames=2, chunk_size=4,
                              n_action_steps=2)  # fmt: skip
     policy = make_policy(cfg, ds_meta=LeRobotDatasetMetadata(repo, root=view))
-    assert policy._success_of({"episode_index": torch.tensor([1, 0])}).tolist() == [False, False]
+    assert policy._success({"episode_index": torch.tensor([1, 0])}).tolist() == [False, False]

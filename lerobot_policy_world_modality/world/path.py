@@ -20,7 +20,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..constants import OBS_WORLD_FUTURE, OBS_WORLD_FUTURE_VALID, OBS_WORLD_HISTORY
+from ..constants import (
+    OBS_WORLD_FUTURE,
+    OBS_WORLD_FUTURE_VALID,
+    OBS_WORLD_HISTORY,
+    OBS_WORLD_LATENT,
+    OBS_WORLD_REMAINING,
+)
 from .dynamics import ActionDynamics, ProgressHead, goal_score, progress_loss, progress_targets
 from .fusion import GatedCrossAttention
 from .memory import (
@@ -51,6 +57,8 @@ def build_fusion(
         memory_norm=getattr(options, "fusion_memory_norm", "layer"),
     )  # fmt: skip
 
+
+ACTION_KEY = "action"  # LeRobot's ACTION, kept literal so this package stays LeRobot-free
 
 # Names of the standardisation statistics (buffers of `WorldPath` with `standardise_targets`).
 TARGET_STAT_NAMES = ("latent_mean", "latent_std", "target_mean", "target_std")
@@ -201,22 +209,22 @@ class WorldPath(nn.Module):
 
     def dynamics_loss_terms(
         self,
+        batch: dict,
         history: Tensor,
-        actions: Tensor,
         targets: Tensor,
         valid: Tensor | None,
-        latent: Tensor | None = None,
-        remaining: Tensor | None = None,
         success: Tensor | None = None,
     ) -> tuple[Tensor, dict]:
         """(lambda-weighted dynamics + progress loss, logged scalars) of a training batch.
 
-        history, targets, valid: from `training_inputs`; actions: the batch's chunk [B, H, A]. The
-        dynamics loss uses the world loss's targets, mask and type. Logged: `dyn_loss`, and per horizon
-        `dyn_cos_h{k}` / `dyn_motion_cos_h{k}` in absolute-latent space (read next to the Prophet's
-        `world_cos_h{k}` and the copy baseline `world_copy_cos_h{k}`). With the progress head, latent z_t
-        [B, D], remaining [B] (`OBS_WORLD_REMAINING`) and optionally success [B] give `progress_loss`.
+        history, targets, valid: from `training_inputs`; the batch's action chunk ("action" [B, H, A],
+        normalised) drives the dynamics, whose loss uses the world loss's targets, mask and type. Logged:
+        `dyn_loss`, and per horizon `dyn_cos_h{k}` / `dyn_motion_cos_h{k}` in absolute-latent space (read
+        next to the Prophet's `world_cos_h{k}` and the copy baseline `world_copy_cos_h{k}`). With the
+        progress head, the batch's current latent and OBS_WORLD_REMAINING (and success [B], the episodes'
+        success marks, when known) give `progress_loss`.
         """
+        actions = batch[ACTION_KEY]
         o = self.options
         pred = self.imagine(history, actions)
         dyn = world_loss(pred, targets, valid, self.loss_type)
@@ -229,6 +237,7 @@ class WorldPath(nn.Module):
         info |= {k.replace("world_", "dyn_", 1): v for k, v in diag.items() if not k.startswith("world_copy")}
         loss = o.lambda_dynamics * dyn
         if self.progress is not None:
+            latent, remaining = batch.get(OBS_WORLD_LATENT), batch.get(OBS_WORLD_REMAINING)
             if latent is None or remaining is None:
                 raise KeyError(
                     "The progress head trains on the batch's current latent and 'observation.world.remaining' "

@@ -6,7 +6,8 @@ dynamics and compare the imagined end with a goal), and returns the best chunk p
 candidates go through `score` in one call, so a batched world model sees one batch of B x N.
 
 - `rerank`: the proposal itself plus N - 1 Gaussian perturbations of it (scale `noise`, in the
-  policy's normalised action units); the best-scoring one is executed.
+  policy's normalised action units), or N candidates the caller samples itself (`first_round`: a
+  flow-matching policy's N samples); the best-scoring one is executed.
 - `cem`: the cross-entropy method: `iterations` rounds of N samples from a diagonal Gaussian that
   starts at (proposal, noise) and is refitted to the `elite_frac` best each round. The proposal is a
   candidate of the first round, and the best chunk scored in any round is executed.
@@ -68,10 +69,13 @@ def plan_chunk(
     score: Callable[[Tensor], Tensor],
     settings: PlannerSettings,
     generator: torch.Generator | None = None,
+    first_round: Tensor | None = None,
 ) -> tuple[Tensor, dict]:
     """The chunk [B, H, A] to execute, and `{"score": [B], "proposal_score": [B]}`.
 
     proposal: the policy's own chunk [B, H, A]; score: candidates [B, N, H, A] -> [B, N].
+    first_round: candidates [B, N, H, A] to score in the first round instead of Gaussian perturbations
+    of the proposal (e.g. N samples of a flow-matching policy; the proposal is `first_round[:, 0]`).
     """
     settings.validate()
     b, h, a = proposal.shape
@@ -81,10 +85,13 @@ def plan_chunk(
     best = best_score = proposal_score = None
     rounds = 1 if settings.kind == "rerank" else settings.iterations
     for r in range(rounds):
-        draws = n - 1 if r == 0 else n
-        candidates = mean + std * _noise((b, draws, h, a), generator, proposal)
-        if r == 0:
-            candidates = torch.cat([proposal.unsqueeze(1), candidates], dim=1)
+        if r == 0 and first_round is not None:
+            candidates = first_round
+        else:
+            draws = n - 1 if r == 0 else n
+            candidates = mean + std * _noise((b, draws, h, a), generator, proposal)
+            if r == 0:
+                candidates = torch.cat([proposal.unsqueeze(1), candidates], dim=1)
         scores = score(candidates)
         if scores.shape != candidates.shape[:2]:
             raise ValueError(f"The planner's score function returned {tuple(scores.shape)}, expected {tuple(candidates.shape[:2])}.")

@@ -28,8 +28,8 @@ import torch
 from lerobot.utils.constants import ACTION, OBS_STATE
 from torch import Tensor, nn
 
-from ..constants import EPISODE_SUCCESS, OBS_WORLD_GOAL, OBS_WORLD_HISTORY, OBS_WORLD_LATENT, OBS_WORLD_REMAINING
-from ..latents.train_view import episode_success_table
+from ..constants import OBS_WORLD_GOAL, OBS_WORLD_HISTORY
+from ..latents.train_view import EpisodeSuccess
 from ..trunk_policy import TrunkWorldPolicy, ensure_eval
 from ..world.foresight import ForesightPredictor, StagedMask, run_staged
 from ..world.fusion import GatedCrossAttention
@@ -85,9 +85,7 @@ class WorldFPolicy(TrunkWorldPolicy):
         self._planner_rng = torch.Generator()
         # Per-episode success of the training dataset (recordings that keep failures): the progress head
         # learns that failed episodes never get closer to success. Not saved: only training reads it.
-        self._episode_success = None
-        if config.progress_head and dataset_meta is not None:
-            self._episode_success = episode_success_table(dataset_meta.root, EPISODE_SUCCESS)
+        self._success = EpisodeSuccess.of(dataset_meta if config.progress_head else None)
         self.reset()
 
     # ------------------------------------------------------------------ LeRobot interface
@@ -194,22 +192,11 @@ class WorldFPolicy(TrunkWorldPolicy):
         self.world.step()
         loss = a_loss if w_loss is None else a_loss + cfg.lambda_world * w_loss
         if self.world.dynamics is not None:
-            d_loss, d_info = self.world.dynamics_loss_terms(
-                history, batch[ACTION], targets, valid, batch.get(OBS_WORLD_LATENT),
-                batch.get(OBS_WORLD_REMAINING), self._success_of(batch),
-            )  # fmt: skip
+            d_loss, d_info = self.world.dynamics_loss_terms(batch, history, targets, valid, self._success(batch))
             loss = loss + d_loss
             world_info |= d_info
         info = {"action_loss": a_loss.item(), **world_info, **out["stats"], "loss": loss.item()}
         return loss, info
-
-    def _success_of(self, batch: dict) -> Tensor | None:
-        """[B] success marks of the batch's episodes (None: the dataset keeps successes only, or unknown)."""
-        episodes = batch.get("episode_index")
-        if self._episode_success is None or episodes is None:
-            return None
-        marks = self._episode_success[torch.as_tensor(episodes).long().flatten().cpu()]
-        return marks.nan_to_num(1.0).to(torch.as_tensor(episodes).device) > 0.5
 
     # ------------------------------------------------------------------ model
     def _run(
