@@ -250,6 +250,7 @@ def test_train_with_dynamics_then_eval_with_cem_planner_in_metaworld(tmp_path):
 def test_failed_episodes_are_recorded_marked_and_reach_the_progress_head(tmp_path):
     """Random-action episodes are kept with episode_success 0, survive precompute and lerobot-train, and the
     policy built on the training view reads them as failures (progress target 1 on every frame)."""
+    import json
     import os
     import subprocess
     from pathlib import Path
@@ -288,3 +289,26 @@ def test_failed_episodes_are_recorded_marked_and_reach_the_progress_head(tmp_pat
                              n_action_steps=2)  # fmt: skip
     policy = make_policy(cfg, ds_meta=LeRobotDatasetMetadata(repo, root=view))
     assert policy._success({"episode_index": torch.tensor([1, 0])}).tolist() == [False, False]
+
+    # The trained checkpoint acts in the recorder (its rollouts become data for the next world model).
+    ckpt = tmp_path / "out" / "checkpoints" / "last" / "pretrained_model"
+    res = run([BIN / "lerobot-wm-record-metaworld", "--dataset.repo_id=local/rollouts", f"--dataset.root={tmp_path / 'ro'}",
+               "--env.task=button-press-v3", "--episodes_per_task=1", "--max_steps=5", "--actions=policy",
+               f"--policy.path={ckpt}", "--action_noise=0", "--success_only=false", "--dataset.use_videos=false"])  # fmt: skip
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    rollout = LeRobotDataset("local/rollouts", root=tmp_path / "ro")
+    assert rollout.num_episodes == 1 and len(rollout) == 5 and float(rollout[0]["episode_success"]) in (0.0, 1.0)
+    # The recorded actions are the checkpoint's: replay its first observation through it.
+    import numpy as np
+
+    from lerobot_policy_world_modality.tools.record_metaworld import CheckpointActor
+
+    actor, first = CheckpointActor(str(ckpt)), rollout[0]
+    actor.reset()
+    pixels = (first["observation.image"].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    action = actor.act({"pixels": pixels, "agent_pos": first["observation.state"].numpy()}, first["task"])
+    np.testing.assert_allclose(np.clip(action, -1, 1), first["action"].numpy(), atol=1e-5)
+    assert json.loads((tmp_path / "ro" / "meta" / "wm_recording.json").read_text())["plan"]["policy_path"] == str(ckpt.resolve())
+    bad = run([BIN / "lerobot-wm-record-metaworld", "--dataset.repo_id=local/x", f"--dataset.root={tmp_path / 'y'}",
+               "--env.task=button-press-v3", "--actions=policy", "--success_only=false"])  # fmt: skip
+    assert bad.returncode == 2 and "--policy.path" in bad.stderr
