@@ -235,6 +235,8 @@ class WorldPath(nn.Module):
                 self.to_absolute(pred.detach(), current), self.to_absolute(targets, current), current, valid
             )
         info |= {k.replace("world_", "dyn_", 1): v for k, v in diag.items() if not k.startswith("world_copy")}
+        if self.prophet is None:  # the copy baseline the world model has to beat (else the Prophet's terms log it)
+            info |= {k: v for k, v in diag.items() if k.startswith("world_copy")}
         loss = o.lambda_dynamics * dyn
         if self.progress is not None:
             latent, remaining = batch.get(OBS_WORLD_LATENT), batch.get(OBS_WORLD_REMAINING)
