@@ -197,118 +197,88 @@ def test_bad_planning_settings_name_the_flag(overrides, flag):
 
 # ------------------------------------------------------------------------- through lerobot-train / -eval
 @pytest.mark.slow
-def test_train_with_dynamics_then_eval_with_cem_planner_in_metaworld(tmp_path):
-    """lerobot-train with the world model and progress head on a recorded dataset; the checkpoint holds
-    them; stock lerobot-eval plans with --policy.planner=cem on one capped MetaWorld episode."""
+def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_path):
+    """The issue's loop through real entry points, one shared training to keep it short:
+    record random-action failures (kept, episode_success 0) -> precompute -> lerobot-train with the world
+    model and progress head (the policy reads the failures as failures) -> stock lerobot-eval plans with
+    --policy.planner=cem (and the same episode goes otherwise without it) -> the checkpoint's own rollouts
+    recorded as new data, its actions replayable through it."""
     import json
     import os
     import subprocess
     from pathlib import Path
 
+    import numpy as np
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
+    from lerobot.policies.factory import make_policy, make_policy_config
     from safetensors import safe_open
     from support.cli import BIN, TINY_WORLD_F, capped_eval_cmd, short_train_flags
-    from support.datasets import make_synthetic_dataset
+
+    from lerobot_policy_world_modality.tools.record_metaworld import CheckpointActor
 
     def run(cmd):
         env = {**os.environ, "MUJOCO_GL": "egl"}
         return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600, env=env)
 
-    repo = "local/planning_e2e"
-    root = tmp_path / "ds"
-    make_synthetic_dataset(root, repo_id=repo, episode_lengths=(12, 9), image_hw=(48, 48))
-    res = run([BIN / "lerobot-wm-precompute", f"--dataset.repo_id={repo}", f"--dataset.root={root}"])
-    assert res.returncode == 0, res.stderr
-    view = Path(next(ln for ln in res.stdout.splitlines() if "training view" in ln).split(": ", 1)[1].strip())
-    out = tmp_path / "train"
-    res = run([BIN / "lerobot-train", "--policy.type=world_f", "--policy.encoder=pixels", *TINY_WORLD_F,
-               "--policy.variant=A", "--policy.dynamics=action_conditioned", "--policy.progress_head=true",
-               f"--dataset.repo_id={repo}", f"--dataset.root={view}", *short_train_flags(out, 4)])  # fmt: skip
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    ckpt = out / "checkpoints" / "last" / "pretrained_model"
-    cfg = json.loads((ckpt / "config.json").read_text())
-    assert cfg["dynamics"] == "action_conditioned" and cfg["planner"] == "none"
-    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
-        keys = list(f.keys())
-    assert "world.dynamics.net.context_type" in keys and "world.progress.net.1.weight" in keys
+    def record(repo, root, *flags):
+        return run([BIN / "lerobot-wm-record-metaworld", f"--dataset.repo_id={repo}", f"--dataset.root={root}",
+                    "--env.task=button-press-v3", "--success_only=false", "--dataset.use_videos=false", *flags])
 
-    eval_dir = tmp_path / "eval"
-    res = run([*capped_eval_cmd(ckpt, eval_dir, episode_length=6), "--policy.planner=cem",
-               "--policy.planner_samples=4", "--policy.planner_iterations=2"])  # fmt: skip
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    info = json.loads((eval_dir / "eval_info.json").read_text())
-    overall = info.get("overall", info.get("aggregated", {}))
-    assert torch.isfinite(torch.tensor(float(overall["avg_sum_reward"])))
-    # The override reached the policy: without the planner the same episode (same env seed) goes otherwise.
-    res = run(capped_eval_cmd(ckpt, tmp_path / "eval_plain", episode_length=6))
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    plain = json.loads((tmp_path / "eval_plain" / "eval_info.json").read_text())
-    plain = plain.get("overall", plain.get("aggregated", {}))
-    assert float(plain["avg_sum_reward"]) != float(overall["avg_sum_reward"])
+    def avg_reward(eval_dir):
+        info = json.loads((eval_dir / "eval_info.json").read_text())
+        return float(info.get("overall", info.get("aggregated", {}))["avg_sum_reward"])
 
-
-@pytest.mark.slow
-def test_failed_episodes_are_recorded_marked_and_reach_the_progress_head(tmp_path):
-    """Random-action episodes are kept with episode_success 0, survive precompute and lerobot-train, and the
-    policy built on the training view reads them as failures (progress target 1 on every frame)."""
-    import json
-    import os
-    import subprocess
-    from pathlib import Path
-
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
-    from support.cli import BIN, TINY_WORLD_F, short_train_flags
-
-    def run(cmd):
-        env = {**os.environ, "MUJOCO_GL": "egl"}
-        return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600, env=env)
-
+    # 1. Failures are kept and marked; random actions without --success_only false are refused up front.
     repo, root = "local/failures", tmp_path / "ds"
-    res = run([BIN / "lerobot-wm-record-metaworld", f"--dataset.repo_id={repo}", f"--dataset.root={root}",
-               "--env.task=button-press-v3", "--episodes_per_task=2", "--max_steps=8", "--actions=random",
-               "--success_only=false", "--dataset.use_videos=false"])  # fmt: skip
+    res = record(repo, root, "--episodes_per_task=2", "--max_steps=8", "--actions=random")
     assert res.returncode == 0, res.stderr[-3000:]
     ds = LeRobotDataset(repo, root=root)
     assert ds.num_episodes == 2 and float(ds[0]["episode_success"]) == 0.0
-    # Random actions with --success_only true would record nothing: refused before the simulator starts.
-    bad = run([BIN / "lerobot-wm-record-metaworld", f"--dataset.repo_id={repo}", f"--dataset.root={tmp_path / 'x'}",
+    bad = run([BIN / "lerobot-wm-record-metaworld", "--dataset.repo_id=local/x", f"--dataset.root={tmp_path / 'x'}",
                "--env.task=button-press-v3", "--actions=random"])  # fmt: skip
     assert bad.returncode == 2 and "--success_only false" in bad.stderr
 
+    # 2. Precompute and train the world model and progress head next to variant A.
     res = run([BIN / "lerobot-wm-precompute", f"--dataset.repo_id={repo}", f"--dataset.root={root}"])
     assert res.returncode == 0, res.stderr
     view = Path(next(ln for ln in res.stdout.splitlines() if "training view" in ln).split(": ", 1)[1].strip())
     flags = ["--policy.variant=A", "--policy.dynamics=action_conditioned", "--policy.progress_head=true"]
     res = run([BIN / "lerobot-train", "--policy.type=world_f", "--policy.encoder=pixels", *TINY_WORLD_F, *flags,
-               f"--dataset.repo_id={repo}", f"--dataset.root={view}", *short_train_flags(tmp_path / "out", 2)])  # fmt: skip
+               f"--dataset.repo_id={repo}", f"--dataset.root={view}", *short_train_flags(tmp_path / "out", 4)])  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-
-    from lerobot.policies.factory import make_policy, make_policy_config
-
+    ckpt = (tmp_path / "out" / "checkpoints" / "last" / "pretrained_model").resolve()
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["dynamics"] == "action_conditioned" and cfg["planner"] == "none"
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert "world.dynamics.net.context_type" in keys and "world.progress.net.1.weight" in keys
+    # The policy lerobot-train builds on this view reads both episodes as failures (progress target 1).
     cfg = make_policy_config("world_f", device="cpu", variant="A", dynamics="action_conditioned", progress_head=True,
                              width=32, depth=1, heads=2, history_frames=3, future_frames=2, chunk_size=4,
                              n_action_steps=2)  # fmt: skip
     policy = make_policy(cfg, ds_meta=LeRobotDatasetMetadata(repo, root=view))
     assert policy._success({"episode_index": torch.tensor([1, 0])}).tolist() == [False, False]
 
-    # The trained checkpoint acts in the recorder (its rollouts become data for the next world model).
-    ckpt = tmp_path / "out" / "checkpoints" / "last" / "pretrained_model"
-    res = run([BIN / "lerobot-wm-record-metaworld", "--dataset.repo_id=local/rollouts", f"--dataset.root={tmp_path / 'ro'}",
-               "--env.task=button-press-v3", "--episodes_per_task=1", "--max_steps=5", "--actions=policy",
-               f"--policy.path={ckpt}", "--action_noise=0", "--success_only=false", "--dataset.use_videos=false"])  # fmt: skip
+    # 3. Stock lerobot-eval plans with the override; without it the same episode (same env seed) goes otherwise.
+    res = run([*capped_eval_cmd(ckpt, tmp_path / "eval_cem", episode_length=6), "--policy.planner=cem",
+               "--policy.planner_samples=4", "--policy.planner_iterations=2"])  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    res = run(capped_eval_cmd(ckpt, tmp_path / "eval_plain", episode_length=6))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    assert np.isfinite(avg_reward(tmp_path / "eval_cem"))
+    assert avg_reward(tmp_path / "eval_plain") != avg_reward(tmp_path / "eval_cem")
+
+    # 4. The checkpoint's own rollouts become data; the recorded actions are its actions.
+    res = record("local/rollouts", tmp_path / "ro", "--episodes_per_task=1", "--max_steps=5", "--actions=policy",
+                 f"--policy.path={ckpt}", "--action_noise=0")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     rollout = LeRobotDataset("local/rollouts", root=tmp_path / "ro")
     assert rollout.num_episodes == 1 and len(rollout) == 5 and float(rollout[0]["episode_success"]) in (0.0, 1.0)
-    # The recorded actions are the checkpoint's: replay its first observation through it.
-    import numpy as np
-
-    from lerobot_policy_world_modality.tools.record_metaworld import CheckpointActor
-
+    assert json.loads((tmp_path / "ro" / "meta" / "wm_recording.json").read_text())["plan"]["policy_path"] == str(ckpt)
     actor, first = CheckpointActor(str(ckpt)), rollout[0]
     actor.reset()
     pixels = (first["observation.image"].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
     action = actor.act({"pixels": pixels, "agent_pos": first["observation.state"].numpy()}, first["task"])
     np.testing.assert_allclose(np.clip(action, -1, 1), first["action"].numpy(), atol=1e-5)
-    assert json.loads((tmp_path / "ro" / "meta" / "wm_recording.json").read_text())["plan"]["policy_path"] == str(ckpt.resolve())
-    bad = run([BIN / "lerobot-wm-record-metaworld", "--dataset.repo_id=local/x", f"--dataset.root={tmp_path / 'y'}",
-               "--env.task=button-press-v3", "--actions=policy", "--success_only=false"])  # fmt: skip
+    bad = record("local/x", tmp_path / "y", "--actions=policy")
     assert bad.returncode == 2 and "--policy.path" in bad.stderr
