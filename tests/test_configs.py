@@ -251,6 +251,10 @@ GROUPS = {
         "scheduled_prob_start", "scheduled_prob_end", "scheduled_warmup_steps", "scheduled_decay_steps",
         "scheduled_shape",
     ],
+    "World model and planning (see docs/planning.md)": [
+        "dynamics", "lambda_dynamics", "progress_head", "lambda_progress", "planner", "planner_samples",
+        "planner_iterations", "planner_elite_frac", "planner_noise", "planner_horizon", "planner_seed",
+    ],
     "Optimiser (LeRobot's policy preset)": ["optimizer_lr", "optimizer_weight_decay", "optimizer_grad_clip_norm"],
     "LeRobot base fields (PreTrainedConfig)": [
         "n_obs_steps", "input_features", "output_features", "normalization_mapping", "device", "use_amp",
@@ -328,7 +332,7 @@ def render_config_reference() -> str:
     from lerobot_policy_world_modality.language import LanguageOptions
     from lerobot_policy_world_modality.latents.config import WorldLatentOptions
     from lerobot_policy_world_modality.trunk_policy import TrunkPolicyOptions
-    from lerobot_policy_world_modality.world.options import WorldMemoryOptions
+    from lerobot_policy_world_modality.world.options import DynamicsOptions, WorldMemoryOptions
     from lerobot_policy_world_modality.world_f.configuration_world_f import WorldFConfig
 
     docs = {
@@ -336,6 +340,7 @@ def render_config_reference() -> str:
         **_field_comments(TrunkPolicyOptions),
         **_field_comments(WorldLatentOptions),
         **_field_comments(WorldMemoryOptions),
+        **_field_comments(DynamicsOptions),
         **_field_comments(LanguageOptions),
         **_field_comments(WorldFConfig),
     }

@@ -15,8 +15,10 @@ import lerobot_policy_world_modality  # noqa: F401  (registers the step)
 from lerobot_policy_world_modality.constants import (
     OBS_WORLD_FUTURE,
     OBS_WORLD_FUTURE_VALID,
+    OBS_WORLD_GOAL,
     OBS_WORLD_HISTORY,
     OBS_WORLD_LATENT,
+    OBS_WORLD_REMAINING,
     WORLD_LATENT_STEP_NAME,
 )
 from lerobot_policy_world_modality.latents.cache import LatentCacheError
@@ -88,6 +90,8 @@ def test_training_batch_gets_episode_clamped_windows(dataset_root):
         torch.testing.assert_close(out[OBS_WORLD_HISTORY][row], z[hist], atol=1e-5, rtol=0)
         torch.testing.assert_close(out[OBS_WORLD_FUTURE][row], z[fut], atol=1e-5, rtol=0)
         assert out[OBS_WORLD_FUTURE_VALID][row].tolist() == valid
+        remaining = (ep_last[t] - t) / max(ep_last[t] - ep_start[t], 1)
+        assert out[OBS_WORLD_REMAINING][row].item() == pytest.approx(remaining)
 
 
 def test_eval_batch_is_encoded_online_like_the_cache(dataset_root):
@@ -101,6 +105,19 @@ def test_eval_batch_is_encoded_online_like_the_cache(dataset_root):
     assert set(online) >= {OBS_WORLD_LATENT}
     assert OBS_WORLD_HISTORY not in online
     assert (online[OBS_WORLD_LATENT] - train[OBS_WORLD_LATENT]).abs().max() <= 1e-5
+
+
+def test_goal_images_are_encoded_into_the_goal_latent(dataset_root):
+    """An eval observation with a goal image per world camera gets OBS_WORLD_GOAL, the goal's own latent."""
+    ds = LeRobotDataset(REPO, root=dataset_root, video_backend="pyav")
+    frame, goal = ds[0]["observation.image"][None], ds[13]["observation.image"][None]
+    out = transition_to_batch(_step(dataset_root)(batch_to_transition({"observation.image": frame,
+                                                                       "observation.goal.image": goal})))  # fmt: skip
+    encoder = load_encoder("pixels")
+    torch.testing.assert_close(out[OBS_WORLD_GOAL], encoder.encode(goal), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[OBS_WORLD_LATENT], encoder.encode(frame), atol=1e-5, rtol=0)
+    plain = transition_to_batch(_step(dataset_root)(batch_to_transition({"observation.image": frame})))
+    assert OBS_WORLD_GOAL not in plain
 
 
 def test_missing_cache_fails_with_the_fixing_command(dataset_root):

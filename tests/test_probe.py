@@ -80,7 +80,7 @@ def test_probe_reads_held_out_episodes_and_intervenes_on_the_in_trunk_path(view,
     """in_trunk F trained on episodes 0 and 1: the probe reads episode 2 by default, without an oracle row."""
     monkeypatch.setenv("LEROBOT_WM_CACHE", str(view[1]))
     ckpt = _train(view, tmp_path / "in_trunk", "--policy.world_path=in_trunk", "--policy.depth=2",
-                  "--dataset.episodes=[0,1]")  # fmt: skip
+                  "--dataset.episodes=[0,1]", "--policy.dynamics=action_conditioned")  # fmt: skip
     res, r = _probe(ckpt, view, tmp_path, "--threshold=0.0001")
     assert res.returncode == 0, res.stderr[-3000:]
     assert r["held_out"] is True and r["episodes"] == [2] and r["frames"] == 14  # episode 2 has 14 frames
@@ -88,6 +88,10 @@ def test_probe_reads_held_out_episodes_and_intervenes_on_the_in_trunk_path(view,
     assert set(r["action_loss"]) == {"pred", "zero", "shuffle", "random"} and r["gate"] is None
     assert all(r["action_loss_change_vs_pred"][m] != 0.0 for m in ("zero", "shuffle", "random"))
     assert r["reads_memory"] is True
+    # Its action-conditioned world model is scored on the same held-out frames, next to the copy baseline.
+    assert set(r["dynamics_cosine"]) == {"dyn_cos_h1", "dyn_cos_h2"} and set(r["dynamics_motion_cosine"]) == {
+        "dyn_motion_cos_h1", "dyn_motion_cos_h2"}
+    assert "world model (action-conditioned) vs true future: h1" in res.stdout
 
     res, r = _probe(ckpt, view, tmp_path, "--episodes=0:2", "--modes=pred,zero")
     assert res.returncode == 0 and r["held_out"] is False and r["episodes"] == [0, 1]

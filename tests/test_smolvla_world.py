@@ -358,3 +358,46 @@ def test_init_from_names_the_weights_whose_shapes_do_not_fit(tiny_vlm, tmp_path)
     for name, ckpt_shape, model_shape in named:
         assert (ckpt_shape, model_shape) == (str(tuple(theirs[name].shape)), str(tuple(own[name].shape)))
         assert theirs[name].shape != own[name].shape, name
+
+
+def test_world_model_trains_and_the_planner_picks_among_flow_samples(tiny_vlm, tmp_path):
+    """dynamics + progress head train next to SmolVLA's loss; planner=rerank executes one of N flow samples,
+    the same one after reset (seeded) and after save/load; planner=none is SmolVLA's own chunk."""
+    from lerobot_policy_world_modality.constants import OBS_WORLD_REMAINING
+
+    torch.manual_seed(0)
+    policy = SmolVLAWorldPolicy(make_config(tiny_vlm, use_prophet=False, inject_memory=False,
+                                            dynamics="action_conditioned", progress_head=True))  # fmt: skip
+    dim = policy.config.world_latent_dim
+    train = batch(tiny_vlm, dim) | {OBS_WORLD_REMAINING: torch.tensor([0.5, 0.0])}
+    policy.train()
+    loss, info = policy.forward(train)
+    assert {"dyn_loss", "dyn_cos_h1", "progress_loss"} <= set(info)
+    loss.backward()
+    assert policy.world.dynamics.net.context_type.grad is not None
+
+    obs = {k: v for k, v in train.items() if k not in ("action", OBS_WORLD_HISTORY, OBS_WORLD_REMAINING)}
+    policy.eval()
+    policy.reset()
+    plain = policy.predict_action_chunk(obs, noise=torch.zeros(B, H, policy.config.max_action_dim))
+    policy.config.planner, policy.config.planner_samples = "rerank", 3
+    policy.reset()
+    planned = policy.select_action(obs)
+    policy.reset()
+    assert torch.equal(policy.select_action(obs), planned)
+    assert planned.shape == (B, A) and not torch.equal(planned, plain[:, 0])
+    # The executed chunk is the one the world model scores best: force each sample's score in turn.
+    score = policy.world.score_chunks
+    picks = []
+    for best in range(3):
+        policy.world.score_chunks = lambda h, c, g, hz, best=best: torch.nn.functional.one_hot(
+            torch.full((c.shape[0],), best), 3).float()
+        policy.reset()
+        picks.append(policy.select_action(obs))
+    policy.world.score_chunks = score
+    assert not torch.equal(picks[0], picks[1]) and not torch.equal(picks[1], picks[2])
+    policy.save_pretrained(tmp_path / "ckpt")
+    loaded = SmolVLAWorldPolicy.from_pretrained(tmp_path / "ckpt")
+    loaded.eval()
+    loaded.reset()
+    assert loaded.config.planner == "rerank" and torch.equal(loaded.select_action(obs), planned)

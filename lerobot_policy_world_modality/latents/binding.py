@@ -79,7 +79,8 @@ def bind_world_target_stats(config: Any, dataset_meta: Any = None) -> dict[str, 
     """The statistics a policy with `standardise_targets` builds its world path with: computed from the
     training dataset's caches when `lerobot-train` gives `dataset_meta`; None otherwise (not
     standardised, or a policy rebuilt from a checkpoint, whose buffers carry them)."""
-    wanted = getattr(config, "standardise_targets", False) and getattr(config, "use_prophet", False)
+    predicts = getattr(config, "use_prophet", False) or getattr(config, "dynamics", "none") != "none"
+    wanted = getattr(config, "standardise_targets", False) and predicts
     return world_target_stats(config) if wanted and dataset_meta is not None else None
 
 

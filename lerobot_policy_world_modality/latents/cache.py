@@ -325,6 +325,12 @@ class EpisodeBounds:
         last = self.end[index][:, None]
         return torch.minimum(raw, last), raw <= last
 
+    def remaining_fraction(self, index: torch.Tensor) -> torch.Tensor:
+        """[B] float fraction of each frame's episode still to go: 1 at its first frame, 0 at its last."""
+        index = self._check(index)
+        span = (self.end[index] - self.start[index]).clamp(min=1)
+        return (self.end[index] - index).float() / span.float()
+
     def window_indices(self, index: torch.Tensor, m: int) -> torch.Tensor:
         """[B, m] frames that make a video encoder's window for t (same as `history_indices(index, m)`)."""
         return self.history_indices(index, m)
@@ -452,7 +458,8 @@ class LatentCache:
         return cls(cache_dir, latents, EpisodeBounds.from_identity(dataset), meta)
 
     def lookup(self, index: torch.Tensor, T: int, K: int, stride: int = 1) -> dict[str, torch.Tensor]:
-        """Latents of frames `index` [B]: latent [B,D], history [B,T,D], future [B,K,D], future_valid [B,K].
+        """Latents of frames `index` [B]: latent [B,D], history [B,T,D], future [B,K,D], future_valid [B,K],
+        and remaining [B] (the fraction of the episode still to go, `EpisodeBounds.remaining_fraction`).
 
         History is repeat-padded at the episode start, future (every `stride`-th frame) clamped to the
         episode end (with future_valid False there); results live on the cache's device (CPU).
@@ -465,6 +472,7 @@ class LatentCache:
             "history": self.latents[hist],
             "future": self.latents[fut],
             "future_valid": valid,
+            "remaining": self.bounds.remaining_fraction(index),
         }
 
 

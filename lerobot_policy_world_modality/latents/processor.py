@@ -21,9 +21,12 @@ from lerobot.processor.core import EnvTransition, TransitionKey
 from ..constants import (
     OBS_WORLD_FUTURE,
     OBS_WORLD_FUTURE_VALID,
+    OBS_WORLD_GOAL,
     OBS_WORLD_HISTORY,
     OBS_WORLD_LATENT,
+    OBS_WORLD_REMAINING,
     WORLD_LATENT_STEP_NAME,
+    goal_image_key,
 )
 from .binding import open_latent_cache, world_encoder_identity
 from .cache import LatentCache, LatentCacheError
@@ -112,6 +115,7 @@ class WorldLatentStep(ProcessorStep):
         if self.future_frames > 0:
             out[OBS_WORLD_FUTURE] = torch.cat([p["future"] for p in parts], dim=-1)
             out[OBS_WORLD_FUTURE_VALID] = parts[0]["future_valid"]
+            out[OBS_WORLD_REMAINING] = parts[0]["remaining"]
         return out
 
     # ------------------------------------------------------------------ evaluation: online encoding
@@ -155,6 +159,29 @@ class WorldLatentStep(ProcessorStep):
             latents.append(encoder.encode(frames.to(target)).to(frames.device))
         return torch.cat(latents, dim=-1)
 
+    def _online_goal(self, observation: dict[str, Any]) -> torch.Tensor | None:
+        """Latent of the goal images (`constants.goal_image_key` of every world camera), or None when the
+        observation carries none. Encoded frame by frame: a goal is a single image, not a clip."""
+        keys = [goal_image_key(cam) for cam in self.cameras]
+        present = [k in observation for k in keys]
+        if not any(present):
+            return None
+        if not all(present):
+            missing = [k for k, p in zip(keys, present) if not p]
+            raise KeyError(f"The observation carries goal images for some world cameras but not {missing}.")
+        encoder = self.encoder_module()
+        if encoder.window > 1:
+            raise ValueError(
+                f"Goal images need a single-frame encoder; '{self.encoder}' encodes {encoder.window}-frame clips."
+            )
+        latents = []
+        for key in keys:
+            frames = observation[key]
+            frames = frames.unsqueeze(0) if frames.ndim == 3 else frames
+            target = torch.device(self.device) if self.device else frames.device
+            latents.append(encoder.encode(frames.to(target)).to(frames.device))
+        return torch.cat(latents, dim=-1)
+
     def _frame_window(self, cam: str, frames: torch.Tensor, window: int) -> torch.Tensor:
         """Last `window` frames of this camera, repeat-padded at an episode's first frame like the cache."""
         buffer = self._frames.get(cam)
@@ -181,6 +208,9 @@ class WorldLatentStep(ProcessorStep):
             observation.update(added)
         else:
             observation[OBS_WORLD_LATENT] = self._online(observation)
+            goal = self._online_goal(observation)
+            if goal is not None:
+                observation[OBS_WORLD_GOAL] = goal
         new_transition = transition.copy()
         new_transition[TransitionKey.OBSERVATION] = observation
         return new_transition

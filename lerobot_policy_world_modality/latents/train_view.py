@@ -21,6 +21,9 @@ import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import torch
+
+from ..constants import EPISODE_SUCCESS
 
 # Key added to the view's meta/info.json.
 VIEW_INFO_KEY = "world_modality_view"
@@ -108,3 +111,49 @@ def write_training_view(repo_id: str, source_root: str | Path, view_root: str | 
     tmp.rename(view_root)
     shutil.rmtree(old, ignore_errors=True)
     return view_root
+
+
+def episode_success_table(dataset_root: str | Path, column: str = EPISODE_SUCCESS) -> torch.Tensor | None:
+    """Per-episode success [num_episodes] (1.0 / 0.0; NaN for an episode with no frame) from the dataset's
+    `column` (a per-frame mark written by recorders that keep failures), or None when it has none.
+
+    Read from the parquet data, not the episode metadata: LeRobot's merge does not keep per-episode
+    statistics of extra columns. A training view keeps the column, so its root works too.
+    """
+    files = sorted(Path(dataset_root).glob("data/*/*.parquet"))
+    if not files or column not in pq.read_schema(files[0]).names:
+        return None
+    tables = [pq.read_table(f, columns=["episode_index", column]) for f in files]
+    episodes = torch.cat([torch.tensor(t.column("episode_index").to_pylist()) for t in tables]).long()
+    # A shape-(1,) feature may be stored as a scalar or a one-element list column, depending on the writer.
+    marks = torch.cat([torch.tensor(t.column(column).to_pylist(), dtype=torch.float32).reshape(t.num_rows, -1)[:, 0]
+                       for t in tables])  # fmt: skip
+    table = torch.full((int(episodes.max()) + 1,), float("nan"))
+    table[episodes] = marks
+    return table
+
+
+class EpisodeSuccess:
+    """The success marks of a training dataset's episodes, looked up by a batch's `episode_index`.
+
+    Built with `EpisodeSuccess.of(dataset_meta)` when a policy is constructed for training; calling it
+    on a batch gives [B] bool (episodes without a mark count as successes), or None when the dataset
+    has no marks (successes only) or the batch has no `episode_index`.
+    """
+
+    def __init__(self, table: torch.Tensor | None):
+        self.table = table
+
+    @classmethod
+    def of(cls, dataset_meta) -> "EpisodeSuccess":
+        """The marks of the dataset `dataset_meta` describes (none when it is None or has no mark column)."""
+        return cls(episode_success_table(dataset_meta.root, EPISODE_SUCCESS) if dataset_meta is not None else None)
+
+    def __call__(self, batch: dict) -> torch.Tensor | None:
+        episodes = batch.get("episode_index")
+        if self.table is None or episodes is None:
+            return None
+        episodes = torch.as_tensor(episodes)
+        marks = self.table[episodes.long().flatten().cpu()]
+        return (marks.nan_to_num(1.0) > 0.5).to(episodes.device)
+

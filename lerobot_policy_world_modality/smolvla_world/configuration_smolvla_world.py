@@ -22,7 +22,7 @@ from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
 from ..cli_errors import policy_config_errors
 from ..latents.config import WorldLatentOptions
 from ..sources import checkpoint_file
-from ..world.options import WorldMemoryOptions
+from ..world.options import DynamicsOptions, WorldMemoryOptions
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def user_set_fields(config: object, cli_args: list[str] | None = None) -> set[st
 
 @PreTrainedConfig.register_subclass("smolvla_world")
 @dataclass
-class SmolVLAWorldConfig(WorldMemoryOptions, WorldLatentOptions, SmolVLAOptions, PreTrainedConfig):
+class SmolVLAWorldConfig(WorldMemoryOptions, DynamicsOptions, WorldLatentOptions, SmolVLAOptions, PreTrainedConfig):
     """Config of `smolvla_world`: SmolVLA whose action expert reads Prophet memory through gated cross-attention.
 
     The Prophet predicts K future world latents from the last T (world latents come from the
@@ -216,6 +216,7 @@ class SmolVLAWorldConfig(WorldMemoryOptions, WorldLatentOptions, SmolVLAOptions,
                         f"{name}=True needs use_prophet=True: the injected memory is the Prophet's prediction."
                     )
             self.validate_world_memory(baseline_hint="For plain SmolVLA use --policy.type=smolvla.")
+            self.validate_dynamics()
             self.smolvla_config()  # SmolVLA's own validation of its options (n_action_steps <= chunk_size, ...)
 
     # ------------------------------------------------------------------ SmolVLA composition

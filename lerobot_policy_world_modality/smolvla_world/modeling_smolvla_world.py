@@ -23,15 +23,16 @@ from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 from torch import Tensor
 
 from ..checkpoints import StrictCheckpointLoading
-from ..constants import OBS_WORLD_HISTORY
+from ..constants import OBS_WORLD_GOAL, OBS_WORLD_HISTORY
 from ..latents.binding import bind_policy_world_latents, bind_world_target_stats
 from ..latents.processor import reset_online_state
-from ..latents.train_view import source_of_view
+from ..latents.train_view import EpisodeSuccess, source_of_view
 from ..sources import checkpoint_file
 from ..trunk_policy import ensure_eval, gate_param_group
 from ..world.fusion import GatedCrossAttention, fusion_gates
 from ..world.history import LatentHistory, latent_from_batch
 from ..world.path import WorldPath, build_fusion
+from ..world.planner import plan_chunk
 from .configuration_smolvla_world import ARCHITECTURE_FIELDS, INIT_FROM_EXPECTED, SmolVLAWorldConfig
 
 
@@ -84,7 +85,10 @@ class SmolVLAWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
         self.world = WorldPath(
             config, d, expert_width, dropout=config.world_dropout,
             target_stats=bind_world_target_stats(config, dataset_meta),
+            action_dim=config.action_feature.shape[0],
         )  # fmt: skip
+        self._success = EpisodeSuccess.of(dataset_meta if config.progress_head else None)
+        self._planner_rng = torch.Generator()
         drop = config.world_dropout
         self.expert_input_fusion = (
             build_fusion(config, expert_width, d, drop) if config.inject_expert_input else None
@@ -179,20 +183,63 @@ class SmolVLAWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
         return [{"params": rest}, gate_param_group(gates, self.config.optimizer_lr, self.config.gate_lr_mult)]
 
     def reset(self):
-        """Start a new episode: clear the latent history, the action queues and the encoders' frame buffers."""
+        """Start a new episode: clear the latent history, the action queues and the encoders' frame
+        buffers, and re-seed the planner (the same episode seed gives the same plans)."""
         self.history.reset()
+        self._planner_rng.manual_seed(self.config.planner_seed)
         self._action_queue.clear()
         self.smolvla.reset()
         reset_online_state()
 
-    def _rollout_memory(self, batch: dict[str, Tensor], history: Tensor | None) -> Tensor | None:
-        if not self.injects:
-            return None
-        if history is None:
+    @property
+    def reads_history(self) -> bool:
+        """Whether anything reads the latent history at rollout (an injected memory, or the planner's world model)."""
+        return self.injects or (self.config.planner != "none" and self.world.dynamics is not None)
+
+    def _rollout_history(self, batch: dict[str, Tensor], history: Tensor | None) -> Tensor | None:
+        if history is None and self.reads_history:
             history = batch.get(OBS_WORLD_HISTORY)
-        if history is None:
-            history = self.history.push(latent_from_batch(batch))
-        return self.world.select(self.world.predict(history), self.config.memory_mode_rollout)
+            if history is None:
+                history = self.history.push(latent_from_batch(batch))
+        return history
+
+    def _chunk(self, batch: dict[str, Tensor], history: Tensor | None, noise: Tensor | None, **kwargs) -> Tensor:
+        """SmolVLA's chunk with this call's memory injected; with a planner, the best of N flow samples."""
+        memory = None
+        if self.injects:
+            memory = self.world.select(self.world.predict(history), self.config.memory_mode_rollout)
+        if self.config.planner == "none":
+            with self._reading(memory):
+                return self.smolvla.predict_action_chunk(batch, noise, **kwargs)
+        return self._planned_chunk(batch, history, memory)
+
+    def _planned_chunk(self, batch: dict[str, Tensor], history: Tensor, memory: Tensor | None) -> Tensor:
+        """The planner's chunk: N flow samples of every observation (one SmolVLA call on B x N), scored
+        through the world model (`WorldPath.score_chunks`); CEM then refines around the best."""
+        cfg = self.config
+        n = cfg.planner_samples
+        b = latent_from_batch(batch).shape[0]
+
+        def expand(v):
+            if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == b:
+                return v.repeat_interleave(n, dim=0)
+            if isinstance(v, list) and len(v) == b:
+                return [x for x in v for _ in range(n)]
+            return v
+
+        wide = {k: expand(v) for k, v in batch.items()}
+        device = latent_from_batch(batch).device
+        noise = torch.randn((b * n, cfg.chunk_size, cfg.max_action_dim), generator=self._planner_rng).to(device)
+        with self._reading(None if memory is None else memory.repeat_interleave(n, dim=0)):
+            samples = self.smolvla.predict_action_chunk(wide, noise)
+        samples = samples.view(b, n, *samples.shape[1:])
+        horizon = cfg.planner_horizon or cfg.future_frames
+        goal = batch.get(OBS_WORLD_GOAL)
+        chunk, _ = plan_chunk(
+            samples[:, 0], lambda c: self.world.score_chunks(history, c, goal, horizon), cfg.planner_settings(),
+            self._planner_rng, first_round=samples,
+        )  # fmt: skip
+        return chunk
 
     @torch.no_grad()
     def predict_action_chunk(self, batch: dict[str, Tensor], noise: Tensor | None = None, **kwargs) -> Tensor:
@@ -202,8 +249,7 @@ class SmolVLAWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
         episode and advances the policy's own latent history.
         """
         ensure_eval(self)
-        with self._reading(self._rollout_memory(batch, None)):
-            return self.smolvla.predict_action_chunk(batch, noise, **kwargs)
+        return self._chunk(batch, self._rollout_history(batch, None), noise, **kwargs)
 
     @torch.no_grad()
     def select_action(self, batch: dict[str, Tensor], noise: Tensor | None = None, **kwargs) -> Tensor:
@@ -213,10 +259,9 @@ class SmolVLAWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
                 "RTC is not supported by select_action (as in SmolVLA): use predict_action_chunk."
             )
         ensure_eval(self)
-        history = self.history.push(latent_from_batch(batch)) if self.injects else None
+        history = self.history.push(latent_from_batch(batch)) if self.reads_history else None
         if len(self._action_queue) == 0:
-            with self._reading(self._rollout_memory(batch, history)):
-                chunk = self.smolvla.predict_action_chunk(batch, noise)
+            chunk = self._chunk(batch, history, noise)
             self._action_queue.extend(chunk.transpose(0, 1)[: self.config.n_action_steps])
         return self._action_queue.popleft()
 
@@ -224,8 +269,9 @@ class SmolVLAWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
         """SmolVLA's flow-matching loss (with the memory injected) + lambda_world * world loss, and logs."""
         cfg = self.config
         prediction = targets = valid = memory = None
-        if self.world.prophet is not None:
+        if self.world.prophet is not None or self.world.dynamics is not None:
             history, targets, valid = self.world.training_inputs(batch)
+        if self.world.prophet is not None:
             prediction = self.world.predict(history)
             if self.injects:
                 memory = self.world.select(
@@ -238,6 +284,10 @@ class SmolVLAWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
         world_loss, world_info = self.world.loss_terms(prediction, targets, valid)
         if world_loss is not None:
             loss = loss + cfg.lambda_world * world_loss
+        if self.world.dynamics is not None:
+            dyn_loss, dyn_info = self.world.dynamics_loss_terms(batch, history, targets, valid, self._success(batch))
+            loss = loss + dyn_loss
+            info.update(dyn_info)
         info.update(world_info)
         info.update(stats)
         for name, fusion in (

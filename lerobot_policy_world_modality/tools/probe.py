@@ -171,6 +171,9 @@ def probe(
         # What the world cosine has to beat (copying z_t), and whether the predicted change points the right way.
         "world_copy_cosine": {k: v for k, v in pred.items() if k.startswith("world_copy_cos_h")},
         "world_motion_cosine": {k: v for k, v in pred.items() if k.startswith("world_motion_cos_h")},
+        # The action-conditioned world model (--policy.dynamics), on the same frames and their true actions.
+        "dynamics_cosine": {k: v for k, v in pred.items() if k.startswith("dyn_cos_h")},
+        "dynamics_motion_cosine": {k: v for k, v in pred.items() if k.startswith("dyn_motion_cos_h")},
     }
     result["summary"] = summarise(result)
     return result
@@ -249,7 +252,9 @@ def print_report(r: dict, policy_path: str) -> None:
     if cos:
         print(f"\n  world cosine (Prophet vs true future): {cos}")
     for key, label in (("world_copy_cosine", "copy baseline (z_t vs true future)"),
-                       ("world_motion_cosine", "motion cosine (predicted vs true change)")):  # fmt: skip
+                       ("world_motion_cosine", "motion cosine (predicted vs true change)"),
+                       ("dynamics_cosine", "world model (action-conditioned) vs true future"),
+                       ("dynamics_motion_cosine", "world model motion cosine")):  # fmt: skip
         vals = "  ".join(f"{k.rsplit('_', 1)[1]} {v:.3f}" for k, v in r.get(key, {}).items())
         if vals:
             print(f"  {label}: {vals}")

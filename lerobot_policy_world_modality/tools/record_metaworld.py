@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..constants import EPISODE_SUCCESS
 from ..fileio import TEMP_MARK, atomic_write_json, fsync_dir
 
 STATE_NAMES = ["hand_x", "hand_y", "hand_z", "gripper_distance"]
@@ -72,11 +73,13 @@ class RecordPlan:
     use_videos: bool  # store observation.image as video (True) or as PNG images in parquet (False)
     vcodec: str  # LeRobot video codec name when use_videos
     store_sim_state: bool = False  # also store MetaWorld's raw 39-d observation as SIM_STATE_KEY
+    actions: str = "expert"  # who acts: "expert" (scripted + action_noise), "random" (uniform in [-1, 1]) or "policy"
+    policy_path: str | None = None  # checkpoint (pretrained_model dir) that acts when actions == "policy"
 
 
 def plan_with_defaults(plan: dict) -> dict:
     """A stored plan with the fields added after it was written set to their defaults (so old recordings match)."""
-    return {"store_sim_state": False, **plan}
+    return {"store_sim_state": False, "actions": "expert", "policy_path": None, **plan}
 
 
 def episode_seed(seed: int, task: str, attempt: int) -> int:
@@ -135,9 +138,15 @@ def resolve_tasks(spec: str) -> list[str]:
     return tasks
 
 
-def dataset_features(use_videos: bool, store_sim_state: bool = False) -> dict:
-    """LeRobot feature spec of the recorded dataset (the layout of LeRobot's MetaWorld env and datasets)."""
+def dataset_features(use_videos: bool, store_sim_state: bool = False, mark_success: bool = False) -> dict:
+    """LeRobot feature spec of the recorded dataset (the layout of LeRobot's MetaWorld env and datasets).
+
+    mark_success: add EPISODE_SUCCESS (1.0 on every frame of an episode that succeeded, else 0.0), for
+    recordings that keep failures. Not an `observation.*` key, so it never becomes a policy input.
+    """
     extra = {SIM_STATE_KEY: {"dtype": "float32", "shape": (39,), "names": None}} if store_sim_state else {}
+    if mark_success:
+        extra[EPISODE_SUCCESS] = {"dtype": "float32", "shape": (1,), "names": None}
     return {
         "observation.image": {
             "dtype": "video" if use_videos else "image",
@@ -226,7 +235,47 @@ def _attempt_name(task: str, attempt: int) -> str:
     return f"{task}__{attempt:05d}"
 
 
-def run_attempt(env, plan: RecordPlan, task: str, attempt: int, out_dir: Path, on_step=None) -> dict:
+class CheckpointActor:
+    """A trained policy acting in the recorder's env the way `lerobot-eval`'s rollout drives it.
+
+    Loads the checkpoint with its saved pre/post-processors (on the CPU); each step the formatted env
+    observation goes through LeRobot's `preprocess_observation`, gets the task text, the preprocessor,
+    `select_action` and the postprocessor (MetaWorld's env processors are identities). `reset()` starts
+    an episode: the policy's action queue and world history are cleared.
+    """
+
+    def __init__(self, path: str):
+        from lerobot.configs.policies import PreTrainedConfig
+        from lerobot.policies.factory import get_policy_class, make_pre_post_processors
+
+        import lerobot_policy_world_modality  # noqa: F401  (registers our policy types)
+
+        cfg = PreTrainedConfig.from_pretrained(path)
+        cfg.device = "cpu"
+        cfg.pretrained_path = path
+        self.policy = get_policy_class(cfg.type).from_pretrained(path, config=cfg)
+        self.policy.eval()
+        self.pre, self.post = make_pre_post_processors(
+            policy_cfg=cfg, pretrained_path=path, preprocessor_overrides={"device_processor": {"device": "cpu"}}
+        )
+
+    def reset(self) -> None:
+        """Start an episode."""
+        self.policy.reset()
+
+    def act(self, obs: dict, task: str) -> np.ndarray:
+        """The policy's action [A] for one formatted observation ({"pixels", "agent_pos"})."""
+        import torch
+        from lerobot.envs.utils import preprocess_observation
+
+        batch = preprocess_observation({"pixels": obs["pixels"][None], "agent_pos": np.asarray(obs["agent_pos"])[None]})
+        batch = self.pre({**batch, "task": [task]})
+        with torch.inference_mode():
+            action = self.policy.select_action(batch)
+        return self.post(action).cpu().numpy()[0].astype(np.float64)
+
+
+def run_attempt(env, plan: RecordPlan, task: str, attempt: int, out_dir: Path, on_step=None, actor=None) -> dict:
     """Run one expert episode and record it as a finalized one-episode LeRobotDataset in `out_dir`.
 
     The episode is saved only if it is kept (`success_only` drops failures); the record dict says what happened.
@@ -241,7 +290,7 @@ def run_attempt(env, plan: RecordPlan, task: str, attempt: int, out_dir: Path, o
     dataset = LeRobotDataset.create(
         repo_id=plan.repo_id,
         fps=plan.fps,
-        features=dataset_features(plan.use_videos, plan.store_sim_state),
+        features=dataset_features(plan.use_videos, plan.store_sim_state, mark_success=not plan.success_only),
         root=out_dir,
         robot_type="sawyer",
         use_videos=plan.use_videos,
@@ -251,13 +300,22 @@ def run_attempt(env, plan: RecordPlan, task: str, attempt: int, out_dir: Path, o
     np.random.seed(episode_seed(plan.seed, task, attempt))
     rng = _noise_rng(plan.seed, task, attempt)
     raw_obs, _ = env._env.reset()
+    if actor is not None:
+        actor.reset()
     success_step = None
     steps = 0
+    # Frames wait here until the episode ends when failures are kept: their success mark is known only then.
+    pending: list[dict] = []
     while steps < plan.max_steps:
         # Rendering is most of the cost, so the frame is rendered here, only for steps that are recorded.
         obs = env._format_raw_obs(raw_obs)
-        expert = np.asarray(env.expert_policy.get_action(raw_obs), dtype=np.float64)
-        if plan.action_noise > 0:
+        if plan.actions == "random":
+            expert = rng.uniform(-1.0, 1.0, size=4)
+        elif plan.actions == "policy":
+            expert = actor.act(obs, env.task_description)
+        else:
+            expert = np.asarray(env.expert_policy.get_action(raw_obs), dtype=np.float64)
+        if plan.action_noise > 0 and plan.actions != "random":
             expert = expert + rng.normal(0.0, plan.action_noise, size=expert.shape)
         # The executed action is the clipped float32 one; recording exactly it lets a replay reproduce frames.
         action = np.clip(expert, -1.0, 1.0).astype(np.float32)
@@ -269,7 +327,10 @@ def run_attempt(env, plan: RecordPlan, task: str, attempt: int, out_dir: Path, o
         }
         if plan.store_sim_state:
             frame[SIM_STATE_KEY] = np.asarray(raw_obs, dtype=np.float32)
-        dataset.add_frame(frame)
+        if plan.success_only:
+            dataset.add_frame(frame)
+        else:
+            pending.append(frame)
         raw_obs, _reward, _terminated, truncated, info = env._env.step(action)
         steps += 1
         if success_step is None and bool(info.get("success", 0)):
@@ -282,6 +343,8 @@ def run_attempt(env, plan: RecordPlan, task: str, attempt: int, out_dir: Path, o
             break  # MetaWorld's own 500-step limit
     success = success_step is not None
     kept = success or not plan.success_only
+    for frame in pending:
+        dataset.add_frame({**frame, EPISODE_SUCCESS: np.array([float(success)], dtype=np.float32)})
     if kept:
         dataset.save_episode()
     dataset.stop_image_writer()
@@ -347,6 +410,7 @@ def record(plan: RecordPlan, root: Path, overwrite: bool = False) -> dict:
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=kept_before, desc="episodes", unit="ep", dynamic_ncols=True)
+    actor = CheckpointActor(plan.policy_path) if plan.actions == "policy" else None
     names: list[str] = []
     new_frames = 0
     for task in plan.tasks:
@@ -379,7 +443,7 @@ def record(plan: RecordPlan, root: Path, overwrite: bool = False) -> dict:
                 bar.set_postfix_str(f"{_task} #{_attempt} step {step}{done}", refresh=False)
 
             t0 = time.time()
-            rec = run_attempt(env, plan, task, attempt, tmp, on_step=on_step)
+            rec = run_attempt(env, plan, task, attempt, tmp, on_step=on_step, actor=actor)
             rec["seconds"] = round(time.time() - t0, 2)
             if not rec["kept"]:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -446,7 +510,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes_per_task", "--dataset.num_episodes", dest="episodes_per_task", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--action_noise", type=float, default=0.1, help="std of Gaussian noise on expert actions")
-    p.add_argument("--success_only", type=_bool, nargs="?", const=True, default=True)
+    p.add_argument("--actions", choices=("expert", "random", "policy"), default="expert",
+                   help="who acts: the scripted expert (plus --action_noise), uniform random actions, or the "
+                        "checkpoint given by --policy.path (plus --action_noise)")
+    p.add_argument("--policy.path", dest="policy_path", default=None,
+                   help="pretrained_model directory of a checkpoint that acts with --actions policy")
+    p.add_argument("--success_only", type=_bool, nargs="?", const=True, default=True,
+                   help=f"keep only successful episodes; with false every episode is kept and marked in {EPISODE_SUCCESS}")
     p.add_argument("--max_attempts_per_task", type=int, default=None, help="default: 3 x episodes_per_task")
     p.add_argument("--max_steps", type=int, default=200, help="max steps (frames) per episode, <= 500")
     p.add_argument("--steps_after_success", type=int, default=5)
@@ -469,6 +539,15 @@ def _check(args) -> None:
         raise RecordError(f"--max_steps must be in 1..500 (MetaWorld's episode limit), got {args.max_steps}.")
     if args.action_noise < 0:
         raise RecordError(f"--action_noise is a standard deviation and must be >= 0, got {args.action_noise}.")
+    if (args.actions == "policy") != (args.policy_path is not None):
+        raise RecordError("--actions policy and --policy.path=<checkpoint>/pretrained_model go together: give both "
+                          "to record a checkpoint's rollouts, or neither.")
+    if args.policy_path is not None and not (Path(args.policy_path) / "config.json").is_file():
+        raise RecordError(f"--policy.path {args.policy_path} has no config.json: give a checkpoint's "
+                          "pretrained_model directory (e.g. outputs/train/x/checkpoints/last/pretrained_model).")
+    if args.actions == "random" and args.success_only:
+        raise RecordError("--actions random almost never succeeds, so --success_only would record nothing: add "
+                          "--success_only false (episodes are kept and marked in episode_success).")
     if args.steps_after_success < 0 or args.fps < 1:
         raise RecordError("--steps_after_success must be >= 0 and --dataset.fps >= 1.")
     if args.use_videos:
@@ -496,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
             max_attempts_per_task=args.max_attempts_per_task or 3 * args.episodes_per_task,
             max_steps=args.max_steps, steps_after_success=args.steps_after_success, fps=args.fps,
             use_videos=args.use_videos, vcodec=args.vcodec, store_sim_state=args.store_sim_state,
+            actions=args.actions,
+            policy_path=str(Path(args.policy_path).resolve()) if args.policy_path else None,
         )
         summary = record(plan, root, overwrite=args.overwrite)
     except RecordError as err:

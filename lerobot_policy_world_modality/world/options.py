@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .dynamics import DYNAMICS
 from .fusion import MEMORY_NORMS
 from .memory import MEMORY_MODES, ROLLOUT_MEMORY_MODES, SCHEDULE_SHAPES, WORLD_LOSS_TYPES, WORLD_TARGETS
+from .planner import PLANNERS, PlannerSettings
 
 
 @dataclass
@@ -149,3 +151,75 @@ class WorldMemoryOptions:
         if self.delta_prediction:
             self.world_target = "delta"
         self.delta_prediction = self.world_target == "delta"
+
+
+@dataclass
+class DynamicsOptions:
+    """Action-conditioned world model, progress head and rollout planner (see `world/dynamics.py`,
+    `world/planner.py`). A mixin like `WorldMemoryOptions`; the action path never reads these modules,
+    so with `planner="none"` the actions are those of the same policy without them."""
+
+    # World model: "none", or "action_conditioned" (f(z history, action chunk) -> K future frames, own loss).
+    dynamics: str = "none"
+    # Weight of the dynamics loss (same targets, mask and loss type as the world loss).
+    lambda_dynamics: float = 1.0
+    # Train a progress head (remaining fraction of the episode from a latent): the planner's score without a goal.
+    progress_head: bool = False
+    # Weight of the progress head's loss.
+    lambda_progress: float = 0.1
+    # Planner at rollout: "none", "rerank" (best of N perturbations of the policy's chunk) or "cem".
+    planner: str = "none"
+    # Planner: candidate chunks per round (the policy's own chunk is one of them).
+    planner_samples: int = 16
+    # Planner: CEM rounds.
+    planner_iterations: int = 3
+    # Planner: fraction of CEM candidates kept as elites.
+    planner_elite_frac: float = 0.25
+    # Planner: std of the perturbations, in normalised action units.
+    planner_noise: float = 0.3
+    # Planner: predicted frame (1..future_frames) whose imagined latent is scored; 0 = the last.
+    planner_horizon: int = 0
+    # Planner: seed of its noise, re-seeded at every reset() so a rollout is reproducible.
+    planner_seed: int = 0
+
+    def validate_dynamics(self) -> None:
+        """Raise ValueError, naming the flag to fix, for dynamics / planner settings that cannot work."""
+        if self.dynamics not in DYNAMICS:
+            raise ValueError(f"dynamics '{self.dynamics}' is not one of {DYNAMICS}.")
+        if self.planner not in PLANNERS:
+            raise ValueError(f"planner '{self.planner}' is not one of {PLANNERS}.")
+        on = self.dynamics != "none"
+        if on and self.future_frames < 1:
+            raise ValueError(
+                f"dynamics='{self.dynamics}' predicts the future frames: set --policy.future_frames >= 1."
+            )
+        if on and self.future_frames * self.future_stride > self.chunk_size:
+            raise ValueError(
+                f"The dynamics read the actions up to the last predicted frame, future_frames x future_stride = "
+                f"{self.future_frames * self.future_stride}, but a chunk holds {self.chunk_size}: lower "
+                "--policy.future_frames / --policy.future_stride or raise --policy.chunk_size."
+            )
+        if self.progress_head and not on:
+            raise ValueError(
+                "progress_head=True scores the dynamics' imagined latents: set --policy.dynamics=action_conditioned."
+            )
+        if self.planner != "none":
+            if not on:
+                raise ValueError(
+                    f"planner='{self.planner}' rolls candidate chunks through the world model: set "
+                    "--policy.dynamics=action_conditioned (and train with it)."
+                )
+            self.planner_settings().validate()
+            if not 0 <= self.planner_horizon <= self.future_frames:
+                raise ValueError(
+                    f"planner_horizon must lie in [0, future_frames={self.future_frames}], got {self.planner_horizon}."
+                )
+        for name in ("lambda_dynamics", "lambda_progress"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+
+    def planner_settings(self) -> PlannerSettings:
+        """The planner's knobs as `world.planner.PlannerSettings`."""
+        return PlannerSettings(
+            self.planner, self.planner_samples, self.planner_iterations, self.planner_elite_frac, self.planner_noise
+        )

@@ -20,7 +20,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..constants import OBS_WORLD_FUTURE, OBS_WORLD_FUTURE_VALID, OBS_WORLD_HISTORY
+from ..constants import (
+    OBS_WORLD_FUTURE,
+    OBS_WORLD_FUTURE_VALID,
+    OBS_WORLD_HISTORY,
+    OBS_WORLD_LATENT,
+    OBS_WORLD_REMAINING,
+)
+from .dynamics import ActionDynamics, ProgressHead, goal_score, progress_loss, progress_targets
 from .fusion import GatedCrossAttention
 from .memory import (
     horizon_diagnostics,
@@ -51,6 +58,8 @@ def build_fusion(
     )  # fmt: skip
 
 
+ACTION_KEY = "action"  # LeRobot's ACTION, kept literal so this package stays LeRobot-free
+
 # Names of the standardisation statistics (buffers of `WorldPath` with `standardise_targets`).
 TARGET_STAT_NAMES = ("latent_mean", "latent_std", "target_mean", "target_std")
 # With prophet_input="motion", also the statistics of one-frame differences z_t - z_{t-1}.
@@ -76,12 +85,14 @@ class WorldPath(nn.Module):
         context_dim: int | None = None,
         dropout: float = 0.0,
         target_stats: dict[str, Tensor] | None = None,
+        action_dim: int | None = None,
     ):
         super().__init__()
         self.options = options
         o = options
         self.delta = bool(o.delta_prediction or getattr(o, "world_target", "absolute") == "delta")
-        self.standardised = bool(getattr(o, "standardise_targets", False)) and o.use_prophet
+        has_dynamics = getattr(o, "dynamics", "none") != "none"
+        self.standardised = bool(getattr(o, "standardise_targets", False)) and (o.use_prophet or has_dynamics)
         self.motion_input = self.standardised and getattr(o, "prophet_input", "latents") == "motion"
         self.loss_type = getattr(o, "world_loss_type", "cosine")
         # (targets, z_t, valid) of the last `training_inputs` call: lets `select` and `loss_terms` find
@@ -117,6 +128,19 @@ class WorldPath(nn.Module):
             else None
         )
         self.fusion = build_fusion(o, hidden_width, latent_dim, dropout) if o.inject_memory else None
+        # The world model of `DynamicsOptions`: in the same target space as the Prophet, never read by
+        # the action path (only the planner reads it), so it cannot change the policy's own chunk.
+        self.dynamics = self.progress = None
+        if has_dynamics:
+            if action_dim is None:
+                raise ValueError("dynamics='action_conditioned' needs the action dimension (action_dim).")
+            self.dynamics = ActionDynamics(
+                latent_dim, o.history_frames, o.future_frames, action_dim, o.future_frames * o.future_stride,
+                o.prophet_width, o.prophet_depth, o.prophet_heads, dropout, self.delta,
+                rescale_output=not self.standardised,
+            )  # fmt: skip
+            if getattr(o, "progress_head", False):
+                self.progress = ProgressHead(latent_dim, o.prophet_width)
         self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
 
     def set_target_stats(self, stats: dict[str, Tensor]) -> None:
@@ -175,6 +199,77 @@ class WorldPath(nn.Module):
         if self.prophet is None:
             raise RuntimeError("This policy was built without a Prophet (use_prophet=False).")
         return self.prophet(self.prophet_tokens(history), context).prediction()
+
+    def imagine(self, history: Tensor, actions: Tensor) -> Tensor:
+        """The action-conditioned dynamics' K future frames [B, K, D] in target space, from the raw latent
+        history [B, T, D] and the chunk [B, H, A] (normalised actions) executed from the current frame."""
+        if self.dynamics is None:
+            raise RuntimeError("This policy was built without a world model (dynamics='none').")
+        return self.dynamics(self.prophet_tokens(history), actions)
+
+    def dynamics_loss_terms(
+        self,
+        batch: dict,
+        history: Tensor,
+        targets: Tensor,
+        valid: Tensor | None,
+        success: Tensor | None = None,
+    ) -> tuple[Tensor, dict]:
+        """(lambda-weighted dynamics + progress loss, logged scalars) of a training batch.
+
+        history, targets, valid: from `training_inputs`; the batch's action chunk ("action" [B, H, A],
+        normalised) drives the dynamics, whose loss uses the world loss's targets, mask and type. Logged:
+        `dyn_loss`, and per horizon `dyn_cos_h{k}` / `dyn_motion_cos_h{k}` in absolute-latent space (read
+        next to the Prophet's `world_cos_h{k}` and the copy baseline `world_copy_cos_h{k}`). With the
+        progress head, the batch's current latent and OBS_WORLD_REMAINING (and success [B], the episodes'
+        success marks, when known) give `progress_loss`.
+        """
+        actions = batch[ACTION_KEY]
+        o = self.options
+        pred = self.imagine(history, actions)
+        dyn = world_loss(pred, targets, valid, self.loss_type)
+        info = {"dyn_loss": dyn.item()}
+        current = history[:, -1].float()
+        with torch.no_grad():
+            diag = horizon_diagnostics(
+                self.to_absolute(pred.detach(), current), self.to_absolute(targets, current), current, valid
+            )
+        info |= {k.replace("world_", "dyn_", 1): v for k, v in diag.items() if not k.startswith("world_copy")}
+        if self.prophet is None:  # the copy baseline the world model has to beat (else the Prophet's terms log it)
+            info |= {k: v for k, v in diag.items() if k.startswith("world_copy")}
+        loss = o.lambda_dynamics * dyn
+        if self.progress is not None:
+            latent, remaining = batch.get(OBS_WORLD_LATENT), batch.get(OBS_WORLD_REMAINING)
+            if latent is None or remaining is None:
+                raise KeyError(
+                    "The progress head trains on the batch's current latent and 'observation.world.remaining' "
+                    "(added by the world-latent step from the latent cache): train through lerobot-train."
+                )
+            prog = progress_loss(self.progress(latent), progress_targets(remaining, success))
+            info["progress_loss"] = prog.item()
+            loss = loss + o.lambda_progress * prog
+        return loss, info
+
+    @torch.no_grad()
+    def score_chunks(self, history: Tensor, chunks: Tensor, goal: Tensor | None, horizon: int) -> Tensor:
+        """Planner scores [B, N] of candidate chunks [B, N, H, A] (higher is better).
+
+        Every candidate is rolled through the dynamics in one batch of B x N; the imagined latent at
+        predicted frame `horizon` (1..K) is compared with the goal latent [B, D] when there is one
+        (`goal_score`), else scored by minus the progress head's remaining fraction.
+        """
+        b, n = chunks.shape[:2]
+        hist = history.repeat_interleave(n, dim=0)
+        end = self.to_absolute(self.imagine(hist, chunks.flatten(0, 1)), hist[:, -1])[:, horizon - 1]
+        if goal is not None:
+            return goal_score(end, goal.repeat_interleave(n, dim=0)).view(b, n)
+        if self.progress is None:
+            raise RuntimeError(
+                "The planner has no goal to score against (the observation carries no goal image, see "
+                "constants.goal_image_key) and the policy has no progress head: train with "
+                "--policy.progress_head=true, or evaluate with goal images."
+            )
+        return -torch.sigmoid(self.progress(end)).view(b, n)
 
     def to_target_space(self, future: Tensor, current: Tensor) -> Tensor:
         """Future latents [B, K, D] -> the target space (delta to z_t [B, D], standardised)."""

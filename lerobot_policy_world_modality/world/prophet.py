@@ -88,6 +88,8 @@ class Prophet(nn.Module):
     small and removes the need to reproduce the current frame; absolute predictions are z_t + delta.
     With `rescale_output=False` the output is not multiplied back by the history's RMS: for targets
     on a fixed scale (standardised per dimension), whatever the scale of the history.
+    With `context_len`, the context tokens are an ordered sequence of that length (e.g. an action
+    chunk) and get a learned position embedding each; without it, one shared type embedding.
     """
 
     def __init__(
@@ -103,6 +105,7 @@ class Prophet(nn.Module):
         delta: bool = False,
         context_dim: int | None = None,
         rescale_output: bool = True,
+        context_len: int | None = None,
     ):
         super().__init__()
         if history_len < 1 or num_future < 1:
@@ -118,7 +121,9 @@ class Prophet(nn.Module):
         self.history_pos = nn.Parameter(torch.randn(history_len, width) * 0.02)
         self.queries = nn.Parameter(torch.randn(num_future, width) * 0.02)
         self.context_proj = nn.Linear(context_dim, width) if context_dim else None
-        self.context_type = nn.Parameter(torch.randn(1, width) * 0.02) if context_dim else None
+        self.context_len = context_len
+        rows = context_len if context_len else 1
+        self.context_type = nn.Parameter(torch.randn(rows, width) * 0.02) if context_dim else None
         self.blocks = nn.ModuleList(TransformerBlock(width, heads, ffn_dim, dropout) for _ in range(depth))
         self.out_norm = nn.LayerNorm(width)
         self.out_proj = nn.Linear(width, latent_dim)
@@ -142,6 +147,10 @@ class Prophet(nn.Module):
         if context is not None:
             if self.context_proj is None:
                 raise ValueError("This Prophet was built without context_dim but was given context tokens.")
+            if self.context_len and context.shape[1] != self.context_len:
+                raise ValueError(
+                    f"This Prophet reads a context sequence of {self.context_len} tokens, got {context.shape[1]}."
+                )
             tokens.append(self.context_proj(context.to(dtype)) + self.context_type)
         tokens.append(self.queries.unsqueeze(0).expand(b, -1, -1))
         x = torch.cat(tokens, dim=1)

@@ -10,7 +10,7 @@ from ..cli_errors import policy_config_errors
 from ..language import LanguageOptions
 from ..latents.config import WorldLatentOptions
 from ..trunk_policy import TrunkPolicyOptions
-from ..world.options import WorldMemoryOptions
+from ..world.options import DynamicsOptions, WorldMemoryOptions
 
 # The baselines of the research line, as (use_prophet, inject_memory).
 VARIANTS = {"A": (False, False), "A_hist": (False, False), "B_cont": (True, False), "F": (True, True)}
@@ -23,7 +23,7 @@ WORLD_PATHS = ("cross_attn", "in_trunk")
 @PreTrainedConfig.register_subclass("world_f")
 @dataclass
 class WorldFConfig(
-    TrunkPolicyOptions, WorldLatentOptions, WorldMemoryOptions, LanguageOptions, PreTrainedConfig
+    TrunkPolicyOptions, WorldLatentOptions, WorldMemoryOptions, DynamicsOptions, LanguageOptions, PreTrainedConfig
 ):
     """Config of `world_f`: world latent + state -> trunk -> action chunk, with optional Prophet memory.
 
@@ -49,6 +49,12 @@ class WorldFConfig(
     predict the K future latents (world loss on them; no separate Prophet), the trunk reads the
     history's motion, and the action queries attend to the foresight tokens through a one-way mask
     (see `world/foresight.py`). B_cont on `in_trunk` blocks the queries' attention to them.
+
+    World model and planning (`DynamicsOptions`, any variant): `dynamics=action_conditioned` trains
+    f(z history, action chunk) -> K future frames next to the policy (own loss, never read by the action
+    path), `progress_head` a remaining-fraction head on latents, and `planner=rerank|cem` makes
+    `select_action` roll candidate chunks around the policy's own through that model and execute the
+    best (scored against a goal image's latent when the observation has one, else by progress).
 
     Memory modes (`memory_mode_train`, `memory_mode_rollout`): pred, oracle (training only), zero,
     random, shuffle, scheduled (training only); see `world/memory.py`. Scheduled sampling: each
@@ -82,6 +88,7 @@ class WorldFConfig(
             self.validate_trunk()
             self.validate_world_memory("For the baseline without world prediction use --policy.variant=A.")
             self.validate_world_path()
+            self.validate_dynamics()
 
     @property
     def in_trunk(self) -> bool:

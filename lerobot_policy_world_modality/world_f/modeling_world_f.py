@@ -22,16 +22,20 @@ cross-attention by foresight tokens inside the trunk:
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from lerobot.utils.constants import ACTION, OBS_STATE
 from torch import Tensor, nn
 
-from ..constants import OBS_WORLD_HISTORY
+from ..constants import OBS_WORLD_GOAL, OBS_WORLD_HISTORY
+from ..latents.train_view import EpisodeSuccess
 from ..trunk_policy import TrunkWorldPolicy, ensure_eval
 from ..world.foresight import ForesightPredictor, StagedMask, run_staged
 from ..world.fusion import GatedCrossAttention
 from ..world.history import LatentHistory, latent_from_batch
 from ..world.path import WorldPath
+from ..world.planner import plan_chunk
 from ..world.prophet import Prophet
 from ..world.trunk import ActionTrunk, action_loss
 from .configuration_world_f import WorldFConfig
@@ -66,7 +70,7 @@ class WorldFPolicy(TrunkWorldPolicy):
         )  # fmt: skip
         self.world = WorldPath(
             config, d, config.width, context_dim=config.width if config.prophet_reads_trunk else None,
-            dropout=config.dropout, target_stats=self.world_target_stats,
+            dropout=config.dropout, target_stats=self.world_target_stats, action_dim=self.action_dim,
         )  # fmt: skip
         self._masks = StagedMask()
         if config.in_trunk:
@@ -78,12 +82,18 @@ class WorldFPolicy(TrunkWorldPolicy):
             self.world.fusion = None
         self.action_head = nn.Linear(config.width, self.action_dim)
         self._history = LatentHistory(config.history_frames)
+        self._planner_rng = torch.Generator()
+        # Per-episode success of the training dataset (recordings that keep failures): the progress head
+        # learns that failed episodes never get closer to success. Not saved: only training reads it.
+        self._success = EpisodeSuccess.of(dataset_meta if config.progress_head else None)
         self.reset()
 
     # ------------------------------------------------------------------ LeRobot interface
     def reset(self):
-        """Start a new episode: clear the latent history, the action queue and the encoders' frame buffers."""
+        """Start a new episode: clear the latent history, the action queue and the encoders' frame
+        buffers, and re-seed the planner (the same episode seed gives the same plans)."""
         self._history.reset()
+        self._planner_rng.manual_seed(self.config.planner_seed)
         super().reset()
 
     @property
@@ -103,8 +113,8 @@ class WorldFPolicy(TrunkWorldPolicy):
 
     @property
     def reads_history(self) -> bool:
-        """Whether any module reads the latent history (Prophet, foresight tokens or the A_hist trunk)."""
-        return self.world.prophet is not None or self.config.reads_history
+        """Whether any module reads the latent history (Prophet, foresight tokens, world model, A_hist trunk)."""
+        return self.world.prophet is not None or self.world.dynamics is not None or self.config.reads_history
 
     @property
     def world_train_step(self) -> Tensor:
@@ -148,13 +158,30 @@ class WorldFPolicy(TrunkWorldPolicy):
         out = self._run(
             batch, history, self.config.memory_mode_rollout, oracle=None, oracle_prob=0.0, stats=False
         )
-        return out["actions"]
+        if self.config.planner == "none":
+            return out["actions"]
+        return self.plan(out["actions"], history, batch.get(OBS_WORLD_GOAL))[0]
+
+    @torch.no_grad()
+    def plan(self, proposal: Tensor, history: Tensor, goal: Tensor | None = None) -> tuple[Tensor, dict]:
+        """The chunk [B, H, A] the planner picks around the policy's `proposal` (normalised actions),
+        rolling every candidate through the world model from `history` [B, T, D]; and the planner's
+        scores (`world.planner.plan_chunk`). Uses the configured planner (rerank when none is set)."""
+        cfg = self.config
+        horizon = cfg.planner_horizon or cfg.future_frames
+        settings = cfg.planner_settings()
+        if settings.kind == "none":  # plan() called directly on a policy evaluated without a planner
+            settings = dataclasses.replace(settings, kind="rerank")
+        return plan_chunk(
+            proposal, lambda chunks: self.world.score_chunks(history, chunks, goal, horizon), settings,
+            self._planner_rng,
+        )  # fmt: skip
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
         """Training loss = action loss + lambda_world * world loss, and a dict of floats for logging."""
         cfg = self.config
         history = targets = valid = None
-        if self.world.prophet is not None:
+        if self.world.prophet is not None or self.world.dynamics is not None:
             history, targets, valid = self.world.training_inputs(batch)
         elif self.config.reads_history:
             history = self.world.training_inputs(batch)[0]
@@ -164,6 +191,10 @@ class WorldFPolicy(TrunkWorldPolicy):
         w_loss, world_info = self.world.loss_terms(out.get("prediction"), targets, valid)
         self.world.step()
         loss = a_loss if w_loss is None else a_loss + cfg.lambda_world * w_loss
+        if self.world.dynamics is not None:
+            d_loss, d_info = self.world.dynamics_loss_terms(batch, history, targets, valid, self._success(batch))
+            loss = loss + d_loss
+            world_info |= d_info
         info = {"action_loss": a_loss.item(), **world_info, **out["stats"], "loss": loss.item()}
         return loss, info
 

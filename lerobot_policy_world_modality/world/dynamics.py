@@ -1,0 +1,100 @@
+"""Action-conditioned latent dynamics and a progress head: the world model a planner rolls chunks through.
+
+Pure torch. `ActionDynamics` is f(z_{t-T+1..t}, a_t..a_{t+Ks-1}) -> the K future frames z_{t+s}, ...,
+z_{t+Ks} in the world path's target space (absolute or delta, standardised or not: the caller hands it
+the Prophet's input tokens and compares its output with the Prophet's targets). Unlike the Prophet,
+which forecasts from history alone, it knows which actions will be executed, so it can answer "what
+happens if I execute this chunk": the information a planner needs and the policy cannot learn alone.
+
+`ProgressHead` reads one latent and predicts the fraction of its episode still to go (0 at success,
+1 at the start; failed episodes are 1 throughout): with no goal image, a planner prefers chunks whose
+imagined end has the least left to go.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+from .prophet import Prophet
+
+# World-model choices of a policy: none, or dynamics conditioned on the action chunk.
+DYNAMICS = ("none", "action_conditioned")
+
+
+class ActionDynamics(nn.Module):
+    """A Prophet whose context tokens are the first `action_len` actions of the chunk, in order.
+
+    latent_dim / history_len / num_future: as the Prophet's (D, T, K); action_dim: A; action_len: how
+    many actions reach the K-th predicted frame (K x future_stride). `delta` and `rescale_output` follow
+    the world path's target space.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        history_len: int,
+        num_future: int,
+        action_dim: int,
+        action_len: int,
+        width: int = 128,
+        depth: int = 2,
+        heads: int = 4,
+        dropout: float = 0.0,
+        delta: bool = False,
+        rescale_output: bool = True,
+    ):
+        super().__init__()
+        self.action_len = action_len
+        self.net = Prophet(
+            latent_dim, history_len, num_future, width, depth, heads, None, dropout, delta,
+            context_dim=action_dim, rescale_output=rescale_output, context_len=action_len,
+        )  # fmt: skip
+
+    def forward(self, tokens: Tensor, actions: Tensor) -> Tensor:
+        """tokens: the Prophet's input [B, T, D]; actions: chunk [B, H >= action_len, A] -> [B, K, D]."""
+        if actions.ndim != 3 or actions.shape[1] < self.action_len:
+            raise ValueError(
+                f"The action-conditioned dynamics read the first {self.action_len} actions of a chunk "
+                f"[B, H, A], got {tuple(actions.shape)}: future_frames x future_stride must not exceed chunk_size."
+            )
+        return self.net(tokens, actions[:, : self.action_len]).prediction()
+
+
+class ProgressHead(nn.Module):
+    """Latent [..., D] -> logit of the fraction of the episode still to go (sigmoid gives it in [0, 1]).
+
+    The latent is layer-normalised first: progress is a property of the scene, not of the encoder's
+    output scale.
+    """
+
+    def __init__(self, latent_dim: int, width: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.LayerNorm(latent_dim), nn.Linear(latent_dim, width), nn.GELU(), nn.Linear(width, 1)
+        )
+
+    def forward(self, latent: Tensor) -> Tensor:
+        """Logits [...] of the remaining fraction."""
+        return self.net(latent.to(self.net[1].weight.dtype)).squeeze(-1)
+
+
+def progress_targets(remaining: Tensor, success: Tensor | None = None) -> Tensor:
+    """Training targets of the progress head: the remaining fraction, and 1 for frames of failed
+    episodes (they never reach success, so no frame of theirs is closer to it)."""
+    remaining = remaining.float()
+    if success is None:
+        return remaining
+    return torch.where(success.to(torch.bool).reshape(remaining.shape), remaining, torch.ones_like(remaining))
+
+
+def progress_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Binary cross-entropy of the predicted remaining fraction against soft targets in [0, 1]."""
+    return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
+
+
+def goal_score(final: Tensor, goal: Tensor) -> Tensor:
+    """Score of imagined end latents [N, D] against goal latents [N, D]: minus the mean absolute
+    difference (the L1 latent distance that V-JEPA 2-AC plans with); higher is better."""
+    return -(final.float() - goal.float()).abs().mean(dim=-1)

@@ -1,0 +1,114 @@
+"""Planning over action chunks: rerank perturbations of the policy's proposal, or refine them (CEM).
+
+Pure torch. The planner never sees the world model: it gets `score`, a function from candidate chunks
+[B, N, H, A] to scores [B, N] (higher is better; e.g. roll each chunk through the action-conditioned
+dynamics and compare the imagined end with a goal), and returns the best chunk per sample. All
+candidates go through `score` in one call, so a batched world model sees one batch of B x N.
+
+- `rerank`: the proposal itself plus N - 1 Gaussian perturbations of it (scale `noise`, in the
+  policy's normalised action units), or N candidates the caller samples itself (`first_round`: a
+  flow-matching policy's N samples); the best-scoring one is executed.
+- `cem`: the cross-entropy method: `iterations` rounds of N samples from a diagonal Gaussian that
+  starts at (proposal, noise) and is refitted to the `elite_frac` best each round. The proposal is a
+  candidate of the first round, and the best chunk scored in any round is executed.
+
+With the same generator state both return the same chunk: the noise is drawn on the CPU from the
+generator and moved to the proposal's device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Planner choices at rollout.
+PLANNERS = ("none", "rerank", "cem")
+
+
+@dataclass(frozen=True)
+class PlannerSettings:
+    """The planner's knobs (see the module docstring)."""
+
+    kind: str = "rerank"  # "rerank" or "cem"
+    samples: int = 16  # N candidate chunks per round
+    iterations: int = 3  # CEM rounds (rerank: one)
+    elite_frac: float = 0.25  # CEM: fraction of the candidates the Gaussian is refitted to
+    noise: float = 0.3  # standard deviation of the perturbations, normalised action units
+
+    def validate(self) -> None:
+        """Raise ValueError naming the knob for settings that cannot plan."""
+        if self.kind not in PLANNERS[1:]:
+            raise ValueError(f"planner '{self.kind}' is not one of {PLANNERS[1:]}.")
+        if self.samples < 2:
+            raise ValueError(f"planner_samples must be >= 2 (the proposal and one alternative), got {self.samples}.")
+        if self.iterations < 1:
+            raise ValueError(f"planner_iterations must be >= 1, got {self.iterations}.")
+        if not 0.0 < self.elite_frac <= 1.0:
+            raise ValueError(f"planner_elite_frac must lie in (0, 1], got {self.elite_frac}.")
+        if not self.noise > 0.0:
+            raise ValueError(f"planner_noise must be > 0, got {self.noise}.")
+
+
+def _noise(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:
+    return torch.randn(shape, generator=generator).to(device=like.device, dtype=like.dtype)
+
+
+def _best(candidates: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Per sample, the highest-scoring candidate [B, H, A] and its score [B]."""
+    idx = scores.argmax(dim=1)
+    rows = torch.arange(candidates.shape[0], device=candidates.device)
+    return candidates[rows, idx], scores[rows, idx]
+
+
+def plan_chunk(
+    proposal: Tensor,
+    score: Callable[[Tensor], Tensor],
+    settings: PlannerSettings,
+    generator: torch.Generator | None = None,
+    first_round: Tensor | None = None,
+) -> tuple[Tensor, dict]:
+    """The chunk [B, H, A] to execute, and `{"score": [B], "proposal_score": [B]}`.
+
+    proposal: the policy's own chunk [B, H, A]; score: candidates [B, N, H, A] -> [B, N].
+    first_round: candidates [B, N, H, A] to score in the first round instead of Gaussian perturbations
+    of the proposal (e.g. N samples of a flow-matching policy; the proposal is `first_round[:, 0]`).
+    """
+    settings.validate()
+    b, h, a = proposal.shape
+    n = settings.samples
+    mean = proposal.unsqueeze(1)
+    std = torch.full_like(mean, settings.noise)
+    best = best_score = proposal_score = None
+    rounds = 1 if settings.kind == "rerank" else settings.iterations
+    for r in range(rounds):
+        if r == 0 and first_round is not None:
+            candidates = first_round
+        else:
+            draws = n - 1 if r == 0 else n
+            candidates = mean + std * _noise((b, draws, h, a), generator, proposal)
+            if r == 0:
+                candidates = torch.cat([proposal.unsqueeze(1), candidates], dim=1)
+        scores = score(candidates)
+        if scores.shape != candidates.shape[:2]:
+            raise ValueError(f"The planner's score function returned {tuple(scores.shape)}, expected {tuple(candidates.shape[:2])}.")
+        if r == 0:
+            proposal_score = scores[:, 0]
+        round_best, round_score = _best(candidates, scores)
+        if best is None:
+            best, best_score = round_best, round_score
+        else:
+            better = round_score > best_score
+            best = torch.where(better[:, None, None], round_best, best)
+            best_score = torch.where(better, round_score, best_score)
+        if r + 1 < rounds:
+            k = max(1, math.ceil(settings.elite_frac * candidates.shape[1]))
+            top = scores.topk(k, dim=1).indices
+            elites = candidates.gather(1, top[:, :, None, None].expand(-1, -1, h, a))
+            mean = elites.mean(dim=1, keepdim=True)
+            # A floor keeps one lucky elite from collapsing the search to a point.
+            std = elites.std(dim=1, unbiased=False, keepdim=True).clamp_min(0.05 * settings.noise)
+    return best, {"score": best_score, "proposal_score": proposal_score}

@@ -1,0 +1,284 @@
+"""Action-conditioned dynamics, the progress head and the rerank / CEM planners (pure torch and world_f)."""
+
+import pytest
+import torch
+
+from lerobot_policy_world_modality.constants import OBS_WORLD_GOAL, OBS_WORLD_LATENT, OBS_WORLD_REMAINING
+from lerobot_policy_world_modality.latents.cache import EpisodeBounds
+from lerobot_policy_world_modality.world.dynamics import ActionDynamics, progress_targets
+from lerobot_policy_world_modality.world.planner import PlannerSettings, plan_chunk
+from lerobot_policy_world_modality.world.prophet import Prophet
+from lerobot_policy_world_modality.world_f.modeling_world_f import WorldFPolicy
+
+from test_world_f_model import A, B, H, K, eval_batch, make_config, train_batch
+
+
+# ------------------------------------------------------------------------------------ a known world
+def point_world(goal: torch.Tensor):
+    """x_end = x_0 + sum of the chunk's actions (x_0 = 0); score = -|x_end - goal|^2. Best chunk sum: goal."""
+
+    def score(chunks):  # [B, N, H, A] -> [B, N]
+        return -(chunks.sum(dim=2) - goal[:, None]).pow(2).sum(-1)
+
+    return score
+
+
+@pytest.mark.parametrize("kind", ["rerank", "cem"])
+def test_planner_picks_the_best_scored_chunk_and_is_deterministic(kind):
+    goal = torch.tensor([[1.5, -1.0], [0.0, 2.0]])
+    proposal = torch.zeros(2, 4, 2)
+    seen = []
+    base = point_world(goal)
+
+    def score(chunks):
+        seen.append(chunks.clone())
+        return base(chunks)
+
+    settings = PlannerSettings(kind, samples=64, iterations=6, elite_frac=0.2, noise=0.6)
+    chunk, info = plan_chunk(proposal, score, settings, torch.Generator().manual_seed(0))
+    # It returns the best candidate it scored (no other chunk scored higher) ...
+    every = torch.cat(seen, dim=1)
+    best_seen = base(every).max(dim=1).values
+    assert torch.allclose(info["score"], best_seen) and torch.allclose(base(chunk[:, None])[:, 0], best_seen)
+    # ... which beats the policy's own proposal (a candidate too), and CEM gets close to the optimum.
+    assert (info["score"] > info["proposal_score"]).all()
+    error = (chunk.sum(1) - goal).norm(dim=-1)
+    assert (error < (0.35 if kind == "cem" else 1.5)).all(), error
+    # The same seed gives the same plan; another seed another.
+    again, _ = plan_chunk(proposal, base, settings, torch.Generator().manual_seed(0))
+    other, _ = plan_chunk(proposal, base, settings, torch.Generator().manual_seed(1))
+    assert torch.equal(chunk, again) and not torch.equal(chunk, other)
+
+
+def test_planner_keeps_the_proposal_when_it_is_the_best():
+    goal = torch.zeros(1, 2)
+    chunk, info = plan_chunk(torch.zeros(1, 4, 2), point_world(goal), PlannerSettings("rerank", samples=8))
+    assert torch.equal(chunk, torch.zeros(1, 4, 2)) and info["score"].item() == 0.0
+
+
+def test_planner_settings_are_validated_by_name():
+    for bad, name in [(dict(samples=1), "planner_samples"), (dict(elite_frac=0.0), "planner_elite_frac"),
+                      (dict(noise=0.0), "planner_noise"), (dict(iterations=0), "planner_iterations")]:  # fmt: skip
+        with pytest.raises(ValueError, match=name):
+            PlannerSettings("cem", **bad).validate()
+
+
+# ------------------------------------------------------------ the dynamics use the actions they are given
+def test_action_conditioned_dynamics_beat_the_history_only_prophet_when_actions_drive_the_future():
+    """z_{t+1} = z_t + M a_t with actions independent of the past: only a model that reads them can predict."""
+    torch.manual_seed(0)
+    d, a_dim, t_hist, k = 8, 2, 2, 2
+    mix = torch.randn(a_dim, d)
+
+    def batch(n, g):
+        z0 = torch.randn(n, d, generator=g)
+        prev = torch.randn(n, a_dim, generator=g)
+        actions = torch.randn(n, k, a_dim, generator=g)
+        history = torch.stack([z0 - prev @ mix, z0], dim=1)
+        future = z0[:, None] + torch.cumsum(actions @ mix, dim=1)
+        return history, actions, future - z0[:, None]
+
+    common = dict(width=32, depth=1, heads=2, delta=True, rescale_output=False)
+    models = {"history": Prophet(d, t_hist, k, **common),
+              "actions": ActionDynamics(d, t_hist, k, a_dim, k, **common)}  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    for name, model in models.items():
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(300):
+            history, actions, target = batch(64, g)
+            pred = model(history).prediction() if name == "history" else model(history, actions)
+            loss = (pred - target).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    history, actions, target = batch(512, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        err_hist = (models["history"](history).prediction() - target).pow(2).mean().item()
+        err_act = (models["actions"](history, actions) - target).pow(2).mean().item()
+        shuffled = (models["actions"](history, actions[torch.randperm(512)]) - target).pow(2).mean().item()
+    assert err_act < 0.2 * err_hist, (err_act, err_hist)
+    assert shuffled > 5 * err_act  # it reads the actions it is given, not the history
+
+
+def test_remaining_fraction_and_progress_targets():
+    bounds = EpisodeBounds([0, 5], [5, 8])
+    remaining = bounds.remaining_fraction(torch.arange(8))
+    assert remaining.tolist() == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0, 1.0, 0.5, 0.0])
+    targets = progress_targets(remaining, torch.tensor([True] * 5 + [False] * 3))
+    assert targets[:5].tolist() == pytest.approx(remaining[:5].tolist()) and targets[5:].tolist() == [1.0] * 3
+
+
+# ----------------------------------------------------------------------------------- world_f with a planner
+def planning_policy(seed=0, **overrides):
+    torch.manual_seed(seed)
+    kw = dict(variant="A", dynamics="action_conditioned", progress_head=True, planner="cem",
+              planner_samples=8, planner_iterations=2)  # fmt: skip
+    return WorldFPolicy(make_config(**(kw | overrides)))
+
+
+def test_world_f_trains_its_dynamics_without_touching_the_actions():
+    policy = planning_policy(planner="none")
+    batch = train_batch() | {OBS_WORLD_REMAINING: torch.rand(B)}
+    policy.train()
+    loss, info = policy.forward(batch)
+    assert {"dyn_loss", "dyn_cos_h1", "dyn_motion_cos_h1", "progress_loss", "action_loss"} <= set(info)
+    loss.backward()
+    assert policy.world.dynamics.net.context_type.grad is not None
+    # The action path never reads the world model: A with the same trunk gives the same chunk.
+    policy.eval()
+    plain = WorldFPolicy(make_config(variant="A"))
+    plain.load_state_dict({k: v for k, v in policy.state_dict().items() if k in plain.state_dict()})
+    latent = batch[OBS_WORLD_LATENT]
+    policy.reset()
+    plain.reset()
+    assert torch.equal(policy.predict_action_chunk(eval_batch(latent)), plain.predict_action_chunk(eval_batch(latent)))
+
+
+def test_planned_actions_follow_the_goal_and_survive_save_and_load(tmp_path):
+    policy = planning_policy()
+    policy.eval()
+    latent = train_batch()[OBS_WORLD_LATENT]
+    obs = eval_batch(latent)
+    policy.reset()
+    planned = policy.predict_action_chunk(obs)
+    policy.reset()
+    assert torch.equal(policy.predict_action_chunk(obs), planned)  # reset re-seeds the planner
+    with torch.no_grad():
+        proposal = policy._run(obs, policy.world_history, "pred", None, 0.0, False)["actions"]
+    assert planned.shape == (B, H, A) and not torch.equal(planned, proposal)
+
+    # A goal latent changes what the planner prefers.
+    policy.reset()
+    goal_plan = policy.predict_action_chunk(obs | {OBS_WORLD_GOAL: torch.randn(B, latent.shape[1])})
+    assert not torch.equal(goal_plan, planned)
+
+    policy.save_pretrained(tmp_path / "ckpt")
+    loaded = WorldFPolicy.from_pretrained(tmp_path / "ckpt")
+    loaded.eval()
+    loaded.reset()
+    assert loaded.config.planner == "cem" and torch.equal(loaded.predict_action_chunk(obs), planned)
+
+
+def test_select_action_plans_once_per_chunk():
+    policy = planning_policy(planner="rerank", planner_samples=4)
+    policy.eval()
+    calls = []
+    score = policy.world.score_chunks
+    policy.world.score_chunks = lambda *a, **k: calls.append(1) or score(*a, **k)
+    policy.reset()
+    latent = train_batch()[OBS_WORLD_LATENT]
+    for _ in range(policy.config.n_action_steps + 1):
+        policy.select_action(eval_batch(latent))
+    assert len(calls) == 2
+
+
+def test_planner_without_goal_or_progress_head_says_what_to_do():
+    policy = planning_policy(progress_head=False)
+    policy.eval()
+    policy.reset()
+    with pytest.raises(RuntimeError, match="progress_head"):
+        policy.predict_action_chunk(eval_batch(train_batch()[OBS_WORLD_LATENT]))
+
+
+@pytest.mark.parametrize(
+    "overrides, flag",
+    [
+        (dict(planner="cem", dynamics="none"), "dynamics=action_conditioned"),
+        (dict(progress_head=True, dynamics="none", planner="none"), "dynamics=action_conditioned"),
+        (dict(dynamics="action_conditioned", future_stride=3, planner="none", progress_head=False), "chunk_size"),
+        (dict(planner="beam"), "planner 'beam'"),
+        (dict(planner_horizon=K + 1), "planner_horizon"),
+    ],
+)
+def test_bad_planning_settings_name_the_flag(overrides, flag):
+    with pytest.raises(ValueError, match=flag):
+        planning_policy(**overrides)
+
+
+# ------------------------------------------------------------------------- through lerobot-train / -eval
+@pytest.mark.slow
+def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_path):
+    """The issue's loop through real entry points, one shared training to keep it short:
+    record random-action failures (kept, episode_success 0) -> precompute -> lerobot-train with the world
+    model and progress head (the policy reads the failures as failures) -> stock lerobot-eval plans with
+    --policy.planner=cem (and the same episode goes otherwise without it) -> the checkpoint's own rollouts
+    recorded as new data, its actions replayable through it."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    import numpy as np
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
+    from lerobot.policies.factory import make_policy, make_policy_config
+    from safetensors import safe_open
+    from support.cli import BIN, TINY_WORLD_F, capped_eval_cmd, short_train_flags
+
+    from lerobot_policy_world_modality.tools.record_metaworld import CheckpointActor
+
+    def run(cmd):
+        env = {**os.environ, "MUJOCO_GL": "egl"}
+        return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600, env=env)
+
+    def record(repo, root, *flags):
+        return run([BIN / "lerobot-wm-record-metaworld", f"--dataset.repo_id={repo}", f"--dataset.root={root}",
+                    "--env.task=button-press-v3", "--success_only=false", "--dataset.use_videos=false", *flags])
+
+    def avg_reward(eval_dir):
+        info = json.loads((eval_dir / "eval_info.json").read_text())
+        return float(info.get("overall", info.get("aggregated", {}))["avg_sum_reward"])
+
+    # 1. Failures are kept and marked; random actions without --success_only false are refused up front.
+    repo, root = "local/failures", tmp_path / "ds"
+    res = record(repo, root, "--episodes_per_task=2", "--max_steps=8", "--actions=random")
+    assert res.returncode == 0, res.stderr[-3000:]
+    ds = LeRobotDataset(repo, root=root)
+    assert ds.num_episodes == 2 and float(ds[0]["episode_success"]) == 0.0
+    bad = run([BIN / "lerobot-wm-record-metaworld", "--dataset.repo_id=local/x", f"--dataset.root={tmp_path / 'x'}",
+               "--env.task=button-press-v3", "--actions=random"])  # fmt: skip
+    assert bad.returncode == 2 and "--success_only false" in bad.stderr
+
+    # 2. Precompute and train the world model and progress head next to variant A.
+    res = run([BIN / "lerobot-wm-precompute", f"--dataset.repo_id={repo}", f"--dataset.root={root}"])
+    assert res.returncode == 0, res.stderr
+    view = Path(next(ln for ln in res.stdout.splitlines() if "training view" in ln).split(": ", 1)[1].strip())
+    flags = ["--policy.variant=A", "--policy.dynamics=action_conditioned", "--policy.progress_head=true"]
+    res = run([BIN / "lerobot-train", "--policy.type=world_f", "--policy.encoder=pixels", *TINY_WORLD_F, *flags,
+               f"--dataset.repo_id={repo}", f"--dataset.root={view}", *short_train_flags(tmp_path / "out", 4)])  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    ckpt = (tmp_path / "out" / "checkpoints" / "last" / "pretrained_model").resolve()
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["dynamics"] == "action_conditioned" and cfg["planner"] == "none"
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert "world.dynamics.net.context_type" in keys and "world.progress.net.1.weight" in keys
+    # The policy lerobot-train builds on this view reads both episodes as failures (progress target 1).
+    cfg = make_policy_config("world_f", device="cpu", variant="A", dynamics="action_conditioned", progress_head=True,
+                             width=32, depth=1, heads=2, history_frames=3, future_frames=2, chunk_size=4,
+                             n_action_steps=2)  # fmt: skip
+    policy = make_policy(cfg, ds_meta=LeRobotDatasetMetadata(repo, root=view))
+    assert policy._success({"episode_index": torch.tensor([1, 0])}).tolist() == [False, False]
+
+    # 3. Stock lerobot-eval plans with the override; without it the same episode (same env seed) goes otherwise.
+    res = run([*capped_eval_cmd(ckpt, tmp_path / "eval_cem", episode_length=6), "--policy.planner=cem",
+               "--policy.planner_samples=4", "--policy.planner_iterations=2"])  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    res = run(capped_eval_cmd(ckpt, tmp_path / "eval_plain", episode_length=6))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    assert np.isfinite(avg_reward(tmp_path / "eval_cem"))
+    assert avg_reward(tmp_path / "eval_plain") != avg_reward(tmp_path / "eval_cem")
+
+    # 4. The checkpoint's own rollouts become data; the recorded actions are its actions.
+    res = record("local/rollouts", tmp_path / "ro", "--episodes_per_task=1", "--max_steps=5", "--actions=policy",
+                 f"--policy.path={ckpt}", "--action_noise=0")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    rollout = LeRobotDataset("local/rollouts", root=tmp_path / "ro")
+    assert rollout.num_episodes == 1 and len(rollout) == 5 and float(rollout[0]["episode_success"]) in (0.0, 1.0)
+    assert json.loads((tmp_path / "ro" / "meta" / "wm_recording.json").read_text())["plan"]["policy_path"] == str(ckpt)
+    actor, first = CheckpointActor(str(ckpt)), rollout[0]
+    actor.reset()
+    pixels = (first["observation.image"].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    action = actor.act({"pixels": pixels, "agent_pos": first["observation.state"].numpy()}, first["task"])
+    np.testing.assert_allclose(np.clip(action, -1, 1), first["action"].numpy(), atol=1e-5)
+    bad = record("local/x", tmp_path / "y", "--actions=policy")
+    assert bad.returncode == 2 and "--policy.path" in bad.stderr
