@@ -94,9 +94,11 @@ def test_press_episode_phases_without_grasp():
     obs = np.zeros((T, 39))
     obs[:, 3] = 1.0  # gripper open throughout
     obs[:, 4:7] = [0.0, 0.8, 0.1]
-    obs[:, 0:3] = np.linspace([0, 0.5, 0.1], [0, 0.78, 0.1], T)
     obs[12:20, 5] = np.linspace(0.8, 0.85, 8)  # the button moves while pressed
     obs[20:, 5] = 0.85
+    obs[:, 0:3] = obs[:, 4:7] - [0, 0.03, 0]  # the hand touches it while pressing
+    obs[:12, 1] = np.linspace(0.5, 0.77, 12)  # after reaching it
+    obs[20:, 1] = np.linspace(0.82, 0.6, 10)  # and backs off
     spans = metaworld_phases(obs, "Press a button", TemplateSettings())
     assert [p for _, _, p in spans] == ["reach", "press", "retreat"]
     assert spans[0][0] == 0 and spans[-1][1] == T and spans[1][0] in range(9, 14) and spans[2][0] in range(19, 24)
@@ -152,8 +154,9 @@ def test_template_labels_of_a_metaworld_recording_follow_its_signals(tmp_path, c
     out = root / label_coc.DEFAULT_OUT
     assert str(out) in res.stdout
     records, meta = _read(out)
-    obs = np.stack(LeRobotDataset("local/pp", root=root).hf_dataset.data.column("sim.metaworld_obs").to_numpy(
-        zero_copy_only=False)).astype(np.float64)  # fmt: skip
+    table = LeRobotDataset("local/pp", root=root).hf_dataset.data
+    obs, actions = (np.stack(table.column(k).to_numpy(zero_copy_only=False)).astype(np.float64)
+                    for k in ("sim.metaworld_obs", "action"))  # fmt: skip
     _check_records(records, {0: (0, len(obs))})
     phases = [r["phase"] for r in records]
     assert phases[:3] == ["reach", "grasp", "move"], phases
@@ -165,6 +168,8 @@ def test_template_labels_of_a_metaworld_recording_follow_its_signals(tmp_path, c
     assert grip[reach.start] > 0.95 and dist[reach.start] > 0.1  # starts open, away from the puck
     assert np.abs(obs[grasp.stop - 1, 4:7] - obs[0, 4:7]).max() < 0.01  # the puck rests until it is grasped
     assert grip[grasp.start] - grip[grasp.stop - 1] > 0.2  # the gripper closes during grasp
+    closing = int(np.argmax(actions[:, 3] > 0.5))  # the first recorded "close" command
+    assert closing <= grasp.start <= closing + 6 and dist[grasp.start] < 0.07, (closing, grasp)
     assert grip[list(move)].max() < 0.8 and dist[list(move)].max() < 0.07  # closed, in contact while moving
     assert to_goal[move.start] - to_goal[move.stop - 1] > 0.05  # and carried toward the goal
     move_text = next(r["text"] for r in records if r["phase"] == "move")
