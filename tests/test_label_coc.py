@@ -77,6 +77,16 @@ def test_object_and_output_checks():
     assert check_output(None, 50)[1] == "not text (NoneType)"
 
 
+def test_prompt_template_from_text_or_file(tmp_path):
+    """A template is a file or the text itself; an unknown placeholder is refused naming the valid ones."""
+    assert label_coc.load_prompt(None) == label_coc.DEFAULT_PROMPT
+    (tmp_path / "p.txt").write_text("Task {instruction}: {{step}} {segment}/{num_segments}")
+    text = label_coc.load_prompt(str(tmp_path / "p.txt"))
+    assert text.format(**label_coc.PROMPT_FIELDS) == "Task pick up the cube: {step} 1/3"
+    with pytest.raises(label_coc.LabelError, match=r"\{instruction\}, \{segment\}"):
+        label_coc.load_prompt("Describe {object}")
+
+
 def test_keyframes_follow_the_largest_latent_changes():
     """First and last frame, plus the frames where the latent jumps most, in time order; even without latents."""
     z = np.zeros((10, 3))

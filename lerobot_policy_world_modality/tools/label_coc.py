@@ -35,6 +35,7 @@ unless `--overwrite`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import sys
@@ -198,7 +199,7 @@ def phase_text(phase: str, instruction: str, phases: list[str], lifted: bool = F
     texts = {
         "reach": f"the gripper moves above the {obj} so that it can grasp it" if grasping
         else f"the gripper moves toward the {obj} to reach it",
-        "grasp": f"the gripper closes on the {obj} to grasp it before lifting it",
+        "grasp": f"the gripper closes on the {obj} to grasp it so that it can carry it",
         "move": f"the gripper {'lifts the ' + obj + ' and carries it' if lifted else 'carries the ' + obj} toward the goal",
         "place": f"the gripper holds the {obj} still at the goal",
         "release": f"the gripper opens to release the {obj} now that it is placed",
@@ -307,8 +308,6 @@ def model_revision(source: str, is_local: bool, config: Any) -> str:
     if is_local:
         from ..latents.hf_encoders import file_digest
 
-        import hashlib
-
         h = hashlib.sha256()
         for p in sorted(Path(source).iterdir(), key=lambda p: p.name):
             if p.is_file():
@@ -412,14 +411,15 @@ class VlmLabeller:
         for ep in episodes:
             spans = self.segments(ep)
             for i, (a, b) in enumerate(spans):
+                last = min(b, ep["to"] - 1)  # the next keyframe (the episode's last frame for the last segment)
                 fields = {"instruction": ep["instruction"], "segment": i + 1, "num_segments": len(spans),
-                          "num_images": 2, "seconds": (b - 1 - a) / self.fps}  # fmt: skip
-                jobs.append((ep, a, b, self.prompt.format(**fields)))
+                          "num_images": 2, "seconds": (last - a) / self.fps}  # fmt: skip
+                jobs.append((ep, a, b, last, self.prompt.format(**fields)))
         records, rejected = [], []
         for i in range(0, len(jobs), self.args.batch_size):
             batch = jobs[i : i + self.args.batch_size]
-            texts = [self._text(prompt, 2) for _, _, _, prompt in batch]
-            images = [[self._image(a), self._image(b - 1)] for _, a, b, _ in batch]
+            texts = [self._text(prompt, 2) for *_, prompt in batch]
+            images = [[self._image(a), self._image(last)] for _, a, _, last, _ in batch]
             inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
             inputs.pop("token_type_ids", None)  # some tokenizers return them; generate refuses unused inputs
             inputs = inputs.to(self.model.device)
@@ -428,7 +428,7 @@ class VlmLabeller:
             with torch.inference_mode():
                 out = self.model.generate(**inputs, max_new_tokens=self.args.max_new_tokens, do_sample=False)
             new = out[:, inputs["input_ids"].shape[1] :]
-            for (ep, a, b, _), raw in zip(batch, self.processor.batch_decode(new, skip_special_tokens=True)):
+            for (ep, a, b, _, _), raw in zip(batch, self.processor.batch_decode(new, skip_special_tokens=True)):
                 text, reason = check_output(raw, self.args.max_chars)
                 if text is None:
                     rejected.append({"episode_index": ep["index"], "from_index": a, "to_index": b,
@@ -624,11 +624,17 @@ def run(args: argparse.Namespace) -> int:
         labeller: TemplateLabeller | VlmLabeller = TemplateLabeller(dataset)
     else:
         cameras = list(dataset.meta.camera_keys)
-        camera = args.camera or (cameras[0] if cameras else None)
+        if not cameras:
+            raise LabelError(
+                f"Dataset '{args.repo_id}' has no camera (image or video) features for the VLM to see (a "
+                "training view written by lerobot-wm-precompute has none). Fix: label the source dataset."
+            )
+        camera = args.camera or cameras[0]
         if camera not in cameras:
             raise LabelError(f"Unknown camera {camera!r} in dataset '{args.repo_id}'; available: {cameras}. Pass --camera=...")
+        prompt = load_prompt(args.prompt_template)  # refused before anything slow runs
         latents = keyframe_latents(args, args.repo_id, str(root), camera)
-        labeller = VlmLabeller(args, dataset, camera, latents, load_prompt(args.prompt_template))
+        labeller = VlmLabeller(args, dataset, camera, latents, prompt)
     header = {"dataset": identity.to_dict(), "labeller": labeller.settings_dict()}
     fingerprint = _digest({"format_version": FORMAT_VERSION, **header})
     out = Path(args.out).expanduser().resolve() if args.out else root / DEFAULT_OUT
