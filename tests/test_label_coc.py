@@ -114,7 +114,7 @@ def test_press_episode_phases_without_grasp():
     assert spans[0][0] == 0 and spans[-1][1] == T and spans[1][0] in range(9, 14) and spans[2][0] in range(19, 24)
 
 
-def test_fallback_refusal_and_rejected_output(tmp_path, tiny_vlm):  # noqa: F811
+def test_fallback_refusal_and_rejected_output(tmp_path, tiny_vlm, capsys):  # noqa: F811
     """Without simulator signals the template labels each episode with its instruction; another labeller on
     the same file is refused naming --overwrite; VLM output over --max_chars is counted and never written."""
     root = tmp_path / "ds"
@@ -122,10 +122,16 @@ def test_fallback_refusal_and_rejected_output(tmp_path, tiny_vlm):  # noqa: F811
     out = tmp_path / "labels.jsonl"
     base = ["--dataset.repo_id=local/synthetic", f"--dataset.root={root}", f"--out={out}", "--no_progress"]
     assert label_coc.main(base) == 0
+    assert "has no 'sim.metaworld_obs' column" in capsys.readouterr().out
     records, meta = _read(out)
     assert [(r["phase"], r["text"]) for r in records] == [("instruction", TASK)] * 2
     _check_records(records, {0: (0, 5), 1: (5, 9)})
     assert meta["complete"] and meta["labeller"]["signals"] is None
+    # A kill between the labels write and the meta write: episode 1's label is on disk but not declared done.
+    meta_path(out).write_text(json.dumps(dict(meta, complete=False, episodes_done=[0])))
+    assert label_coc.main(base) == 0
+    assert f"Resuming {out.resolve()}: 1/2 episodes already labelled." in capsys.readouterr().out
+    assert _read(out)[0] == records  # relabelled once, not appended twice
 
     vlm = [*base, "--backend=vlm", f"--model={tiny_vlm}", "--max_new_tokens=12", "--max_chars=3", "--keyframes=3"]
     with pytest.raises(label_coc.LabelError, match="--overwrite") as err:
@@ -134,6 +140,7 @@ def test_fallback_refusal_and_rejected_output(tmp_path, tiny_vlm):  # noqa: F811
     assert _read(out)[0] == records  # the refused run changed nothing
 
     assert label_coc.main([*vlm, "--overwrite"]) == 0
+    assert "Labelled 2 episodes: 0 labels, 4 model outputs rejected" in capsys.readouterr().out
     records, meta = _read(out)
     assert records == []  # 12 tokens of words never fit in 3 characters: nothing is a label
     assert meta["counts"] == {"labels": 0, "rejected": 4, "rejected_by_reason": {"too long": 4}}
