@@ -140,7 +140,7 @@ def test_fallback_refusal_and_rejected_output(tmp_path, tiny_vlm, capsys):  # no
     assert _read(out)[0] == records  # the refused run changed nothing
 
     assert label_coc.main([*vlm, "--overwrite"]) == 0
-    assert "Labelled 2 episodes: 0 labels, 4 model outputs rejected" in capsys.readouterr().out
+    assert "Labelled 2 episodes: 0 labels, 4 rejected (no label" in capsys.readouterr().out
     records, meta = _read(out)
     assert records == []  # 12 tokens of words never fit in 3 characters: nothing is a label
     assert meta["counts"] == {"labels": 0, "rejected": 4, "rejected_by_reason": {"too long": 4}}

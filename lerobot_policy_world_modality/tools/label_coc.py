@@ -47,12 +47,12 @@ from typing import Any
 import numpy as np
 
 from ..fileio import atomic_write_json, atomic_write_text
+from .record_metaworld import SIM_STATE_KEY  # the column `--store_sim_state` writes
 
 TOOL = "lerobot-wm-label-coc"
 # Bumped when the record or meta layout changes; files of another version are refused (--overwrite).
 FORMAT_VERSION = 1
 DEFAULT_OUT = "meta/coc_labels.jsonl"  # relative to the dataset root
-SIM_STATE_KEY = "sim.metaworld_obs"  # the column lerobot-wm-record-metaworld --store_sim_state writes
 RECORD_KEYS = ("episode_index", "from_index", "to_index", "text", "phase", "labeller")
 # Keep at most this much of a rejected output in the meta file: enough to see what went wrong.
 REJECTED_RAW_CHARS = 200
@@ -220,8 +220,15 @@ class TemplateLabeller:
         self.settings = settings or TemplateSettings()
         self.sim = None
         if SIM_STATE_KEY in dataset.hf_dataset.column_names:
-            column = dataset.hf_dataset.data.column(SIM_STATE_KEY).to_numpy(zero_copy_only=False)
-            self.sim = np.stack(column).astype(np.float32)
+            table = dataset.hf_dataset.data
+            # Episodes are sliced by global index, so row i must be frame i.
+            if not np.array_equal(table.column("index").to_numpy(), np.arange(table.num_rows)):
+                raise LabelError(
+                    f"Dataset '{dataset.repo_id}' rows are not ordered by global index 0..N-1, so its "
+                    f"'{SIM_STATE_KEY}' rows cannot be cut into episodes. Fix: re-save the dataset with rows "
+                    "sorted by `index` (as lerobot-wm-record-metaworld writes them)."
+                )
+            self.sim = np.stack(table.column(SIM_STATE_KEY).to_numpy(zero_copy_only=False)).astype(np.float32)
         else:
             print(
                 f"{TOOL}: dataset '{dataset.repo_id}' has no '{SIM_STATE_KEY}' column, so the template backend has "
@@ -236,8 +243,13 @@ class TemplateLabeller:
 
     def label(self, episodes: list[dict]) -> tuple[list[dict], list[dict]]:
         """(label records, rejected records) of `episodes` (dicts with index, from, to, instruction)."""
-        records = []
+        records, rejected = [], []
         for ep in episodes:
+            if self.sim is None and not ep["instruction"].strip():
+                # No signals and no instruction: nothing true to say, and a made-up label would be trained on.
+                rejected.append({"episode_index": ep["index"], "from_index": ep["from"], "to_index": ep["to"],
+                                 "reason": "empty instruction (no signals either)", "raw": ""})  # fmt: skip
+                continue
             if self.sim is None:
                 spans = [(0, ep["to"] - ep["from"], "instruction")]
             else:
@@ -251,7 +263,7 @@ class TemplateLabeller:
                     lifted = float(z.max() - z[0]) > self.settings.lifted_m
                     text = phase_text(phase, ep["instruction"], phases, lifted)
                 records.append(_record(ep, ep["from"] + a, ep["from"] + b, text, phase, self.name))
-        return records, []
+        return records, rejected
 
 
 def _record(ep: dict, start: int, end: int, text: str, phase: str, labeller: str) -> dict:
@@ -662,8 +674,8 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
     store.save(complete=True)
     counts = f"{len(store.records)} labels"
-    if args.backend == "vlm":
-        counts += f", {len(store.rejected)} model outputs rejected (empty, too long or not text; listed in {meta_path(out).name})"
+    if args.backend == "vlm" or store.rejected:
+        counts += f", {len(store.rejected)} rejected (no label; listed with their reasons in {meta_path(out).name})"
     print(f"Labelled {len(episodes)} episodes: {counts}.\n  labels: {out}\n  meta:   {meta_path(out)}")
     return 0
 
