@@ -165,6 +165,7 @@ class WorldFPolicy(TrunkWorldPolicy):
         self.world.step()
         loss = a_loss if w_loss is None else a_loss + cfg.lambda_world * w_loss
         info = {"action_loss": a_loss.item(), **world_info, **out["stats"], "loss": loss.item()}
+        self.training_figures.record(info)
         return loss, info
 
     # ------------------------------------------------------------------ model
