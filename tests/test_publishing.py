@@ -72,6 +72,39 @@ def test_checkpoint_card_reads_back_its_world_settings_and_figures(run):
     assert f"{figures['training']['world_loss']:.4g}" in text
 
 
+def test_card_tool_adds_the_probe_verdict_and_success_rates_with_intervals(run, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from lerobot_policy_world_modality.tools.stats import wilson_interval
+
+    ckpt = tmp_path / "pretrained_model"
+    shutil.copytree(run["ckpt"], ckpt)
+    before = ModelCard.load(ckpt / "README.md").data.to_dict()["world_modality"]
+    res = _run([BIN / "lerobot-wm-probe", f"--policy.path={ckpt}", f"--dataset.root={run['view']}", "--batches=1",
+                "--batch_size=4", "--episodes=1:2", f"--out={tmp_path / 'probe.json'}"], run["env"])  # fmt: skip
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    eval_dir = ckpt / "eval_mw"  # the layout of lerobot-eval's eval_info.json (checked in test_pushed_folder_evaluates_alone)
+    eval_dir.mkdir()
+    outcomes = [True, False, False, True, False, False, False, True, False, False]
+    (eval_dir / "eval_info.json").write_text(json.dumps({
+        "per_task": [{"task_group": "button-press-v3", "task_id": 0, "metrics": {"successes": outcomes}}],
+        "per_group": {}, "overall": {"pc_success": 30.0, "n_episodes": 10}}))  # fmt: skip
+    # `python -m`: the shared test venv predates the lerobot-wm-card script (test_wheel checks the script).
+    res = _run([sys.executable, "-m", "lerobot_policy_world_modality.tools.card", ckpt, "--env_type=metaworld", "--env_task=button-press-v3"], run["env"])
+    assert res.returncode == 0, res.stderr
+    card = ModelCard.load(ckpt / "README.md")
+    figures = card.data.to_dict()["world_modality"]
+    probe = json.loads((tmp_path / "probe.json").read_text())
+    verdict = figures["probe_verdict"]
+    assert verdict and verdict in card.text and ("reads" in verdict or "ignores" in verdict or "not" in verdict)
+    assert probe["policy_path"] == str(ckpt)
+    low, high = wilson_interval(3, 10)
+    assert f"| 3 / 10 | 30.0% | {100 * low:.1f}% to {100 * high:.1f}% |" in card.text
+    assert "--env.type=metaworld --env.task=button-press-v3 --eval.n_episodes=10" in card.text
+    # What only the training process knew survives the refresh.
+    assert figures["training"] == before["training"] and figures["gate_opening"] == before["gate_opening"]
+
+
 def test_push_uploads_a_complete_folder(run):
     calls = [json.loads(ln) for ln in (run["hub"] / "calls.jsonl").read_text().splitlines()]
     assert [c["call"] for c in calls].count("upload_folder") == 3  # policy, preprocessor, postprocessor
