@@ -119,6 +119,28 @@ def _horizons(figures: dict, prefix: str) -> str:
     return ", ".join(f"h{k[len(prefix):]} {figures[k]:.3f}" for k in keys)
 
 
+def _hub_id(name: str | None) -> str | None:
+    """`name` when it reads as a Hub repo id (the Hub refuses a local path as `base_model`), else None."""
+    if not name or Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        return None
+    return name
+
+
+def _type_rows(config: dict) -> list[str]:
+    """World-settings rows of one policy type: the codebook of world_token_c, the VLM of smolvla_world."""
+    if config.get("type") == "world_token_c":
+        return [
+            f"| codebook (inside model.safetensors) | {config.get('codebook_factors')} x {config.get('codebook_size')} "
+            f"codes, {config.get('codebook_factorisation')}, digest {_text(config.get('codebook_digest'))} |"
+        ]
+    if config.get("type") == "smolvla_world":
+        return [
+            f"| initialised from | {_text(config.get('init_from'))} |",
+            f"| VLM | {_text(config.get('vlm_model_name'))} |",
+        ]
+    return []
+
+
 def _training_lines(training: dict, gate: dict | None, policy_type: str) -> list[str]:
     if gate is None:
         gate_text = "no gated cross-attention" if policy_type == "world_token_c" else NOT_RECORDED
@@ -187,7 +209,7 @@ def build_model_card(config: dict, *, training: dict | None = None, gate: dict |
         tags=tags,
         model_name=ptype,
         datasets=[dataset] if dataset else None,
-        base_model=config.get("init_from") or None,
+        base_model=_hub_id(config.get("init_from")),
         **{CARD_KEY: figures},
     )
     env = results.get("env") or {}
@@ -218,6 +240,7 @@ def build_model_card(config: dict, *, training: dict | None = None, gate: dict |
         f"| history / future / stride | {config.get('history_frames')} / {config.get('future_frames')} / "
         f"{config.get('future_stride', 1)} |",
         f"| latent cache fingerprint(s) | {_text(config.get('latent_fingerprints'))} |",
+        *_type_rows(config),
         "",
         "## Training data", "",
         f"- dataset: {_text(dataset)}",
