@@ -72,7 +72,7 @@ def test_checkpoint_card_reads_back_its_world_settings_and_figures(run):
     assert f"{figures['training']['world_loss']:.4g}" in text
 
 
-def test_card_tool_adds_the_probe_verdict_and_success_rates_with_intervals(run, tmp_path):
+def test_card_tool_adds_the_probe_verdict_and_success_rates_with_intervals(run, tmp_path, monkeypatch):
     from huggingface_hub import ModelCard
 
     from lerobot_policy_world_modality.tools.stats import wilson_interval
@@ -80,18 +80,22 @@ def test_card_tool_adds_the_probe_verdict_and_success_rates_with_intervals(run, 
     ckpt = tmp_path / "pretrained_model"
     shutil.copytree(run["ckpt"], ckpt)
     before = ModelCard.load(ckpt / "README.md").data.to_dict()["world_modality"]
-    res = _run([BIN / "lerobot-wm-probe", f"--policy.path={ckpt}", f"--dataset.root={run['view']}", "--batches=1",
-                "--batch_size=4", "--episodes=1:2", f"--out={tmp_path / 'probe.json'}"], run["env"])  # fmt: skip
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    # The tools' own entry functions in-process (their console scripts are checked by test_wheel): saves the
+    # ~8 s import of a subprocess each.
+    from lerobot_policy_world_modality.tools import card as card_tool
+    from lerobot_policy_world_modality.tools import probe as probe_tool
+
+    monkeypatch.setenv("LEROBOT_WM_CACHE", run["env"]["LEROBOT_WM_CACHE"])
+    monkeypatch.setenv("HF_LEROBOT_HOME", run["env"]["HF_LEROBOT_HOME"])
+    probe_tool.main([f"--policy.path={ckpt}", f"--dataset.root={run['view']}", "--batches=1", "--batch_size=4",
+                     "--episodes=1:2", f"--out={tmp_path / 'probe.json'}"])  # fmt: skip
     eval_dir = ckpt / "eval_mw"  # the layout of lerobot-eval's eval_info.json (checked in test_pushed_folder_evaluates_alone)
     eval_dir.mkdir()
     outcomes = [True, False, False, True, False, False, False, True, False, False]
     (eval_dir / "eval_info.json").write_text(json.dumps({
         "per_task": [{"task_group": "button-press-v3", "task_id": 0, "metrics": {"successes": outcomes}}],
         "per_group": {}, "overall": {"pc_success": 30.0, "n_episodes": 10}}))  # fmt: skip
-    # `python -m`: the shared test venv predates the lerobot-wm-card script (test_wheel checks the script).
-    res = _run([sys.executable, "-m", "lerobot_policy_world_modality.tools.card", ckpt, "--env_type=metaworld", "--env_task=button-press-v3"], run["env"])
-    assert res.returncode == 0, res.stderr
+    assert card_tool.main([str(ckpt), "--env_type=metaworld", "--env_task=button-press-v3"]) == 0
     card = ModelCard.load(ckpt / "README.md")
     figures = card.data.to_dict()["world_modality"]
     probe = json.loads((tmp_path / "probe.json").read_text())
@@ -179,10 +183,12 @@ def orphaned_push(run, tmp_path):
     return copy
 
 
-def test_pushed_folder_loads_and_acts_alone(run, orphaned_push, tmp_path):
-    res = _run([sys.executable, "-c", LOAD_ALONE, orphaned_push], run["env"], cwd=tmp_path / "cwd")
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    assert "loaded WorldFPolicy" in res.stdout
+def test_pushed_folder_loads_and_acts_alone(orphaned_push, tmp_path, monkeypatch, capsys):
+    # In-process from a fresh directory (the slow test below runs lerobot-eval on it in a subprocess).
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setattr(sys, "argv", ["load", str(orphaned_push)])
+    exec(compile(LOAD_ALONE, "load_alone", "exec"), {})
+    assert "loaded WorldFPolicy" in capsys.readouterr().out
 
 
 @pytest.mark.slow
