@@ -102,6 +102,9 @@ def test_card_tool_adds_the_probe_verdict_and_success_rates_with_intervals(run, 
     verdict = figures["probe_verdict"]
     assert verdict and verdict in card.text and ("reads" in verdict or "ignores" in verdict or "not" in verdict)
     assert probe["policy_path"] == str(ckpt)
+    # A probe of another checkpoint of the same run is not this checkpoint's.
+    (tmp_path / "other_probe.json").write_text(json.dumps({**probe, "policy_path": str(tmp_path / "other")}))
+    assert card_tool.find_results(ckpt) == ([tmp_path / "probe.json"], [eval_dir / "eval_info.json"])
     low, high = wilson_interval(3, 10)
     assert f"| 3 / 10 | 30.0% | {100 * low:.1f}% to {100 * high:.1f}% |" in card.text
     assert "--env.type=metaworld --env.task=button-press-v3 --eval.n_episodes=10" in card.text

@@ -7,8 +7,9 @@
 The policy's own save writes the card (`model_card.py`) with what training knows. Probe and evaluation
 results come later, from other commands, so this tool adds them: the probe verdict of a
 `lerobot-wm-probe --out` JSON and the success rate of each `lerobot-eval` `eval_info.json`, with its
-Wilson 95% interval. Without explicit paths it takes the JSON files in the folder and up to three
-folders above it that are such results. It reads files only (no model is built); the training figures
+Wilson 95% interval. Without explicit paths it takes the probe JSONs of this checkpoint (their recorded
+policy path) in the folder and up to three folders above it, and the eval_info.json files inside the
+folder (run `lerobot-eval --output_dir=<folder>/eval_<name>`). It reads files only (no model is built); the training figures
 and gate opening are kept from the previous card. Push the refreshed folder with
 `huggingface-cli upload <user>/<name> <folder>`.
 """
@@ -34,20 +35,30 @@ def is_eval_info(d: dict) -> bool:
     return isinstance(d.get("per_task"), list) and "overall" in d
 
 
+def _same_checkpoint(path: str | None, folder: Path) -> bool:
+    """Whether a result's recorded policy path is `folder` (`checkpoints/last` resolves to its step)."""
+    return path is not None and Path(path).expanduser().resolve() == folder.resolve()
+
+
 def find_results(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(probe JSONs, eval_info JSONs) in `folder`, in its `eval*/` subfolders and up to SEARCH_DEPTH above."""
+    """(probe JSONs, eval_info JSONs) that belong to the checkpoint in `folder`.
+
+    Probes: in `folder` and up to SEARCH_DEPTH folders above it, when their recorded `policy_path` is this
+    folder (a run directory holds the probes of several checkpoints). Evaluations: `eval_info.json` does
+    not record its policy, so only those inside `folder` (or its `eval*/` subfolders) count.
+    """
     probes, evals = [], []
     dirs = [folder, *list(folder.resolve().parents)[:SEARCH_DEPTH]]
-    candidates = [p for d in dirs for p in sorted(d.glob("*.json"))]
-    candidates += sorted(folder.glob("eval*/eval_info.json"))
-    for path in candidates:
+    for path in [p for d in dirs for p in sorted(d.glob("*.json"))] + sorted(folder.glob("eval*/eval_info.json")):
         try:
             doc = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(doc, dict) and is_probe(doc):
+        if not isinstance(doc, dict):
+            continue
+        if is_probe(doc) and _same_checkpoint(doc.get("policy_path"), folder):
             probes.append(path)
-        elif isinstance(doc, dict) and is_eval_info(doc):
+        elif is_eval_info(doc) and folder.resolve() in (path.parent.resolve(), path.parent.parent.resolve()):
             evals.append(path)
     return probes, evals
 
