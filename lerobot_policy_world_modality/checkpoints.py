@@ -12,7 +12,16 @@ import json
 from pathlib import Path
 
 # Config fields that never shape the weights: a difference in them explains no mismatch.
-_RUNTIME_FIELDS = {"device", "pretrained_path", "use_amp", "push_to_hub", "repo_id", "private", "tags", "license"}
+_RUNTIME_FIELDS = {
+    "device",
+    "pretrained_path",
+    "use_amp",
+    "push_to_hub",
+    "repo_id",
+    "private",
+    "tags",
+    "license",
+}
 
 
 class CheckpointMismatchError(ValueError):

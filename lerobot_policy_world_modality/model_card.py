@@ -71,7 +71,11 @@ def gate_opening(policy) -> dict[str, float] | None:
     """tanh(gate) of every gated cross-attention of `policy`: mean and max |.|; None when it has none."""
     from .world.fusion import GatedCrossAttention
 
-    values = [m.gate_value().detach().float().flatten() for m in policy.modules() if isinstance(m, GatedCrossAttention)]
+    values = [
+        m.gate_value().detach().float().flatten()
+        for m in policy.modules()
+        if isinstance(m, GatedCrossAttention)
+    ]
     if not values:
         return None
     import torch
@@ -116,7 +120,7 @@ def _horizons(figures: dict, prefix: str) -> str:
                   key=lambda k: int(k[len(prefix) :]))  # fmt: skip
     if not keys:
         return NOT_RECORDED
-    return ", ".join(f"h{k[len(prefix):]} {figures[k]:.3f}" for k in keys)
+    return ", ".join(f"h{k[len(prefix) :]} {figures[k]:.3f}" for k in keys)
 
 
 def _hub_id(name: str | None) -> str | None:
@@ -164,7 +168,10 @@ def _result_lines(results: dict) -> list[str]:
     lines: list[str] = []
     probe = results.get("probe")
     if probe:
-        lines += [f"**Probe** (`lerobot-wm-probe`, {probe.get('source', 'probe JSON')}): {probe['verdict']}", ""]
+        lines += [
+            f"**Probe** (`lerobot-wm-probe`, {probe.get('source', 'probe JSON')}): {probe['verdict']}",
+            "",
+        ]
     evals = results.get("evals") or []
     if evals:
         lines += ["| evaluation | task | successes / episodes | rate | Wilson 95% |", "|---|---|---|---|---|"]

@@ -23,7 +23,9 @@ RECORDING = f"import sys; sys.path.insert(0, {str(TESTS)!r}); from support.hub i
 
 
 def _run(cmd, env, cwd=None, timeout=600):
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+    return subprocess.run(
+        [str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,9 @@ def test_checkpoint_card_reads_back_its_world_settings_and_figures(run):
     # The provenance recorded at training is that of the cache the run read.
     meta = json.loads(next(Path(run["env"]["LEROBOT_WM_CACHE"]).rglob("meta.json")).read_text())
     assert cfg["latent_fingerprints"] == [meta["fingerprint"]] and cfg["latent_fingerprints"][0] in card.text
-    assert cfg["dataset_fingerprint"] == meta["dataset"]["content"] and cfg["dataset_fingerprint"] in card.text
+    assert (
+        cfg["dataset_fingerprint"] == meta["dataset"]["content"] and cfg["dataset_fingerprint"] in card.text
+    )
     assert cfg["encoder_revision"] == meta["encoder"]["revision"]
     text = card.text
     assert 'pip install "lerobot_policy_world_modality[metaworld,libero]==0.1.0"' in text
@@ -75,6 +79,7 @@ def test_checkpoint_card_reads_back_its_world_settings_and_figures(run):
 def test_card_tool_adds_the_probe_verdict_and_success_rates_with_intervals(run, tmp_path, monkeypatch):
     from huggingface_hub import ModelCard
 
+    from lerobot_policy_world_modality.tools.report import probe_verdict
     from lerobot_policy_world_modality.tools.stats import wilson_interval
 
     ckpt = tmp_path / "pretrained_model"
@@ -89,7 +94,8 @@ def test_card_tool_adds_the_probe_verdict_and_success_rates_with_intervals(run, 
     monkeypatch.setenv("HF_LEROBOT_HOME", run["env"]["HF_LEROBOT_HOME"])
     probe_tool.main([f"--policy.path={ckpt}", f"--dataset.root={run['view']}", "--batches=1", "--batch_size=4",
                      "--episodes=1:2", f"--out={tmp_path / 'probe.json'}"])  # fmt: skip
-    eval_dir = ckpt / "eval_mw"  # the layout of lerobot-eval's eval_info.json (checked in test_pushed_folder_evaluates_alone)
+    # The layout of lerobot-eval's eval_info.json (a real one is checked in test_pushed_folder_evaluates_alone).
+    eval_dir = ckpt / "eval_mw"
     eval_dir.mkdir()
     outcomes = [True, False, False, True, False, False, False, True, False, False]
     (eval_dir / "eval_info.json").write_text(json.dumps({
@@ -100,7 +106,7 @@ def test_card_tool_adds_the_probe_verdict_and_success_rates_with_intervals(run, 
     figures = card.data.to_dict()["world_modality"]
     probe = json.loads((tmp_path / "probe.json").read_text())
     verdict = figures["probe_verdict"]
-    assert verdict and verdict in card.text and ("reads" in verdict or "ignores" in verdict or "not" in verdict)
+    assert verdict == probe_verdict(probe) and verdict in card.text
     assert probe["policy_path"] == str(ckpt)
     # A probe of another checkpoint of the same run is not this checkpoint's.
     (tmp_path / "other_probe.json").write_text(json.dumps({**probe, "policy_path": str(tmp_path / "other")}))
@@ -147,12 +153,16 @@ def test_path_overrides_are_honoured_or_refused_by_name(run):
 
     ckpt = run["ckpt"]
     # As lerobot-eval --policy.path=<ckpt> --policy.n_action_steps=1 builds it.
-    cfg = PreTrainedConfig.from_pretrained(ckpt, cli_overrides=["--n_action_steps=1", "--memory_mode_rollout=zero"])
+    cfg = PreTrainedConfig.from_pretrained(
+        ckpt, cli_overrides=["--n_action_steps=1", "--memory_mode_rollout=zero"]
+    )
     policy = WorldFPolicy.from_pretrained(ckpt, config=cfg)
     assert policy.config.n_action_steps == 1 and policy.config.memory_mode_rollout == "zero"
     for flag, saved in (("history_frames=5", "history_frames=3"), ("width=64", "width=32")):
         cfg = PreTrainedConfig.from_pretrained(ckpt, cli_overrides=[f"--{flag}"])
-        with pytest.raises(CheckpointMismatchError, match=f"--policy.{flag} contradicts the weights .*{saved}"):
+        with pytest.raises(
+            CheckpointMismatchError, match=f"--policy.{flag} contradicts the weights .*{saved}"
+        ):
             WorldFPolicy.from_pretrained(ckpt, config=cfg)
 
 
@@ -196,6 +206,8 @@ def test_pushed_folder_loads_and_acts_alone(orphaned_push, tmp_path, monkeypatch
 
 @pytest.mark.slow
 def test_pushed_folder_evaluates_alone(run, orphaned_push, tmp_path):
-    res = _run(capped_eval_cmd(orphaned_push, tmp_path / "eval", episode_length=4), run["env"], cwd=tmp_path / "cwd")
+    res = _run(
+        capped_eval_cmd(orphaned_push, tmp_path / "eval", episode_length=4), run["env"], cwd=tmp_path / "cwd"
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert (tmp_path / "eval" / "eval_info.json").exists()

@@ -49,7 +49,9 @@ def test_wheel_installs_next_to_lerobot_and_registers_the_policy_types(tmp_path)
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
 
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True
+    )
     # `python -m venv` from inside a venv builds on the base interpreter, whose site-packages lack LeRobot;
     # this .pth adds the CI venv's site-packages after the new venv's own, so the wheel's copy wins.
     site = Path(subprocess.check_output([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],

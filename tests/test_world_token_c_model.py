@@ -212,7 +212,9 @@ def test_save_writes_the_model_card_with_the_codebook_and_training_figures(codeb
     policy.save_pretrained(tmp_path / "ckpt")
     card = ModelCard.load(tmp_path / "ckpt" / "README.md")
     data = card.data.to_dict()
-    assert data["library_name"] == "lerobot" and {"world-modality", "world_token_c", "encoder-pixels"} <= set(data["tags"])
+    assert data["library_name"] == "lerobot" and {"world-modality", "world_token_c", "encoder-pixels"} <= set(
+        data["tags"]
+    )
     assert data["world_modality"]["training"]["world_ce"] == pytest.approx(info["world_ce"])
     assert "no gated cross-attention" in card.text and policy.config.codebook_digest in card.text
     # Saved again from a reloaded policy (which saw no training batch), the figures of training stay.

@@ -49,7 +49,9 @@ def find_results(folder: Path) -> tuple[list[Path], list[Path]]:
     """
     probes, evals = [], []
     dirs = [folder, *list(folder.resolve().parents)[:SEARCH_DEPTH]]
-    for path in [p for d in dirs for p in sorted(d.glob("*.json"))] + sorted(folder.glob("eval*/eval_info.json")):
+    for path in [p for d in dirs for p in sorted(d.glob("*.json"))] + sorted(
+        folder.glob("eval*/eval_info.json")
+    ):
         try:
             doc = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -105,7 +107,9 @@ def refresh_card(folder: str | Path, probe=None, evals=(), env_type=None, env_ta
         raise FileNotFoundError(f"{folder} has no config.json: pass a saved pretrained_model folder.")
     config = json.loads(config_file.read_text())
     previous = read_card_figures(folder)
-    results = collect_results(folder, Path(probe) if probe else None, [Path(e) for e in evals], env_type, env_task)
+    results = collect_results(
+        folder, Path(probe) if probe else None, [Path(e) for e in evals], env_type, env_task
+    )
     card = build_model_card(config, training=previous.get("training"), gate=previous.get("gate_opening"),
                             results=results, policy_path=policy_path)  # fmt: skip
     card.save(str(folder / "README.md"))
@@ -116,11 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point of `lerobot-wm-card`."""
     p = argparse.ArgumentParser(prog="lerobot-wm-card", description=__doc__.split("\n\n")[0])
     p.add_argument("folder", help="A saved pretrained_model folder (written by lerobot-train).")
-    p.add_argument("--probe", default=None, help="A lerobot-wm-probe --out JSON (default: found next to the folder).")
+    p.add_argument(
+        "--probe", default=None, help="A lerobot-wm-probe --out JSON (default: found next to the folder)."
+    )
     p.add_argument("--eval", action="append", default=[], help="A lerobot-eval eval_info.json (repeatable).")
     p.add_argument("--env_type", default=None, help="--env.type of the evaluation command shown on the card.")
     p.add_argument("--env_task", default=None, help="--env.task of the evaluation command shown on the card.")
-    p.add_argument("--policy_path", default=None, help="--policy.path shown on the card (default: its repo_id).")
+    p.add_argument(
+        "--policy_path", default=None, help="--policy.path shown on the card (default: its repo_id)."
+    )
     args = p.parse_args(argv)
     try:
         refresh_card(args.folder, args.probe, args.eval, args.env_type, args.env_task, args.policy_path)
