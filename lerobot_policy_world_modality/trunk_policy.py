@@ -22,6 +22,7 @@ from .checkpoints import StrictCheckpointLoading
 from .language import FrozenTextEncoder, bind_language_encoder, instructions_from_batch
 from .latents.binding import bind_policy_world_latents, bind_world_target_stats
 from .latents.processor import reset_online_state
+from .model_card import ModelCardMixin, record_training_provenance
 from .world.fusion import fusion_gates
 
 
@@ -153,7 +154,7 @@ def ensure_eval(policy: torch.nn.Module) -> None:
         policy.eval()
 
 
-class TrunkWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
+class TrunkWorldPolicy(ModelCardMixin, StrictCheckpointLoading, PreTrainedPolicy):
     """Base of the trunk policies: world-latent binding, optional instruction input, optimiser groups.
 
     Subclasses call `super().__init__(config, dataset_meta)` and then build their modules with
@@ -174,6 +175,8 @@ class TrunkWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
         config.validate_features()
         self.config = config
         bind_policy_world_latents(config, dataset_meta)
+        if dataset_meta is not None:
+            record_training_provenance(config)
         # Standardisation statistics of the world targets for the subclass's WorldPath (None when not
         # standardised or when rebuilt from a checkpoint, whose buffers carry them).
         self.world_target_stats = bind_world_target_stats(config, dataset_meta)

@@ -235,7 +235,7 @@ GROUPS = {
     "World latents (shared by all world policy types)": [
         "encoder", "encoder_pooling", "encoder_window", "encoder_dtype", "encoder_device", "world_cameras",
         "history_frames", "future_frames", "future_stride", "latent_cache_root", "world_latent_dim", "dataset_repo_id",
-        "dataset_root", "trained_encoder",
+        "dataset_root", "trained_encoder", "encoder_revision", "latent_fingerprints", "dataset_fingerprint",
     ],
     "Language input (optional; see language.py)": ["language_encoder", "language_encoder_revision", "language_max_length"],
     "Prophet and world loss": [

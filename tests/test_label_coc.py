@@ -204,7 +204,7 @@ def test_vlm_labels_with_latent_keyframes_and_resume_after_sigkill(tmp_path, tin
     from lerobot_policy_world_modality.latents import precompute
     from lerobot_policy_world_modality.latents.cache import DatasetIdentity
     from lerobot_policy_world_modality.latents.encoders import resolve_encoder_identity
-    from lerobot_policy_world_modality.latents.processor import open_latent_cache
+    from lerobot_policy_world_modality.latents.binding import open_latent_cache
 
     root = tmp_path / "ds"
     lengths = (6,) * 30

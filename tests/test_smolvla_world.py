@@ -206,6 +206,14 @@ def test_init_from_loads_smolvla_weights_keeps_user_fields_and_reloads_without_i
 
     ckpt = tmp_path / "ckpt"
     policy.save_pretrained(ckpt)
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(ckpt / "README.md")
+    data = card.data.to_dict()
+    assert {"world-modality", "smolvla_world", "encoder-pixels"} <= set(data["tags"])
+    # A local init checkpoint is named in the text; only a Hub id can be the card's base_model.
+    assert data.get("base_model") is None and f"| initialised from | `{init_dir}` |" in card.text
+    assert data["world_modality"]["gate_opening"]["abs_max"] == 0.0
     shutil.rmtree(init_dir)  # the trained checkpoint must not need the init checkpoint any more
     reloaded = SmolVLAWorldPolicy.from_pretrained(ckpt)
     assert reloaded.config.init_from == str(init_dir) and reloaded.config.num_steps == 10

@@ -107,6 +107,9 @@ def test_precompute_then_e0_smolvla_then_e2_smolvla_world_from_it_then_metaworld
     cfg = json.loads((ckpt / "config.json").read_text())
     assert cfg["type"] == "smolvla_world" and cfg["init_from_loaded"] and cfg["dataset_repo_id"] == REPO
     assert cfg["n_action_steps"] == 1 and cfg["num_steps"] == TINY_SMOLVLA["num_steps"]  # user's / init's
+    # The card a push would upload: fingerprints recorded by lerobot-train, the world loss of its batches.
+    card = (ckpt / "README.md").read_text()
+    assert cfg["latent_fingerprints"] and cfg["latent_fingerprints"][0] in card and "world_loss:" in card
     pre = json.loads((ckpt / "policy_preprocessor.json").read_text())
     names = [s.get("registry_name") for s in pre["steps"]]
     assert "world_modality_latents" in names and "smolvla_world_instruction" in names

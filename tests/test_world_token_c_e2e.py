@@ -145,6 +145,9 @@ def test_precompute_fit_train_eval_metaworld(dataset_root, tmp_path):
     cfg = json.loads((ckpt / "config.json").read_text())
     assert cfg["type"] == "world_token_c" and cfg["codebook_factorisation"] == "product"
     assert (cfg["codebook_size"], cfg["codebook_factors"]) == (4, 2)
+    # The card a push would upload: the codebook and the training's token loss (docs/publishing.md).
+    card = (ckpt / "README.md").read_text()
+    assert "world_token_c" in card and cfg["codebook_digest"] in card and "world_ce:" in card
 
     # Evaluation reads neither the cache nor the codebook file: remove them all.
     shutil.rmtree(os.environ["LEROBOT_WM_CACHE"])

@@ -204,6 +204,25 @@ def test_save_load_round_trip_without_the_codebook_file(codebook, tmp_path):
         WorldTokenCPolicy.from_pretrained(tmp_path / "ckpt")
 
 
+def test_save_writes_the_model_card_with_the_codebook_and_training_figures(codebook, tmp_path):
+    from huggingface_hub import ModelCard
+
+    policy = make_policy(codebook)
+    _, info = policy.forward(train_batch())
+    policy.save_pretrained(tmp_path / "ckpt")
+    card = ModelCard.load(tmp_path / "ckpt" / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "lerobot" and {"world-modality", "world_token_c", "encoder-pixels"} <= set(
+        data["tags"]
+    )
+    assert data["world_modality"]["training"]["world_ce"] == pytest.approx(info["world_ce"])
+    assert "no gated cross-attention" in card.text and policy.config.codebook_digest in card.text
+    # Saved again from a reloaded policy (which saw no training batch), the figures of training stay.
+    WorldTokenCPolicy.from_pretrained(tmp_path / "ckpt").save_pretrained(tmp_path / "ckpt")
+    again = ModelCard.load(tmp_path / "ckpt" / "README.md").data.to_dict()["world_modality"]
+    assert again["training"] == data["world_modality"]["training"]
+
+
 def test_mismatched_or_missing_codebook_fails_clearly(codebook, tmp_path):
     with pytest.raises(CodebookError, match=r"codebook_size.*\(16, 8\)"):
         make_policy(codebook, codebook_size=16)

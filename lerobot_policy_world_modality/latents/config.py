@@ -44,6 +44,12 @@ class WorldLatentOptions:
     world_latent_dim: int | None = None
     # Encoder the policy was trained with; filled by lerobot-train, a different --policy.encoder at load is refused.
     trained_encoder: str | None = None
+    # Revision of that encoder (Hub commit or weights sha256); filled by lerobot-train, for the model card.
+    encoder_revision: str | None = None
+    # Fingerprint of each world camera's latent cache; filled by lerobot-train, for the model card.
+    latent_fingerprints: list[str] = field(default_factory=list)
+    # Content digest of the training dataset; filled by lerobot-train, for the model card.
+    dataset_fingerprint: str | None = None
 
     def validate_future_stride(self) -> None:
         """Raise ValueError for a future stride below 1."""

@@ -27,6 +27,7 @@ from ..constants import OBS_WORLD_GOAL, OBS_WORLD_HISTORY
 from ..latents.binding import bind_policy_world_latents, bind_world_target_stats
 from ..latents.processor import reset_online_state
 from ..latents.train_view import EpisodeSuccess, source_of_view
+from ..model_card import ModelCardMixin, record_training_provenance
 from ..sources import checkpoint_file
 from ..trunk_policy import ensure_eval, gate_param_group
 from ..world.fusion import GatedCrossAttention, fusion_gates
@@ -54,7 +55,7 @@ def refuse_training_view(dataset_meta) -> None:
         )
 
 
-class SmolVLAWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
+class SmolVLAWorldPolicy(ModelCardMixin, StrictCheckpointLoading, PreTrainedPolicy):
     """LeRobot policy `smolvla_world` (see `SmolVLAWorldConfig` for the fusion points and `init_from`).
 
     Training batches carry SmolVLA's inputs (images, state, tokenised instruction, action chunk) and
@@ -77,6 +78,8 @@ class SmolVLAWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
         config.validate_features()
         self.config = config
         bind_policy_world_latents(config, dataset_meta)
+        if dataset_meta is not None:
+            record_training_provenance(config)
         self.smolvla = SmolVLAPolicy(config.smolvla_config())
         model = self.smolvla.model
         expert_width = model.vlm_with_expert.expert_hidden_size
@@ -298,4 +301,5 @@ class SmolVLAWorldPolicy(StrictCheckpointLoading, PreTrainedPolicy):
                 info[name] = fusion.gate_value().detach().mean().item()
         info["loss"] = loss.mean().item()
         self.world.step()
+        self.training_figures.record(info)
         return loss, info

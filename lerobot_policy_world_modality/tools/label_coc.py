@@ -318,7 +318,7 @@ DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16
 def model_revision(source: str, is_local: bool, config: Any) -> str:
     """Revision of a VLM: sha256 over a local directory's files, or the Hub commit of its config."""
     if is_local:
-        from ..latents.hf_encoders import file_digest
+        from ..latents.encoder_base import file_digest
 
         h = hashlib.sha256()
         for p in sorted(Path(source).iterdir(), key=lambda p: p.name):
@@ -454,7 +454,7 @@ def keyframe_latents(args: argparse.Namespace, repo_id: str, root: str, camera: 
     """The latent cache's latents [N, D] of `camera` for `--encoder`, or None (evenly spaced keyframes)."""
     from ..latents.cache import LatentCacheError
     from ..latents.encoders import resolve_encoder_identity
-    from ..latents.processor import open_latent_cache
+    from ..latents.binding import open_latent_cache
 
     try:
         identity = resolve_encoder_identity(args.encoder, args.pooling, args.window, args.encoder_dtype)

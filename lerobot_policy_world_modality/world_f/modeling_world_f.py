@@ -196,6 +196,7 @@ class WorldFPolicy(TrunkWorldPolicy):
             loss = loss + d_loss
             world_info |= d_info
         info = {"action_loss": a_loss.item(), **world_info, **out["stats"], "loss": loss.item()}
+        self.training_figures.record(info)
         return loss, info
 
     # ------------------------------------------------------------------ model

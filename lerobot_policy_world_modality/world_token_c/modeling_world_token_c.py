@@ -183,6 +183,7 @@ class WorldTokenCPolicy(TrunkWorldPolicy):
             **self._token_stats(logits, future, valid, current),
         }
         info["loss"] = loss.item()
+        self.training_figures.record(info)
         return loss, info
 
     # ------------------------------------------------------------------ model
