@@ -245,6 +245,18 @@ def test_metaworld_presets_validate_with_lerobots_parser(name, tmp_path):
     assert all(compare.unit_commands(plan, u) for u in units)
 
 
+def test_encoder_fit_vs_pixels_preset_pairs_the_two_encoders(tmp_path):
+    """Issue 19's rollout comparison: A with the fitted encoder vs A with pixels, >= 3 multi-stage tasks and seeds."""
+    spec = compare.load_spec(PRESETS / "metaworld_encoder_fit_vs_pixels.yaml")
+    spec["dataset"]["root"] = str(tmp_path / "not_recorded_yet")
+    plan = compare.validate(spec, output_dir=str(tmp_path))
+    assert {a.name: compare.encoder_label(plan, a.encoder) for a in plan.arms.values()} == {"A_pixels": "pixels", "A_fit": "fit"}
+    assert len(plan.seeds) >= 3 and len(plan.tasks) >= 3 and "pick-place-v3" in plan.tasks
+    assert plan.comparisons == [("A_fit@pred", "A_pixels@pred")]
+    ids = [u.id for u in compare.plan_units(plan)]
+    assert ids[:4] == ["record", "fit_encoder", "precompute/pixels", "precompute/fit"]
+
+
 def test_world_vs_baselines_preset_is_the_issues_grid():
     spec = compare.load_spec(PRESETS / "metaworld_world_vs_baselines.yaml")
     assert len(spec["train"]["seeds"]) >= 3 and len(spec["eval"]["tasks"]) == 3 and spec["eval"]["episodes"] >= 10
