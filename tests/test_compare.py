@@ -145,12 +145,13 @@ def _unit_deps(plan) -> list[tuple[str, list[str]]]:
 def test_single_encoder_plans_keep_their_unit_ids_and_deps(dataset_root, tmp_path):
     """Output folders of earlier runs resume: one encoder (default or named per arm) keeps the plain 'precompute'."""
     plan = compare.validate(tiny_spec(dataset_root, tmp_path / "out"))
-    expected = [("precompute", []), ("train/A/seed0", ["precompute"]), ("eval/A/seed0/button-press-v3/pred", ["train/A/seed0"]),
-                ("train/F/seed0", ["precompute"]), ("probe/F/seed0", ["train/F/seed0"]),
-                ("eval/F/seed0/button-press-v3/pred", ["train/F/seed0"])]  # fmt: skip
+    expected = [("precompute", []), ("train/A/seed0", ["precompute"]),
+                ("eval/A/seed0/button-press-v3/pred", ["train/A/seed0"]), ("train/F/seed0", ["precompute"]),
+                ("probe/F/seed0", ["train/F/seed0"]), ("eval/F/seed0/button-press-v3/pred", ["train/F/seed0"])]  # fmt: skip
     assert _unit_deps(plan)[:6] == expected
-    named = tiny_spec(dataset_root, tmp_path / "out", arms=[{"name": "A", "encoder": "pixels", "flags": ["--policy.variant=A"]},
-                                                           {"name": "F", "encoder": "pixels", "flags": ["--policy.variant=F"]}])  # fmt: skip
+    named = tiny_spec(dataset_root, tmp_path / "out",
+                      arms=[{"name": "A", "encoder": "pixels", "flags": ["--policy.variant=A"]},
+                            {"name": "F", "encoder": "pixels", "flags": ["--policy.variant=F"]}])  # fmt: skip
     assert _unit_deps(compare.validate(named)) == _unit_deps(plan)
 
 
@@ -167,7 +168,9 @@ def test_each_arm_reads_the_latents_of_its_own_encoder(dataset_root, tmp_path):
     assert list(units)[:4] == ["fit_encoder", "precompute/pixels", "precompute/pixels-8", "precompute/fit"]
     assert units["precompute/pixels-8"].deps == ["precompute/pixels"]
     assert units["precompute/fit"].deps == ["fit_encoder", "precompute/pixels-8"]
-    for arm, pre, value in (("A", "precompute/pixels", "pixels"), ("A8", "precompute/pixels-8", "pixels-8"), ("F", "precompute/fit", enc)):
+    expected = (("A", "precompute/pixels", "pixels"), ("A8", "precompute/pixels-8", "pixels-8"),
+                ("F", "precompute/fit", enc))  # fmt: skip
+    for arm, pre, value in expected:
         assert units[f"train/{arm}/seed1"].deps == [pre]
         assert f"--encoder={value}" in compare.unit_commands(plan, units[pre])[0]
         flags = compare.train_flags(plan, plan.arms[arm], 1)
@@ -180,12 +183,14 @@ def test_each_arm_reads_the_latents_of_its_own_encoder(dataset_root, tmp_path):
 
 def test_an_unknown_encoder_names_the_arm_and_the_fix(dataset_root, tmp_path):
     def arms(encoder):
-        return [{"name": "A", "flags": ["--policy.variant=A"]}, {"name": "F", "encoder": encoder, "flags": ["--policy.variant=F"]}]
+        return [{"name": "A", "flags": ["--policy.variant=A"]},
+                {"name": "F", "encoder": encoder, "flags": ["--policy.variant=F"]}]
 
     with pytest.raises(SpecError, match=r"Arm 'F': encoder 'pixles' is not a built-in .*Fix the value"):
         compare.validate(tiny_spec(dataset_root, tmp_path, arms=arms("pixles")), check_flags=False)
     with pytest.raises(SpecError, match=r"Arm 'F': encoder .*\(there is none at .*no_encoder_here"):
-        compare.validate(tiny_spec(dataset_root, tmp_path, arms=arms(str(tmp_path / "no_encoder_here"))), check_flags=False)
+        missing = tiny_spec(dataset_root, tmp_path, arms=arms(str(tmp_path / "no_encoder_here")))
+        compare.validate(missing, check_flags=False)
     with pytest.raises(SpecError, match=r"Arm 'F': encoder 'pixels-0'"):
         compare.validate(tiny_spec(dataset_root, tmp_path, arms=arms("pixels-0")), check_flags=False)
     bad_default = tiny_spec(dataset_root, tmp_path)
@@ -250,7 +255,8 @@ def test_encoder_fit_vs_pixels_preset_pairs_the_two_encoders(tmp_path):
     spec = compare.load_spec(PRESETS / "metaworld_encoder_fit_vs_pixels.yaml")
     spec["dataset"]["root"] = str(tmp_path / "not_recorded_yet")
     plan = compare.validate(spec, output_dir=str(tmp_path))
-    assert {a.name: compare.encoder_label(plan, a.encoder) for a in plan.arms.values()} == {"A_pixels": "pixels", "A_fit": "fit"}
+    labels = {a.name: compare.encoder_label(plan, a.encoder) for a in plan.arms.values()}
+    assert labels == {"A_pixels": "pixels", "A_fit": "fit"}
     assert len(plan.seeds) >= 3 and len(plan.tasks) >= 3 and "pick-place-v3" in plan.tasks
     assert plan.comparisons == [("A_fit@pred", "A_pixels@pred")]
     ids = [u.id for u in compare.plan_units(plan)]
@@ -385,4 +391,5 @@ def test_end_to_end_arms_with_their_own_encoders(dataset_root, tmp_path):
         cache = [json.loads(m.read_text()) for m in (out / "cache").rglob("meta.json")]
         assert any(m.get("encoder", {}).get("name") == f"pixels-{dim}" and m.get("dim") == dim * dim * 3 for m in cache)
     report = json.loads((out / "report.json").read_text())
-    assert report["complete"] and {a: v["encoder"] for a, v in report["arms"].items()} == {"P16": "pixels", "P8": "pixels-8"}
+    assert report["complete"]
+    assert {a: v["encoder"] for a, v in report["arms"].items()} == {"P16": "pixels", "P8": "pixels-8"}

@@ -367,8 +367,9 @@ def validate(spec: dict, output_dir: str | None = None, check_flags: bool = True
     set_directly = [f for f in plan.common_flags + [f for a in plan.arms.values() for f in a.flags]
                     if _flag_name(f) == "--policy.encoder"]  # fmt: skip
     if set_directly:
-        raise SpecError(f"{set_directly} in train.flags or arms[].flags: the tool sets --policy.encoder from the arm's "
-                        "`encoder:` key (default dataset.encoder) and precomputes its latents with it. Move the value there.")
+        raise SpecError(f"{set_directly} in train.flags or arms[].flags: the tool sets --policy.encoder from the "
+                        "arm's `encoder:` key (default dataset.encoder) and precomputes its latents with it. Move the "
+                        "value there.")
     if any(a.encoder == str(plan.fit_dir) for a in plan.arms.values()):
         # the tool fits one encoder on the dataset's frames; every arm with encoder "fit" reads it
         plan.fit = dict(ds.get("fit") or {})
@@ -908,7 +909,8 @@ def collect(plan: Plan, units: list[Unit]) -> dict:
         "eval": {"env": plan.env, "tasks": plan.tasks, "episodes": plan.episodes, "seed": plan.eval_seed,
                  "episode_length": plan.episode_length},
         "arms": {a.name: {"policy_type": a.policy_type, "flags": a.flags, "init_from": a.init_from, "modes": a.modes,
-                          "has_memory": a.has_memory, "encoder": encoder_label(plan, a.encoder) if a.uses_latents else None}
+                          "has_memory": a.has_memory,
+                          "encoder": encoder_label(plan, a.encoder) if a.uses_latents else None}
                  for a in plan.arms.values()},
         "results": results, "comparisons": comparisons, "probes": probes, "curves": curves, "units": unit_rows,
         "complete": all(r["status"] == "done" for r in unit_rows),
