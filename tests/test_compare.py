@@ -138,6 +138,79 @@ def test_encoder_fit_is_a_unit_before_precompute_and_every_arm_reads_it(dataset_
         compare.validate(spec, check_flags=False)
 
 
+def _unit_deps(plan) -> list[tuple[str, list[str]]]:
+    return [(u.id, u.deps) for u in compare.plan_units(plan)]
+
+
+def test_single_encoder_plans_keep_their_unit_ids_and_deps(dataset_root, tmp_path):
+    """Output folders of earlier runs resume: one encoder (default or named per arm) keeps the plain 'precompute'."""
+    plan = compare.validate(tiny_spec(dataset_root, tmp_path / "out"))
+    expected = [("precompute", []), ("train/A/seed0", ["precompute"]),
+                ("eval/A/seed0/button-press-v3/pred", ["train/A/seed0"]), ("train/F/seed0", ["precompute"]),
+                ("probe/F/seed0", ["train/F/seed0"]), ("eval/F/seed0/button-press-v3/pred", ["train/F/seed0"])]  # fmt: skip
+    assert _unit_deps(plan)[:6] == expected
+    named = tiny_spec(dataset_root, tmp_path / "out",
+                      arms=[{"name": "A", "encoder": "pixels", "flags": ["--policy.variant=A"]},
+                            {"name": "F", "encoder": "pixels", "flags": ["--policy.variant=F"]}])  # fmt: skip
+    assert _unit_deps(compare.validate(named)) == _unit_deps(plan)
+
+
+def test_each_arm_reads_the_latents_of_its_own_encoder(dataset_root, tmp_path):
+    spec = tiny_spec(dataset_root, tmp_path / "out", arms=[
+        {"name": "A", "flags": ["--policy.variant=A"]},  # dataset.encoder: pixels
+        {"name": "A8", "encoder": "pixels-8", "flags": ["--policy.variant=A"]},
+        {"name": "F", "encoder": "fit", "flags": ["--policy.variant=F"]}])  # fmt: skip
+    spec["dataset"]["fit"] = {"steps": 30}
+    plan = compare.validate(spec)
+    units = {u.id: u for u in compare.plan_units(plan)}
+    enc = str(tmp_path / "out" / "encoder")
+    # the fitted encoder's precompute last: it waits for the fit, the others need not; one at a time (shared view)
+    assert list(units)[:4] == ["fit_encoder", "precompute/pixels", "precompute/pixels-8", "precompute/fit"]
+    assert units["precompute/pixels-8"].deps == ["precompute/pixels"]
+    assert units["precompute/fit"].deps == ["fit_encoder", "precompute/pixels-8"]
+    expected = (("A", "precompute/pixels", "pixels"), ("A8", "precompute/pixels-8", "pixels-8"),
+                ("F", "precompute/fit", enc))  # fmt: skip
+    for arm, pre, value in expected:
+        assert units[f"train/{arm}/seed1"].deps == [pre]
+        assert f"--encoder={value}" in compare.unit_commands(plan, units[pre])[0]
+        flags = compare.train_flags(plan, plan.arms[arm], 1)
+        assert f"--policy.encoder={value}" in flags and f"--dataset.root={plan.view_root()}" in flags
+    assert f"--output_dir={enc}" in compare.unit_commands(plan, units["fit_encoder"])[0]
+    md = compare.results_markdown(compare.collect(plan, list(units.values())))
+    assert "| A8 | world_f | pixels-8 | pred |" in md and "| F | world_f | fit | pred |" in md
+    assert "| precompute/fit | missing |" in md
+
+
+def test_an_unknown_encoder_names_the_arm_and_the_fix(dataset_root, tmp_path):
+    def arms(encoder):
+        return [{"name": "A", "flags": ["--policy.variant=A"]},
+                {"name": "F", "encoder": encoder, "flags": ["--policy.variant=F"]}]
+
+    with pytest.raises(SpecError, match=r"Arm 'F': encoder 'pixles' is not a built-in .*Fix the value"):
+        compare.validate(tiny_spec(dataset_root, tmp_path, arms=arms("pixles")), check_flags=False)
+    with pytest.raises(SpecError, match=r"Arm 'F': encoder .*\(there is none at .*no_encoder_here"):
+        missing = tiny_spec(dataset_root, tmp_path, arms=arms(str(tmp_path / "no_encoder_here")))
+        compare.validate(missing, check_flags=False)
+    with pytest.raises(SpecError, match=r"Arm 'F': encoder 'pixels-0'"):
+        compare.validate(tiny_spec(dataset_root, tmp_path, arms=arms("pixels-0")), check_flags=False)
+    bad_default = tiny_spec(dataset_root, tmp_path)
+    bad_default["dataset"]["encoder"] = "dinov2"
+    with pytest.raises(SpecError, match=r"dataset\.encoder: encoder 'dinov2' is not a built-in"):
+        compare.validate(bad_default, check_flags=False)
+    (tmp_path / "enc").mkdir()  # a local directory and a Hub id are accepted as written
+    plan = compare.validate(tiny_spec(dataset_root, tmp_path, arms=arms(str(tmp_path / "enc"))), check_flags=False)
+    assert plan.arms["F"].encoder == str(tmp_path / "enc") and plan.arms["A"].encoder == "pixels"
+    assert compare.validate(tiny_spec(dataset_root, tmp_path, arms=arms("facebook/dinov2-small")), check_flags=False)
+    direct = tiny_spec(dataset_root, tmp_path, arms=[{"name": "A", "flags": ["--policy.variant=A", "--policy.encoder=pixels-8"]},
+                                                      {"name": "F", "flags": ["--policy.variant=F"]}])  # fmt: skip
+    with pytest.raises(SpecError, match=r"--policy\.encoder=pixels-8.*`encoder:` key"):
+        compare.validate(direct, check_flags=False)
+    unused_fit = tiny_spec(dataset_root, tmp_path)
+    unused_fit["dataset"]["fit"] = {"steps": 3}
+    with pytest.raises(SpecError, match=r"dataset\.fit is set but no arm uses encoder 'fit'"):
+        compare.validate(unused_fit, check_flags=False)
+
+
 def test_evals_last_runs_every_training_and_probe_before_any_evaluation(dataset_root, tmp_path, monkeypatch):
     """Scheduler order only: the units' work is replaced by a stub that records the order."""
     plan = compare.validate(tiny_spec(dataset_root, tmp_path / "out"), check_flags=False)
@@ -175,6 +248,19 @@ def test_metaworld_presets_validate_with_lerobots_parser(name, tmp_path):
     assert units[0].id == "record" and [u.id for u in units[1:3]] in (["precompute", "train/A/seed0"],
                                                                      ["fit_encoder", "precompute"])  # fmt: skip
     assert all(compare.unit_commands(plan, u) for u in units)
+
+
+def test_encoder_fit_vs_pixels_preset_pairs_the_two_encoders(tmp_path):
+    """Issue 19's rollout comparison: A with the fitted encoder vs A with pixels, >= 3 multi-stage tasks and seeds."""
+    spec = compare.load_spec(PRESETS / "metaworld_encoder_fit_vs_pixels.yaml")
+    spec["dataset"]["root"] = str(tmp_path / "not_recorded_yet")
+    plan = compare.validate(spec, output_dir=str(tmp_path))
+    labels = {a.name: compare.encoder_label(plan, a.encoder) for a in plan.arms.values()}
+    assert labels == {"A_pixels": "pixels", "A_fit": "fit"}
+    assert len(plan.seeds) >= 3 and len(plan.tasks) >= 3 and "pick-place-v3" in plan.tasks
+    assert plan.comparisons == [("A_fit@pred", "A_pixels@pred")]
+    ids = [u.id for u in compare.plan_units(plan)]
+    assert ids[:4] == ["record", "fit_encoder", "precompute/pixels", "precompute/fit"]
 
 
 def test_world_vs_baselines_preset_is_the_issues_grid():
@@ -282,3 +368,28 @@ def test_end_to_end_killed_rerun_resumed_and_noop(dataset_root, tmp_path):
     assert res2.returncode == 0, res2.stderr[-3000:]
     assert "nothing to do" in res2.stdout and "started" not in res2.stdout
     assert (out / "results.md").read_text() == md
+
+
+@pytest.mark.slow
+def test_end_to_end_arms_with_their_own_encoders(dataset_root, tmp_path):
+    """Two arms, `pixels` and `pixels-8`: two precomputes, each training records (and reads) its own encoder."""
+    out = tmp_path / "out"
+    spec = tiny_spec(dataset_root, out, arms=[{"name": "P16", "flags": ["--policy.variant=A"]},
+                                              {"name": "P8", "encoder": "pixels-8", "flags": ["--policy.variant=A"]}],
+                     comparisons=["P8@pred vs P16@pred"])  # fmt: skip
+    spec["train"] = {**spec["train"], "seeds": [0], "steps": 20, "save_freq": 20, "log_freq": 10}
+    spec["eval"] = {**spec["eval"], "episodes": 1, "episode_length": 5, "videos": 0}
+    spec_path = tmp_path / "two_encoders.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    res = _compare(spec_path)
+    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
+    for arm, encoder, dim in (("P16", "pixels", 16), ("P8", "pixels-8", 8)):
+        model = out / "train" / arm / "seed0/checkpoints/last/pretrained_model"
+        assert json.loads((model / "train_config.json").read_text())["policy"]["encoder"] == encoder
+        rec = json.loads((out / "units" / f"precompute__{encoder}.json").read_text())
+        assert f"--encoder={encoder}" in rec["commands"][0]
+        cache = [json.loads(m.read_text()) for m in (out / "cache").rglob("meta.json")]
+        assert any(m.get("encoder", {}).get("name") == f"pixels-{dim}" and m.get("dim") == dim * dim * 3 for m in cache)
+    report = json.loads((out / "report.json").read_text())
+    assert report["complete"]
+    assert {a: v["encoder"] for a, v in report["arms"].items()} == {"P16": "pixels", "P8": "pixels-8"}

@@ -4,13 +4,13 @@
                        [--num_shards=N --shard_index=i] [--dry_run]
 
 The experiment file (YAML or JSON; see `docs/compare.md` and `configs/experiments/`) names the dataset,
-the arms (lerobot-train flags, optional `init_from`), the seeds and the shared budget, the env and its
-tasks, the rollout memory modes of each arm and the comparisons to report. The work is cut into units,
-each a subprocess of a stock entry point, its output logged to `<output_dir>/logs/<unit>.log`:
+the arms (lerobot-train flags, optional `init_from` and world `encoder`), the seeds and the shared budget,
+the env and its tasks, the rollout memory modes of each arm and the comparisons to report. The work is cut
+into units, each a subprocess of a stock entry point, its output logged to `<output_dir>/logs/<unit>.log`:
 
     record     lerobot-wm-record-metaworld  (only when the spec says how and the dataset does not exist)
-    fit_encoder lerobot-wm-fit-encoder      (only with `dataset.encoder: fit`; into <output_dir>/encoder)
-    precompute lerobot-wm-precompute        (latent cache + latent-only training view)
+    fit_encoder lerobot-wm-fit-encoder      (only when an arm's encoder is `fit`; into <output_dir>/encoder)
+    precompute lerobot-wm-precompute        (latent cache + latent-only training view), one per encoder
     train      lerobot-train, one per arm and seed (then per-checkpoint metrics for the curves)
     eval       lerobot-eval, one per arm, seed, task and rollout mode (MetaWorld: the capped launcher)
     probe      lerobot-wm-probe, one per trained checkpoint that has a world memory
@@ -118,6 +118,9 @@ class Arm:
     uses_latents: bool = False
     # Whether it trains on the latent-only view instead of the dataset itself
     uses_view: bool = False
+    # World encoder of its latents (lerobot-wm-precompute --encoder / --policy.encoder): the arm's `encoder`
+    # key, else dataset.encoder; "fit" is resolved to the experiment's fitted encoder directory
+    encoder: str = "pixels"
 
 
 @dataclass
@@ -147,9 +150,14 @@ class Plan:
     comparisons: list[tuple[str, str]]
     heldout: list[int] = field(default_factory=list)
     record: dict | None = None
-    fit: dict | None = None  # lerobot-wm-fit-encoder settings when dataset.encoder is "fit"
+    fit: dict | None = None  # lerobot-wm-fit-encoder settings when an arm's encoder is "fit"
     probe: dict = field(default_factory=dict)
     alpha: float = 0.05
+
+    @property
+    def fit_dir(self) -> Path:
+        """Where the fit_encoder unit writes the experiment's fitted encoder (the value of encoder "fit")."""
+        return self.out / "encoder"
 
     def view_root(self) -> Path:
         """The latent-only training view precompute writes for this dataset."""
@@ -310,19 +318,11 @@ def validate(spec: dict, output_dir: str | None = None, check_flags: bool = True
         raise SpecError("train.steps and train.batch_size must be >= 1 and train.seeds distinct integers.")
     episodes = int(_need(ev, "episodes", "eval", "episodes: 10"))
     tasks = [str(t) for t in _need(ev, "tasks", "eval", "tasks: [button-press-v3]")]
-    encoder, fit = str(ds.get("encoder", "pixels")), None
-    if encoder == "fit":  # the tool fits one encoder on the dataset's frames; every arm then reads it
-        fit = dict(ds.get("fit") or {})
-        unknown = sorted(set(fit) - {"steps", "seed", "flags"})
-        if unknown:
-            raise SpecError(f"dataset.fit has unknown keys {unknown}; it takes steps, seed and flags "
-                            "(other lerobot-wm-fit-encoder options, e.g. ['--dim=256']).")
-        encoder = str(out / "encoder")
-    elif ds.get("fit"):
-        raise SpecError("dataset.fit is set but dataset.encoder is not 'fit': set encoder: fit, or remove 'fit'.")
+    default_encoder = str(ds.get("encoder", "pixels"))
+    encoder = resolve_encoder(default_encoder, "dataset.encoder", out / "encoder")
     plan = Plan(
         spec=spec, out=out, arms={}, repo_id=repo_id, root=root, cameras=cameras,
-        encoder=encoder, fit=fit,
+        encoder=encoder,
         cache_root=Path(ds["cache_root"]).expanduser().resolve() if ds.get("cache_root") else out / "cache",
         seeds=seeds, steps=steps, batch_size=batch,
         save_freq=int(tr.get("save_freq") or max(1, steps // 4)), log_freq=int(tr.get("log_freq") or max(1, steps // 20)),
@@ -360,7 +360,26 @@ def validate(spec: dict, output_dir: str | None = None, check_flags: bool = True
             raise SpecError(f"Arm '{name}' sets {owned}: the spec's dataset and train sections own them (the arms must "
                             "share data and budget). Move the value to 'train:' or 'dataset:'.")
         modes = raw.get("rollout_modes")
-        plan.arms[name] = Arm(name, flags, raw.get("init_from"), [str(m) for m in modes] if modes else [])
+        plan.arms[name] = Arm(name, flags, raw.get("init_from"), [str(m) for m in modes] if modes else [],
+                              encoder=resolve_encoder(str(raw.get("encoder") or default_encoder), f"Arm '{name}'",
+                                                      plan.fit_dir))  # fmt: skip
+    # The encoder is the spec's to set (per arm or in dataset.encoder): precompute must use the same one.
+    set_directly = [f for f in plan.common_flags + [f for a in plan.arms.values() for f in a.flags]
+                    if _flag_name(f) == "--policy.encoder"]  # fmt: skip
+    if set_directly:
+        raise SpecError(f"{set_directly} in train.flags or arms[].flags: the tool sets --policy.encoder from the "
+                        "arm's `encoder:` key (default dataset.encoder) and precomputes its latents with it. Move the "
+                        "value there.")
+    if any(a.encoder == str(plan.fit_dir) for a in plan.arms.values()):
+        # the tool fits one encoder on the dataset's frames; every arm with encoder "fit" reads it
+        plan.fit = dict(ds.get("fit") or {})
+        unknown = sorted(set(plan.fit) - {"steps", "seed", "flags"})
+        if unknown:
+            raise SpecError(f"dataset.fit has unknown keys {unknown}; it takes steps, seed and flags "
+                            "(other lerobot-wm-fit-encoder options, e.g. ['--dim=256']).")
+    elif ds.get("fit"):
+        raise SpecError("dataset.fit is set but no arm uses encoder 'fit': set dataset.encoder: fit (or an arm's "
+                        "encoder: fit), or remove 'fit'.")
 
     for x, y in plan.comparisons:
         for name in (x.partition("@")[0], y.partition("@")[0]):
@@ -405,6 +424,30 @@ def validate(spec: dict, output_dir: str | None = None, check_flags: bool = True
     return plan
 
 
+def resolve_encoder(value: str, where: str, fit_dir: Path) -> str:
+    """The encoder a spec's `encoder` value names: "fit" becomes `fit_dir`; anything unknown is a SpecError.
+
+    Accepted: a built-in (`pixels`, `pixels-<side>`), "fit", a local encoder directory, or a Hub id
+    (`owner/name`, not a local path). Checked before anything runs, since precompute would only fail later.
+    """
+    if value == "fit":
+        return str(fit_dir)
+    if re.fullmatch(r"pixels(-[1-9][0-9]*)?", value) or Path(value).expanduser().is_dir():
+        return value
+    # A Hub id looks like a two-part relative path; one whose first part exists here is a missing local folder.
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", value) and not Path(value.split("/")[0]).expanduser().exists():
+        return value
+    raise SpecError(f"{where}: encoder {value!r} is not a built-in (pixels, pixels-<side>), 'fit' (an encoder the tool "
+                    f"fits on the dataset, settings in dataset.fit), a local encoder directory (there is none at "
+                    f"{Path(value).expanduser().resolve()}), nor a Hub id (owner/name). Fix the value, or fit the "
+                    "encoder first (lerobot-wm-fit-encoder --output_dir=<dir>) and give its directory.")
+
+
+def encoder_label(plan: Plan, encoder: str) -> str:
+    """Short name of an encoder for unit ids and tables: "fit" for the experiment's fitted one, else the value."""
+    return "fit" if encoder == str(plan.fit_dir) else encoder
+
+
 def _full_entry(plan: Plan, entry: str) -> str:
     name, _, mode = entry.partition("@")
     return f"{name}@{mode or plan.arms[name].modes[0]}"
@@ -439,7 +482,7 @@ def train_flags(plan: Plan, arm: Arm, seed: int) -> list[str]:
         flags.append(f"{init_key}={arm.init_from}")
     if arm.uses_latents:
         given = {_flag_name(f) for f in flags}
-        for flag in (f"--policy.latent_cache_root={plan.cache_root}", f"--policy.encoder={plan.encoder}",
+        for flag in (f"--policy.latent_cache_root={plan.cache_root}", f"--policy.encoder={arm.encoder}",
                      f"--policy.world_cameras=[{','.join(plan.cameras)}]"):  # fmt: skip
             if _flag_name(flag) not in given:
                 flags.append(flag)
@@ -460,7 +503,7 @@ class Unit:
 
     # Unique id, also its record's file name (slashes become '__')
     id: str
-    # record, precompute, train, eval or probe
+    # record, fit_encoder, precompute, train, eval or probe
     kind: str
     # Ids of the units that must be done first
     deps: list[str] = field(default_factory=list)
@@ -471,6 +514,27 @@ class Unit:
     mode: str | None = None
     # Index of the training unit this unit belongs to (decides its shard); None for shared units
     group: int | None = None
+    # The encoder a precompute unit computes latents with
+    encoder: str | None = None
+
+
+def precompute_ids(plan: Plan) -> dict[str, str]:
+    """The precompute unit of each encoder the latent-reading arms use: encoder -> unit id.
+
+    One encoder keeps the plain id "precompute" (earlier output folders resume); several get
+    "precompute/<label>", the fitted encoder's last (it waits for its fit, the others need not).
+    """
+    encoders = list(dict.fromkeys(a.encoder for a in plan.arms.values() if a.uses_latents))
+    encoders.sort(key=lambda e: e == str(plan.fit_dir))  # stable: otherwise in the arms' order
+    if len(encoders) <= 1:
+        return {e: "precompute" for e in encoders}
+    ids: dict[str, str] = {}
+    for enc in encoders:
+        uid = "precompute/" + re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(encoder_label(plan, enc)).name)
+        while uid in ids.values():  # two paths ending in the same folder name
+            uid += "_"
+        ids[enc] = uid
+    return ids
 
 
 def plan_units(plan: Plan) -> list[Unit]:
@@ -480,18 +544,22 @@ def plan_units(plan: Plan) -> list[Unit]:
     if plan.record and not (plan.root / "meta" / "info.json").exists():
         units.append(Unit("record", "record"))
         setup = ["record"]
-    if plan.fit is not None:
+    pre_ids = precompute_ids(plan)
+    if str(plan.fit_dir) in pre_ids:
         units.append(Unit("fit_encoder", "fit_encoder", deps=list(setup)))
-        setup = ["fit_encoder"]
-    if any(a.uses_latents for a in plan.arms.values()):
-        units.append(Unit("precompute", "precompute", deps=list(setup)))
-        setup = ["precompute"]
+    previous: list[str] = []
+    for enc, uid in pre_ids.items():
+        fit = ["fit_encoder"] if enc == str(plan.fit_dir) else []
+        # One after another: every precompute (re)writes the same latent-only training view, one rename each.
+        units.append(Unit(uid, "precompute", deps=(fit or list(setup)) + previous, encoder=enc))
+        previous = [uid]
     group = 0
     # Seed-major: a run stopped part way has the same seeds for every arm, so what finished is still paired.
     for seed in plan.seeds:
         for arm in plan.arms.values():
             tid = f"train/{arm.name}/seed{seed}"
-            units.append(Unit(tid, "train", list(setup), arm.name, seed, group=group))
+            deps = [pre_ids[arm.encoder]] if arm.uses_latents else list(setup)
+            units.append(Unit(tid, "train", deps, arm.name, seed, group=group))
             if arm.has_memory:  # before the (simulator-bound, slow) evaluations: it answers "is it used?" cheaply
                 units.append(Unit(f"probe/{arm.name}/seed{seed}", "probe", [tid], arm.name, seed, group=group))
             for task in plan.tasks:
@@ -612,11 +680,11 @@ def unit_commands(plan: Plan, unit: Unit) -> list[list[str]]:
     if unit.kind == "fit_encoder":  # reruns resume a killed fit from its last save (same flags)
         f = plan.fit or {}
         return [[_bin("lerobot-wm-fit-encoder"), f"--dataset.repo_id={plan.repo_id}", f"--dataset.root={plan.root}",
-                 f"--camera={','.join(plan.cameras)}", f"--output_dir={plan.encoder}", f"--steps={f.get('steps', 400)}",
+                 f"--camera={','.join(plan.cameras)}", f"--output_dir={plan.fit_dir}", f"--steps={f.get('steps', 400)}",
                  f"--seed={f.get('seed', 0)}", "--no_progress", *[str(x) for x in f.get("flags", [])]]]  # fmt: skip
     if unit.kind == "precompute":
         return [[_bin("lerobot-wm-precompute"), f"--dataset.repo_id={plan.repo_id}", f"--dataset.root={plan.root}",
-                 f"--encoder={plan.encoder}", f"--cache_root={plan.cache_root}", f"--camera={','.join(plan.cameras)}"]]
+                 f"--encoder={unit.encoder}", f"--cache_root={plan.cache_root}", f"--camera={','.join(plan.cameras)}"]]
     arm = plan.arms[unit.arm]
     ckpt = final_checkpoint(plan, unit.arm, unit.seed)
     if unit.kind == "train":
@@ -841,7 +909,9 @@ def collect(plan: Plan, units: list[Unit]) -> dict:
         "eval": {"env": plan.env, "tasks": plan.tasks, "episodes": plan.episodes, "seed": plan.eval_seed,
                  "episode_length": plan.episode_length},
         "arms": {a.name: {"policy_type": a.policy_type, "flags": a.flags, "init_from": a.init_from, "modes": a.modes,
-                          "has_memory": a.has_memory} for a in plan.arms.values()},
+                          "has_memory": a.has_memory,
+                          "encoder": encoder_label(plan, a.encoder) if a.uses_latents else None}
+                 for a in plan.arms.values()},
         "results": results, "comparisons": comparisons, "probes": probes, "curves": curves, "units": unit_rows,
         "complete": all(r["status"] == "done" for r in unit_rows),
     }  # fmt: skip
@@ -875,6 +945,9 @@ def results_markdown(report: dict) -> str:
              f"Budget: {report['budget']['steps']} steps, batch {report['budget']['batch_size']}, seeds "
              f"{report['budget']['seeds']}. Eval: {report['eval']['env']}, {report['eval']['episodes']} episodes per "
              f"task and seed from seed {report['eval']['seed']}.", "",
+             "## Arms", "", "| arm | policy | world encoder | rollout memory |", "|---|---|---|---|",
+             *[f"| {name} | {a['policy_type']} | {a.get('encoder') or '-'} | {', '.join(a['modes'])} |"
+               for name, a in report["arms"].items()], "",
              "## Success rates", "",
              "| arm | task | rollout memory | successes / episodes | rate | Wilson 95% | seed mean ± sd |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
