@@ -393,3 +393,31 @@ def test_end_to_end_arms_with_their_own_encoders(dataset_root, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["complete"]
     assert {a: v["encoder"] for a, v in report["arms"].items()} == {"P16": "pixels", "P8": "pixels-8"}
+
+
+def test_rollout_flags_name_variants_of_one_checkpoint(dataset_root, tmp_path):
+    """`rollout_flags` adds named rollout variants (e.g. planning on) evaluated on the same checkpoints and env
+    seeds; their flags reach lerobot-eval, and a variant LeRobot would reject stops the spec before it runs."""
+    planner = {"name": "P", "flags": ["--policy.variant=A", "--policy.dynamics=action_conditioned",
+                                      "--policy.progress_head=true"],
+               "rollout_modes": ["pred", "cem"], "rollout_flags": {"cem": ["--policy.planner=cem", "--policy.planner_samples=4"]}}  # fmt: skip
+    spec = tiny_spec(dataset_root, tmp_path / "out", arms=[{"name": "A", "flags": ["--policy.variant=A"]}, planner],
+                     comparisons=["P@cem vs P@pred", "P@cem vs A@pred"])  # fmt: skip
+    plan = compare.validate(spec)
+    assert plan.arms["P"].modes == ["pred", "cem"] and plan.comparisons[0] == ("P@cem", "P@pred")
+    units = {u.id: u for u in compare.plan_units(plan)}
+    cem = compare.unit_commands(plan, units["eval/P/seed0/button-press-v3/cem"])[0]
+    pred = compare.unit_commands(plan, units["eval/P/seed0/button-press-v3/pred"])[0]
+    assert "--policy.planner=cem" in cem and "--policy.planner_samples=4" in cem
+    assert not any(f.startswith("--policy.memory_mode_rollout") for f in cem)
+    assert "--policy.memory_mode_rollout=pred" in pred and "--policy.planner=cem" not in pred
+    assert [f for f in cem if f.startswith("--seed=")] == [f for f in pred if f.startswith("--seed=")]
+
+    no_model = dict(planner, flags=["--policy.variant=A"])  # a planner without a world model: rejected up front
+    with pytest.raises(SpecError, match=r"Arm 'P': rollout_flags 'cem'.*dynamics"):
+        compare.validate(tiny_spec(dataset_root, tmp_path, arms=[no_model], comparisons=["P@cem vs P@pred"]))
+    for bad, match in [({"zero": ["--policy.planner=cem"]}, "not a memory mode"), ({"cem": ["--steps=3"]}, "--policy"),
+                       ({"cem": []}, "--policy")]:  # fmt: skip
+        with pytest.raises(SpecError, match=match):
+            compare.validate(tiny_spec(dataset_root, tmp_path, arms=[dict(planner, rollout_flags=bad)],
+                                             comparisons=["P@pred vs P@pred"]))

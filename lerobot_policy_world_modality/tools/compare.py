@@ -108,7 +108,7 @@ class Arm:
     flags: list[str]
     # Checkpoint the arm starts from (smolvla_world: --policy.init_from; others: --policy.path)
     init_from: str | None
-    # Rollout memory modes to evaluate ("none" for a policy without a world memory)
+    # Rollout modes to evaluate: memory modes ("none" for a policy without a world memory) or rollout_flags names
     modes: list[str]
     # LeRobot policy type, from the parsed config
     policy_type: str = ""
@@ -121,6 +121,8 @@ class Arm:
     # World encoder of its latents (lerobot-wm-precompute --encoder / --policy.encoder): the arm's `encoder`
     # key, else dataset.encoder; "fit" is resolved to the experiment's fitted encoder directory
     encoder: str = "pixels"
+    # Named rollout variants: mode name -> extra --policy.* flags of its lerobot-eval (e.g. a planner on)
+    rollout_flags: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -362,7 +364,8 @@ def validate(spec: dict, output_dir: str | None = None, check_flags: bool = True
         modes = raw.get("rollout_modes")
         plan.arms[name] = Arm(name, flags, raw.get("init_from"), [str(m) for m in modes] if modes else [],
                               encoder=resolve_encoder(str(raw.get("encoder") or default_encoder), f"Arm '{name}'",
-                                                      plan.fit_dir))  # fmt: skip
+                                                      plan.fit_dir),
+                              rollout_flags=parse_rollout_flags(raw.get("rollout_flags"), name))  # fmt: skip
     # The encoder is the spec's to set (per arm or in dataset.encoder): precompute must use the same one.
     set_directly = [f for f in plan.common_flags + [f for a in plan.arms.values() for f in a.flags]
                     if _flag_name(f) == "--policy.encoder"]  # fmt: skip
@@ -405,10 +408,16 @@ def validate(spec: dict, output_dir: str | None = None, check_flags: bool = True
                     parse_train_flags(train_flags(plan, arm, plan.seeds[0]))
                 except SpecError as err:
                     raise SpecError(f"Arm '{arm.name}': lerobot-train would reject its flags: {err}.") from None
+            for mode, extra in arm.rollout_flags.items():  # the evaluated config = the trained one + the variant
+                try:
+                    parse_train_flags([*train_flags(plan, arm, plan.seeds[0]), *extra])
+                except SpecError as err:
+                    raise SpecError(f"Arm '{arm.name}': rollout_flags '{mode}' would give a config LeRobot rejects: "
+                                    f"{str(err).rstrip('.')}. Fix the flags, or train the arm with what they need.") from None
         else:  # structure check only: a policy given by type (ours) has rollout memory modes, an init checkpoint not
             with_modes = any(f.startswith("--policy.type=") for f in (*plan.common_flags, *arm.flags))
         arm.modes = arm.modes or (["pred"] if with_modes else [NO_MEMORY_MODE])
-        allowed = ROLLOUT_MEMORY_MODES if with_modes else (NO_MEMORY_MODE,)
+        allowed = (*(ROLLOUT_MEMORY_MODES if with_modes else (NO_MEMORY_MODE,)), *arm.rollout_flags)
         bad = [m for m in arm.modes if m not in allowed]
         if bad:
             raise SpecError(f"Arm '{arm.name}' lists rollout_modes {bad}; its policy allows {list(allowed)}.")
@@ -422,6 +431,33 @@ def validate(spec: dict, output_dir: str | None = None, check_flags: bool = True
                                 f"(its rollout_modes are {plan.arms[name].modes}). Add it there or fix the comparison.")
     plan.comparisons = [tuple(_full_entry(plan, e) for e in pair) for pair in plan.comparisons]
     return plan
+
+
+def parse_rollout_flags(raw, arm: str) -> dict[str, list[str]]:
+    """An arm's `rollout_flags` (mode name -> --policy.* flags added to its lerobot-eval), validated.
+
+    Named variants of one checkpoint's rollout, e.g. `{cem: [--policy.planner=cem]}`: the same weights,
+    env seeds and episodes with and without the variant, so `<arm>@pred vs <arm>@cem` is a paired test.
+    """
+    from ..world.memory import MEMORY_MODES
+
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"Arm '{arm}': rollout_flags must map a mode name to a list of --policy.* flags, got {raw!r}.")
+    out = {}
+    for mode, flags in raw.items():
+        mode = str(mode)
+        if mode in (*MEMORY_MODES, NO_MEMORY_MODE) or not re.fullmatch(r"[A-Za-z0-9_.-]+", mode):
+            raise SpecError(f"Arm '{arm}': rollout_flags name {mode!r} must be new (not a memory mode) and use only "
+                            "letters, digits, '_', '.', '-'.")
+        flags = [str(f) for f in (flags or [])]
+        bad = [f for f in flags if not f.startswith("--policy.") or "=" not in f]
+        if not flags or bad:
+            raise SpecError(f"Arm '{arm}': rollout_flags '{mode}' needs --policy.<field>=<value> flags (rollout-time "
+                            f"options of the trained checkpoint, e.g. --policy.planner=cem); got {bad or flags}.")
+        out[mode] = flags
+    return out
 
 
 def resolve_encoder(value: str, where: str, fit_dir: Path) -> str:
@@ -699,7 +735,9 @@ def unit_commands(plan: Plan, unit: Unit) -> list[list[str]]:
             cmd.insert(len(launcher) + 1, f"--env.episode_length={plan.episode_length}")
         if plan.env == "metaworld":  # the launcher's own flag: stock lerobot-eval renders 10 videos per run
             cmd.insert(len(launcher) + 1, f"--max_videos={int(plan.spec['eval'].get('videos', 1))}")
-        if unit.mode != NO_MEMORY_MODE:
+        if unit.mode in arm.rollout_flags:  # a named variant: its flags, the checkpoint's own memory mode
+            cmd[len(launcher) + 1 : len(launcher) + 1] = arm.rollout_flags[unit.mode]
+        elif unit.mode != NO_MEMORY_MODE:
             cmd.insert(len(launcher) + 1, f"--policy.memory_mode_rollout={unit.mode}")
         return [cmd]
     if unit.kind == "probe":
@@ -909,7 +947,7 @@ def collect(plan: Plan, units: list[Unit]) -> dict:
         "eval": {"env": plan.env, "tasks": plan.tasks, "episodes": plan.episodes, "seed": plan.eval_seed,
                  "episode_length": plan.episode_length},
         "arms": {a.name: {"policy_type": a.policy_type, "flags": a.flags, "init_from": a.init_from, "modes": a.modes,
-                          "has_memory": a.has_memory,
+                          "has_memory": a.has_memory, "rollout_flags": a.rollout_flags,
                           "encoder": encoder_label(plan, a.encoder) if a.uses_latents else None}
                  for a in plan.arms.values()},
         "results": results, "comparisons": comparisons, "probes": probes, "curves": curves, "units": unit_rows,
