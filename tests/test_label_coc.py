@@ -201,7 +201,7 @@ def test_template_labels_of_a_metaworld_recording_follow_its_signals(tmp_path, c
 def test_vlm_labels_with_latent_keyframes_and_resume_after_sigkill(tmp_path, tiny_vlm):  # noqa: F811
     """The tiny SmolVLM labels every segment between latent keyframes; a run SIGKILLed after its first saved
     episode resumes, keeps what was saved and labels the rest exactly once."""
-    from lerobot_policy_world_modality.latents import precompute
+    from lerobot_policy_world_modality.tools import precompute
     from lerobot_policy_world_modality.latents.cache import DatasetIdentity
     from lerobot_policy_world_modality.latents.encoders import resolve_encoder_identity
     from lerobot_policy_world_modality.latents.binding import open_latent_cache
