@@ -29,7 +29,7 @@ def tiny_spec(root: Path, out: Path, **over) -> dict:
     spec = {
         "name": "tiny", "output_dir": str(out),
         "dataset": {"repo_id": REPO, "root": str(root), "encoder": "pixels"},
-        "train": {"seeds": [0, 1], "steps": 600, "batch_size": 16, "save_freq": 200, "log_freq": 100,
+        "train": {"seeds": [0, 1], "steps": 300, "batch_size": 16, "save_freq": 100, "log_freq": 50,
                   "curve_batches": 1, "flags": COMMON},
         "arms": [{"name": "A", "flags": ["--policy.variant=A"]}, {"name": "F", "flags": ["--policy.variant=F"]}],
         "eval": {"env": "metaworld", "tasks": ["button-press-v3"], "episodes": 2, "seed": 1000, "episode_length": 10},
@@ -322,7 +322,7 @@ def test_end_to_end_killed_rerun_resumed_and_noop(dataset_root, tmp_path):
     units = {u["id"]: u for u in report["units"]}
     assert len(units) == 11 and report["complete"] and all(u["status"] == "done" for u in units.values())
     for run in out.glob("train/*/seed*"):  # every run, resumed or not, reached the shared budget
-        assert json.loads((run / "checkpoints/last/training_state/training_step.json").read_text())["step"] == 600
+        assert json.loads((run / "checkpoints/last/training_state/training_step.json").read_text())["step"] == 300
     rows = {(r["arm"], r["mode"]): r for r in report["results"]}
     assert set(rows) == {("A", "pred"), ("F", "pred")} and all(r["episodes"] == 4 for r in rows.values())
     comp = report["comparisons"][0]
@@ -343,18 +343,18 @@ def test_end_to_end_killed_rerun_resumed_and_noop(dataset_root, tmp_path):
     # record and its evaluations' records removed) resumes from that checkpoint and ends the same way.
     run = out / "train/F/seed1"
     ckpts = run / "checkpoints"
-    for step in ("000400", "000600"):
+    for step in ("000200", "000300"):
         shutil.rmtree(ckpts / step)
     (ckpts / "last").unlink()
-    (ckpts / "last").symlink_to("000200")
+    (ckpts / "last").symlink_to("000100")
     for rec in [*out.glob("units/train__F__seed1.json"), *out.glob("units/eval__F__seed1__*.json"),
                 *out.glob("units/probe__F__seed1.json")]:  # fmt: skip
         rec.unlink()
     res = _compare(spec_path)
     assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
-    assert "train/F/seed1: resuming from its checkpoint at step 200" in res.stdout
+    assert "train/F/seed1: resuming from its checkpoint at step 100" in res.stdout
     assert res.stdout.count(": started") == 3  # the training, its evaluation and its probe, nothing else
-    assert json.loads((ckpts / "last/training_state/training_step.json").read_text())["step"] == 600
+    assert json.loads((ckpts / "last/training_state/training_step.json").read_text())["step"] == 300
     rec = json.loads((out / "units/train__F__seed1.json").read_text())
     assert rec["commands"][-1].endswith("--resume=true") and "--config_path=" in rec["commands"][-1]
     md = (out / "results.md").read_text()
