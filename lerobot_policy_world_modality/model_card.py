@@ -41,8 +41,13 @@ _SUMMARIES = {
 }
 
 
+# Figures of the Chain-of-Causality losses (smolvla_world's text pass and alignment) kept for the card too.
+COC_FIGURES = ("text_loss", "text_labelled", "align_loss", "align_cos")
+
+
 class TrainingFigures:
-    """The world figures (`world_*` scalars) of the last `FIGURE_WINDOW` training batches, for the card.
+    """The world figures (`world_*` scalars, and the COC_FIGURES) of the last `FIGURE_WINDOW` training
+    batches, for the card.
 
     A plain object, not a module: it never enters the state dict. A policy rebuilt from a checkpoint
     starts empty; its card then keeps the figures recorded in the previous card.
@@ -53,8 +58,8 @@ class TrainingFigures:
         self._rows: deque[dict[str, float]] = deque(maxlen=window)
 
     def record(self, info: dict) -> None:
-        """Keep the finite `world_*` floats of one training step's logged dict."""
-        row = {k: float(v) for k, v in info.items() if k.startswith("world_") and _finite(v)}
+        """Keep the finite `world_*` (and COC_FIGURES) floats of one training step's logged dict."""
+        row = {k: float(v) for k, v in info.items() if (k.startswith("world_") or k in COC_FIGURES) and _finite(v)}
         if row:
             self._rows.append(row)
 
@@ -158,6 +163,9 @@ def _training_lines(training: dict, gate: dict | None, policy_type: str) -> list
         f"| world loss (`{loss_key}`) | {_text(training.get(loss_key))} |",
         f"| motion cosine per horizon (`world_motion_cos_h*`) | {_horizons(training, 'world_motion_cos_h')} |",
         f"| world cosine per horizon (`world_cos_h*`) | {_horizons(training, 'world_cos_h')} |",
+        # The CoC rows only for policies trained with them (a text or alignment loss).
+        *[f"| {label} (`{key}`) | {_text(training[key])} |" for key, label in
+          (("text_loss", "CoC text loss"), ("align_loss", "future alignment loss")) if key in training],
         "",
         f"Training figures: {window or NOT_RECORDED}.",
     ]

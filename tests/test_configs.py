@@ -243,6 +243,7 @@ GROUPS = {
         "world_target", "delta_prediction", "standardise_targets", "prophet_input", "world_loss_type", "lambda_world",
     ],
     "World path (cross_attn or in_trunk) and history input": ["world_path", "foresight_tokens", "trunk_reads_history"],
+    "Future alignment (FLARE-style, see docs/coc.md)": ["lambda_align"],
     "Memory and gated cross-attention": [
         "inject_memory", "memory_mode_train", "memory_mode_rollout", "detach_memory", "fusion_heads", "fusion_dim", "gate_init",
         "gate_per_channel", "fusion_memory_norm", "gate_lr_mult",

@@ -110,6 +110,16 @@ def test_config_carries_every_smolvla_option_with_its_default_and_parses_from_th
         SmolVLAWorldConfig(device="cpu", use_prophet=False, inject_memory=False, inject_prefix=True)
 
 
+def test_every_field_smolvla_world_declares_itself_is_in_its_docs_reference():
+    """docs/smolvla_world.md's hand-written table must list the fields that only smolvla_world has."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "smolvla_world.md").read_text()
+    own = vars(SmolVLAWorldConfig)["__annotations__"]
+    assert {"init_from", "coc_path", "lambda_text", "lambda_align", "explain"} <= set(own)
+    assert [n for n in own if f"| `{n}` |" not in text] == []
+
+
 @pytest.mark.parametrize("points", [{}, {"inject_expert_input": True, "inject_prefix": True}])
 def test_closed_gates_give_smolvla_actions_exactly_and_every_gate_gets_a_gradient(tiny_vlm, points):
     torch.manual_seed(0)

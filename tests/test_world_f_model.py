@@ -474,3 +474,31 @@ def test_task_reaches_the_policy_through_its_preprocessor(text_dir):
     policy.reset()
     action = post(policy.select_action(batch))
     assert action.shape == (2, A) and policy.text_encoder.num_encoded == 2
+
+
+@pytest.mark.parametrize("path", ["cross_attn", "in_trunk"])
+def test_world_f_aligns_its_action_query_states_with_the_future(path):
+    plain = make_policy(world_path=path)
+    aligned = make_policy(world_path=path, lambda_align=0.5)
+    missing, unexpected = aligned.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and sorted(missing) == ["align.proj.bias", "align.proj.weight"]
+    b = train_batch()
+    torch.manual_seed(0)
+    plain_loss, plain_info = plain.forward(dict(b))
+    torch.manual_seed(0)
+    loss, info = aligned.forward(dict(b))
+    assert info["action_loss"] == plain_info["action_loss"]
+    assert loss.item() == pytest.approx(plain_loss.item() + 0.5 * info["align_loss"], rel=1e-5)
+    # The loss reaches the trunk through the action-query states.
+    loss.backward()
+    plain_loss.backward()
+    theirs = dict(plain.named_parameters())
+    trunk = [(p.grad, theirs[n].grad) for n, p in aligned.named_parameters()
+             if n.startswith("trunk.") and p.grad is not None]  # fmt: skip
+    assert trunk and any(not torch.allclose(mine, other) for mine, other in trunk)
+    # Invalid future steps (sample 0, horizon 2 of train_batch) do not count.
+    changed = dict(b)
+    changed[OBS_WORLD_FUTURE] = b[OBS_WORLD_FUTURE].clone()
+    changed[OBS_WORLD_FUTURE][0, 1] += 5.0
+    torch.manual_seed(0)
+    assert aligned.forward(changed)[1]["align_loss"] == info["align_loss"]

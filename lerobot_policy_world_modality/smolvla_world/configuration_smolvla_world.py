@@ -22,6 +22,7 @@ from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
 from ..cli_errors import policy_config_errors
 from ..latents.config import WorldLatentOptions
 from ..sources import checkpoint_file
+from ..world.align import validate_alignment
 from ..world.options import DynamicsOptions, WorldMemoryOptions
 
 logger = logging.getLogger(__name__)
@@ -192,6 +193,10 @@ class SmolVLAWorldConfig(WorldMemoryOptions, DynamicsOptions, WorldLatentOptions
     the SmolVLA part; SmolVLA options the user did not set are taken from its config, options the user
     set stay as set, and architecture options that contradict it are refused. The world modules start
     fresh; a saved smolvla_world checkpoint carries all weights and never reads `init_from` again.
+
+    Chain-of-Causality (docs/coc.md): `lambda_text` > 0 adds a next-token loss on the texts of
+    `coc_path` through the VLM in a pass of its own; `lambda_align` > 0 aligns the expert's states with
+    the future latents; `explain` generates the text at rollout.
     """
 
     # SmolVLA checkpoint (Hub id or local path) whose weights initialise the SmolVLA part; None = from scratch.
@@ -204,6 +209,18 @@ class SmolVLAWorldConfig(WorldMemoryOptions, DynamicsOptions, WorldLatentOptions
     inject_prefix: bool = False
     # Dropout in the Prophet and the cross-attentions.
     world_dropout: float = 0.0
+    # Chain-of-Causality labels of the training dataset (JSONL of lerobot-wm-label-coc); None = no text loss.
+    coc_path: str | None = None
+    # Weight of the next-token loss on the CoC texts, computed in a VLM pass of its own (0 = off).
+    lambda_text: float = 0.0
+    # Weight of the FLARE-style cosine alignment of the action expert's states with the future latents (0 = off).
+    lambda_align: float = 0.0
+    # Generate the CoC text at every new action chunk in select_action (kept in policy.explanations).
+    explain: bool = False
+    # JSONL file the explanations are written to as they come (lerobot-eval cannot); None = memory only.
+    explain_path: str | None = None
+    # Most tokens of one explanation (greedy decoding, stops earlier at EOS).
+    explain_max_tokens: int = 32
 
     def __post_init__(self):
         with policy_config_errors(self.type):
@@ -216,8 +233,29 @@ class SmolVLAWorldConfig(WorldMemoryOptions, DynamicsOptions, WorldLatentOptions
                         f"{name}=True needs use_prophet=True: the injected memory is the Prophet's prediction."
                     )
             self.validate_world_memory(baseline_hint="For plain SmolVLA use --policy.type=smolvla.")
+            self.validate_coc()
             self.validate_dynamics()
             self.smolvla_config()  # SmolVLA's own validation of its options (n_action_steps <= chunk_size, ...)
+
+    def validate_coc(self) -> None:
+        """Refuse text-loss, alignment and explanation settings that cannot work (the message names the fix)."""
+        validate_alignment(self)
+        if self.lambda_text < 0:
+            raise ValueError(f"lambda_text must be >= 0, got {self.lambda_text}.")
+        if self.lambda_text > 0 and not self.coc_path:
+            raise ValueError(
+                "lambda_text > 0 needs the CoC labels: --policy.coc_path=<dataset root>/meta/coc_labels.jsonl "
+                "(written by lerobot-wm-label-coc; see docs/coc.md)."
+            )
+        if self.lambda_text > 0 and self.train_expert_only:
+            raise ValueError(
+                "lambda_text > 0 trains the VLM through the text loss, but train_expert_only=True freezes it. "
+                "Fix: --policy.train_expert_only=false (or --policy.lambda_text=0)."
+            )
+        if self.explain_path and not self.explain:
+            raise ValueError("explain_path is where explanations go: it needs --policy.explain=true.")
+        if self.explain_max_tokens < 1:
+            raise ValueError(f"explain_max_tokens must be >= 1, got {self.explain_max_tokens}.")
 
     # ------------------------------------------------------------------ SmolVLA composition
     def smolvla_config(self) -> SmolVLAConfig:

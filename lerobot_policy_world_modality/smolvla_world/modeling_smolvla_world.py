@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 from collections import deque
+from pathlib import Path
 
 import torch
 from lerobot.policies.pretrained import PreTrainedPolicy
@@ -30,10 +32,12 @@ from ..latents.train_view import EpisodeSuccess, source_of_view
 from ..model_card import ModelCardMixin, record_training_provenance
 from ..sources import checkpoint_file
 from ..trunk_policy import ensure_eval, gate_param_group
+from ..world.align import FutureAlignment, alignment_targets
 from ..world.fusion import GatedCrossAttention, fusion_gates
 from ..world.history import LatentHistory, latent_from_batch
 from ..world.path import WorldPath, build_fusion
 from ..world.planner import plan_chunk
+from .coc import CocLabels, CocText, generate_text
 from .configuration_smolvla_world import ARCHITECTURE_FIELDS, INIT_FROM_EXPECTED, SmolVLAWorldConfig
 
 
@@ -61,6 +65,8 @@ class SmolVLAWorldPolicy(ModelCardMixin, StrictCheckpointLoading, PreTrainedPoli
     Training batches carry SmolVLA's inputs (images, state, tokenised instruction, action chunk) and
     the world-latent step's OBS_WORLD_HISTORY / OBS_WORLD_FUTURE / OBS_WORLD_FUTURE_VALID; evaluation
     batches carry OBS_WORLD_LATENT, whose last T values the policy keeps itself (`LatentHistory`).
+    Chain-of-Causality (docs/coc.md): a text loss on the labels of `coc_path` in a VLM pass of its own,
+    a FLARE-style alignment of the expert's states, and explanations generated at rollout (`explain`).
     """
 
     config_class = SmolVLAWorldConfig
@@ -97,9 +103,15 @@ class SmolVLAWorldPolicy(ModelCardMixin, StrictCheckpointLoading, PreTrainedPoli
             build_fusion(config, expert_width, d, drop) if config.inject_expert_input else None
         )
         self.prefix_fusion = build_fusion(config, vlm_width, d, drop) if config.inject_prefix else None
+        # FLARE-style alignment head (lambda_align > 0): expert states -> future latents.
+        self.align = FutureAlignment(expert_width, config.future_frames, d) if config.lambda_align > 0 else None
+        # The CoC text pass (lambda_text > 0); its labels are bound to the training dataset.
+        self.coc = self._bind_coc(config, dataset_meta)
         # The memory the hooks inject during the current call (None: SmolVLA runs untouched).
         self._memory: Tensor | None = None
         self._stats: dict | None = None
+        # Expert states before the late injection, collected during a training forward for the alignment.
+        self._captured: list | None = None
         model.action_out_proj.register_forward_pre_hook(self._expert_output_hook)
         model.action_time_mlp_out.register_forward_hook(self._expert_input_hook)
         if self.prefix_fusion is not None:
@@ -107,10 +119,24 @@ class SmolVLAWorldPolicy(ModelCardMixin, StrictCheckpointLoading, PreTrainedPoli
             model.embed_prefix = functools.partial(self._embed_prefix, model.embed_prefix)
         self.history = LatentHistory(config.history_frames)
         self._action_queue: deque = deque(maxlen=config.n_action_steps)
+        # Explanations (explain=True): {episode, step, env, text} per new chunk, oldest first.
+        self.explanations: list[dict] = []
+        self._episode, self._step, self._episode_open, self._explain_file_open = -1, 0, False, False
         if config.init_from and not config.init_from_loaded:
             self.load_init_weights(config.init_from)
             config.init_from_loaded = True
         self.reset()
+
+    def _bind_coc(self, config: SmolVLAWorldConfig, dataset_meta) -> CocText | None:
+        """The text pass over `config.coc_path`'s labels of the training dataset (None: no text loss)."""
+        if config.lambda_text <= 0:
+            return None
+        # SmolVLA freezes the LM head because its action loss never reaches it; the text loss does.
+        self.smolvla.model.vlm_with_expert.vlm.lm_head.weight.requires_grad_(True)
+        if dataset_meta is None:
+            return None  # a loaded checkpoint (rollout): no training dataset, so nothing to look labels up in
+        tokenizer = self.smolvla.model.vlm_with_expert.processor.tokenizer
+        return CocText(CocLabels.load(config.coc_path, dataset_meta), tokenizer)
 
     def load_init_weights(self, init_from: str) -> None:
         """Load a SmolVLA checkpoint's weights into the SmolVLA part; clear error when they do not fit."""
@@ -140,6 +166,8 @@ class SmolVLAWorldPolicy(ModelCardMixin, StrictCheckpointLoading, PreTrainedPoli
 
     def _expert_output_hook(self, module, args):
         """Late injection: the expert's hidden states right before `action_out_proj`."""
+        if self._captured is not None:
+            self._captured.append(args[0])  # the expert's own states: the memory may hold the true future
         if self._memory is None or self.world.fusion is None:
             return None
         hidden, info = self.world.inject(args[0], self._memory, stats=self._stats is not None)
@@ -161,13 +189,14 @@ class SmolVLAWorldPolicy(ModelCardMixin, StrictCheckpointLoading, PreTrainedPoli
         return embs, pad_masks, att_masks
 
     @contextlib.contextmanager
-    def _reading(self, memory: Tensor | None, stats: dict | None = None):
-        """Let the hooks inject `memory` during the SmolVLA call inside the block."""
-        self._memory, self._stats = memory, stats
+    def _reading(self, memory: Tensor | None, stats: dict | None = None, capture: list | None = None):
+        """Let the hooks inject `memory` (and collect the expert states into `capture`) during the
+        SmolVLA call inside the block."""
+        self._memory, self._stats, self._captured = memory, stats, capture
         try:
             yield
         finally:
-            self._memory, self._stats = None, None
+            self._memory, self._stats, self._captured = None, None, None
 
     @property
     def injects(self) -> bool:
@@ -193,6 +222,7 @@ class SmolVLAWorldPolicy(ModelCardMixin, StrictCheckpointLoading, PreTrainedPoli
         self._action_queue.clear()
         self.smolvla.reset()
         reset_online_state()
+        self._step, self._episode_open = 0, False
 
     @property
     def reads_history(self) -> bool:
@@ -266,10 +296,29 @@ class SmolVLAWorldPolicy(ModelCardMixin, StrictCheckpointLoading, PreTrainedPoli
         if len(self._action_queue) == 0:
             chunk = self._chunk(batch, history, noise)
             self._action_queue.extend(chunk.transpose(0, 1)[: self.config.n_action_steps])
+            if self.config.explain:
+                self._explain(batch)  # after the chunk, drawing no random numbers: the actions are unchanged
+        self._step += 1
         return self._action_queue.popleft()
 
+    def _explain(self, batch: dict[str, Tensor]) -> None:
+        """Generate this step's CoC texts, keep them in `explanations` and append them to `explain_path`."""
+        if not self._episode_open:
+            self._episode, self._episode_open = self._episode + 1, True
+        texts = generate_text(self.smolvla, batch, self.config.explain_max_tokens)
+        rows = [{"episode": self._episode, "step": self._step, "env": i, "text": t} for i, t in enumerate(texts)]
+        self.explanations += rows
+        if self.config.explain_path:
+            path = Path(self.config.explain_path).expanduser()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Written as they come (lerobot-eval has no hook at its end); a new policy starts a new file.
+            with path.open("a" if self._explain_file_open else "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            self._explain_file_open = True
+
     def forward(self, batch: dict[str, Tensor], noise=None, time=None, reduction: str = "mean"):
-        """SmolVLA's flow-matching loss (with the memory injected) + lambda_world * world loss, and logs."""
+        """SmolVLA's flow-matching loss (with the memory injected) + lambda_world * world loss, plus the
+        CoC text loss of its own VLM pass (lambda_text) and the future alignment (lambda_align); and logs."""
         cfg = self.config
         prediction = targets = valid = memory = None
         if self.world.prophet is not None or self.world.dynamics is not None:
@@ -281,9 +330,20 @@ class SmolVLAWorldPolicy(ModelCardMixin, StrictCheckpointLoading, PreTrainedPoli
                     prediction, cfg.memory_mode_train, targets, self.world.oracle_prob(), valid
                 )
         stats: dict = {}
-        with self._reading(memory, stats):
+        captured: list | None = [] if self.align is not None else None
+        with self._reading(memory, stats, captured):
             loss, info = self.smolvla.forward(batch, noise, time, reduction)
         info = {"action_loss": info["loss"], **info}
+        # Added after the action pass, never mixed into it: the actions and their loss are unchanged.
+        if self.coc is not None:
+            text_loss, text_info = self.coc.loss(self.smolvla, batch)
+            info.update(text_info)
+            if text_loss is not None:
+                loss = loss + cfg.lambda_text * text_loss
+        if self.align is not None:
+            align_loss, align_info = self._align_loss(batch, captured)
+            loss = loss + cfg.lambda_align * align_loss
+            info.update(align_info)
         world_loss, world_info = self.world.loss_terms(prediction, targets, valid)
         if world_loss is not None:
             loss = loss + cfg.lambda_world * world_loss
@@ -303,3 +363,8 @@ class SmolVLAWorldPolicy(ModelCardMixin, StrictCheckpointLoading, PreTrainedPoli
         self.world.step()
         self.training_figures.record(info)
         return loss, info
+
+    def _align_loss(self, batch: dict[str, Tensor], captured: list) -> tuple[Tensor, dict]:
+        """FLARE-style alignment of this forward's expert states with the batch's future latents."""
+        (hidden,) = captured  # one action_out_proj call per training forward
+        return self.align(hidden, *alignment_targets(batch, self.config.future_frames))

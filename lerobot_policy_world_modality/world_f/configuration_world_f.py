@@ -10,6 +10,7 @@ from ..cli_errors import policy_config_errors
 from ..language import LanguageOptions
 from ..latents.config import WorldLatentOptions
 from ..trunk_policy import TrunkPolicyOptions
+from ..world.align import validate_alignment
 from ..world.options import DynamicsOptions, WorldMemoryOptions
 
 # The baselines of the research line, as (use_prophet, inject_memory).
@@ -76,6 +77,8 @@ class WorldFConfig(
     foresight_tokens: int = 1
     # The trunk reads the motion of the T history latents (set by variant A_hist; always on for in_trunk).
     trunk_reads_history: bool = False
+    # Weight of the FLARE-style cosine alignment of the action-query states with the future latents (0 = off).
+    lambda_align: float = 0.0
 
     def __post_init__(self):
         with policy_config_errors(self.type):
@@ -89,6 +92,7 @@ class WorldFConfig(
             self.validate_world_memory("For the baseline without world prediction use --policy.variant=A.")
             self.validate_world_path()
             self.validate_dynamics()
+            validate_alignment(self)
 
     @property
     def in_trunk(self) -> bool:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from ..constants import OBS_WORLD_GOAL, OBS_WORLD_HISTORY
 from ..latents.train_view import EpisodeSuccess
 from ..trunk_policy import TrunkWorldPolicy, ensure_eval
+from ..world.align import FutureAlignment, alignment_targets
 from ..world.foresight import ForesightPredictor, StagedMask, run_staged
 from ..world.fusion import GatedCrossAttention
 from ..world.history import LatentHistory, latent_from_batch
@@ -81,6 +82,8 @@ class WorldFPolicy(TrunkWorldPolicy):
             )
             self.world.fusion = None
         self.action_head = nn.Linear(config.width, self.action_dim)
+        # FLARE-style alignment head (lambda_align > 0): action-query states -> future latents.
+        self.align = FutureAlignment(config.width, config.future_frames, d) if config.lambda_align > 0 else None
         self._history = LatentHistory(config.history_frames)
         self._planner_rng = torch.Generator()
         # Per-episode success of the training dataset (recordings that keep failures): the progress head
@@ -178,7 +181,8 @@ class WorldFPolicy(TrunkWorldPolicy):
         )  # fmt: skip
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
-        """Training loss = action loss + lambda_world * world loss, and a dict of floats for logging."""
+        """Training loss = action loss + lambda_world * world loss (+ the world model's losses and
+        lambda_align * future alignment), and a dict of floats for logging."""
         cfg = self.config
         history = targets = valid = None
         if self.world.prophet is not None or self.world.dynamics is not None:
@@ -195,6 +199,10 @@ class WorldFPolicy(TrunkWorldPolicy):
             d_loss, d_info = self.world.dynamics_loss_terms(batch, history, targets, valid, self._success(batch))
             loss = loss + d_loss
             world_info |= d_info
+        if self.align is not None:
+            align_loss, align_info = self.align(out["query_states"], *alignment_targets(batch, cfg.future_frames))
+            loss = loss + cfg.lambda_align * align_loss
+            world_info |= align_info
         info = {"action_loss": a_loss.item(), **world_info, **out["stats"], "loss": loss.item()}
         self.training_figures.record(info)
         return loss, info
@@ -222,7 +230,8 @@ class WorldFPolicy(TrunkWorldPolicy):
         n_obs = obs.shape[1]
         states = self._trunk_without_foresight(obs)
         query_states = states[:, n_obs:]
-        out: dict = {"stats": {}}
+        # The queries' own states, before they read the memory (which may hold the true future): aligned.
+        out: dict = {"stats": {}, "query_states": query_states}
         # B_cont's Prophet only matters for its loss: skip it at rollout, where nothing reads it.
         if self.prophet is not None and (stats or self.fusion is not None):
             context = states[:, :n_obs] if self.config.prophet_reads_trunk else None
@@ -260,7 +269,8 @@ class WorldFPolicy(TrunkWorldPolicy):
         # trunk), so the head runs only when the world loss / logged scalars need it.
         out: dict = {"stats": {}}
         if not (reads or stats):
-            out["actions"] = self.action_head(self._trunk_without_foresight(obs)[:, obs.shape[1] :])
+            out["query_states"] = self._trunk_without_foresight(obs)[:, obs.shape[1] :]
+            out["actions"] = self.action_head(out["query_states"])
             return out
         fore = self.foresight.queries(b)
         states = run_staged(
@@ -270,5 +280,6 @@ class WorldFPolicy(TrunkWorldPolicy):
         n_obs, n_fore = obs.shape[1], fore.shape[1]
         if stats:
             out["prediction"] = self.foresight.predict(states[:, n_obs : n_obs + n_fore], history)
-        out["actions"] = self.action_head(states[:, n_obs + n_fore :])
+        out["query_states"] = states[:, n_obs + n_fore :]
+        out["actions"] = self.action_head(out["query_states"])
         return out
