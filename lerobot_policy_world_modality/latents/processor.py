@@ -148,16 +148,20 @@ class WorldLatentStep(ProcessorStep):
                     f"World camera '{cam}' is not in the observation (image keys present: {available}). "
                     "Evaluate with the camera the policy was trained on, or map it with --rename_map."
                 )
-            frames = observation[cam]
-            if frames.ndim == 3:
-                frames = frames.unsqueeze(0)
-            target = torch.device(self.device) if self.device else frames.device
-            if encoder.device != target:
-                encoder.to(target)
-            if encoder.window > 1:
-                frames = self._frame_window(cam, frames, encoder.window)
-            latents.append(encoder.encode(frames.to(target)).to(frames.device))
+            latents.append(self._encode(encoder, observation[cam], cam))
         return torch.cat(latents, dim=-1)
+
+    def _encode(self, encoder: WorldEncoder, frames: torch.Tensor, cam: str | None = None) -> torch.Tensor:
+        """Latents [B, D] of frames [(B,) C, H, W] on the step's device; with `cam`, a video encoder reads
+        that camera's frame window (a goal image, given without `cam`, is a single frame)."""
+        if frames.ndim == 3:
+            frames = frames.unsqueeze(0)
+        target = torch.device(self.device) if self.device else frames.device
+        if encoder.device != target:
+            encoder.to(target)
+        if cam is not None and encoder.window > 1:
+            frames = self._frame_window(cam, frames, encoder.window)
+        return encoder.encode(frames.to(target)).to(frames.device)
 
     def _online_goal(self, observation: dict[str, Any]) -> torch.Tensor | None:
         """Latent of the goal images (`constants.goal_image_key` of every world camera), or None when the
@@ -174,13 +178,7 @@ class WorldLatentStep(ProcessorStep):
             raise ValueError(
                 f"Goal images need a single-frame encoder; '{self.encoder}' encodes {encoder.window}-frame clips."
             )
-        latents = []
-        for key in keys:
-            frames = observation[key]
-            frames = frames.unsqueeze(0) if frames.ndim == 3 else frames
-            target = torch.device(self.device) if self.device else frames.device
-            latents.append(encoder.encode(frames.to(target)).to(frames.device))
-        return torch.cat(latents, dim=-1)
+        return torch.cat([self._encode(encoder, observation[key]) for key in keys], dim=-1)
 
     def _frame_window(self, cam: str, frames: torch.Tensor, window: int) -> torch.Tensor:
         """Last `window` frames of this camera, repeat-padded at an episode's first frame like the cache."""
