@@ -280,6 +280,43 @@ def test_libero_preset_structure(tmp_path):
     assert plan.comparisons[0] == ("E2@pred", "E0@none")
 
 
+def test_explaining_evaluations_write_their_texts_where_the_report_reads_them(dataset_root, tmp_path):
+    """An arm evaluated with --policy.explain=true gets --policy.explain_path inside its eval unit's folder
+    (lerobot-eval cannot save texts); the report groups the texts per episode with the episode's outcome."""
+    vla = {"name": "V", "flags": ["--policy.type=smolvla_world"], "rollout_modes": ["pred", "explain"],
+           "rollout_flags": {"explain": ["--policy.explain=true"]}}  # fmt: skip
+    spec = tiny_spec(dataset_root, tmp_path / "out", arms=[{"name": "A", "flags": ["--policy.variant=A"]}, vla],
+                     comparisons=["V@explain vs A@pred"])  # fmt: skip
+    spec["train"]["flags"] = [f for f in COMMON if f != "--policy.type=world_f"]
+    spec["arms"][0]["flags"].insert(0, "--policy.type=world_f")
+    plan = compare.validate(spec, check_flags=False, require_data=False)
+    units = {u.id: u for u in compare.plan_units(plan)}
+    cmd = compare.unit_commands(plan, units["eval/V/seed0/button-press-v3/explain"])[0]
+    out = next(f for f in cmd if f.startswith("--output_dir=")).split("=", 1)[1]
+    assert f"--policy.explain_path={Path(out) / compare.EXPLANATIONS_FILE}" in cmd
+    for plain in ("eval/V/seed0/button-press-v3/pred", "eval/A/seed0/button-press-v3/pred"):
+        assert not any(f.startswith("--policy.explain") for f in compare.unit_commands(plan, units[plain])[0])
+
+    # What the policy writes (two vectorised envs: episode k of the policy holds evaluated episodes 2k, 2k+1).
+    texts = tmp_path / "explanations.jsonl"
+    rows = [(0, 0, 0, "reach the button"), (0, 0, 1, "reach"), (0, 5, 0, "reach the button"), (0, 10, 0, "press it"),
+            (1, 0, 1, "look around")]  # fmt: skip
+    texts.write_text("".join(json.dumps({"episode": e, "step": s, "env": v, "text": t}) + "\n" for e, s, v, t in rows))
+    episodes = compare.read_explanations(texts, [True, False, True, False], batch_size=2, eval_seed=1000)
+    assert [(e["episode"], e["seed"], e["success"]) for e in episodes] == [(0, 1000, True), (1, 1001, False), (3, 1003, False)]
+    assert episodes[0]["texts"] == [[0, "reach the button"], [5, "reach the button"], [10, "press it"]]
+
+    record = {"id": "eval/V/seed0/button-press-v3/explain", "kind": "eval", "seconds": 1.0, "commands": [],
+              "successes": [True, False, True, False], "explanations_file": str(texts), "explanations": episodes}  # fmt: skip
+    compare._atomic_write(compare.record_path(plan, record["id"]), json.dumps(record))
+    compare.write_reports(plan, list(units.values()))
+    md = (plan.out / "results.md").read_text()
+    assert "## Explanations at rollout" in md and "### V@explain, seed 0, button-press-v3" in md
+    assert "- episode 0 (env seed 1000, success): steps 0-5: reach the button; step 10: press it" in md
+    assert "- episode 1 (env seed 1001, failure): step 0: reach" in md
+    assert "<h3>V@explain, seed 0, button-press-v3</h3>" in (plan.out / "report.html").read_text()
+
+
 # ----------------------------------------------------------------------------------------- end to end
 def _compare(spec_path: Path, *extra, wait=True):
     env = {**os.environ, "MUJOCO_GL": "egl"}

@@ -336,4 +336,14 @@ def test_lerobot_train_trains_with_the_text_loss_on_a_labelled_recording(tiny_vl
     steps = TINY_SMOLVLA["n_action_steps"]
     assert [(r["episode"], r["step"], r["env"]) for r in rows] == [(0, s, 0) for s in range(0, 6, steps)]
     assert all(isinstance(r["text"], str) for r in rows)
+    # lerobot-wm-compare reads the same file into its report, paired with the episode's outcome.
+    from lerobot_policy_world_modality.tools import compare
+
+    info = json.loads((tmp_path / "eval" / "eval_info.json").read_text())
+    success = [bool(s) for t in info["per_task"] for s in t["metrics"]["successes"]]
+    episodes = compare.read_explanations(explained, success, batch_size=1, eval_seed=1000)
+    assert [(e["episode"], e["success"], [s for s, _ in e["texts"]]) for e in episodes] == [(0, success[0], list(range(0, 6, steps)))]
+    section = "\n".join(compare.explanations_markdown([{"arm": "coc", "seed": 0, "task": "button-press-v3", "mode": "pred",
+                                                         "file": str(explained), "episodes": episodes}]))  # fmt: skip
+    assert f"- episode 0 (env seed 1000, {'success' if success[0] else 'failure'}): step" in section
 

@@ -53,6 +53,10 @@ TOOL_OWNED_TRAIN_FLAGS = ("--dataset.repo_id", "--dataset.root", "--dataset.epis
 NO_MEMORY_MODE = "none"
 METAWORLD_LAUNCHER = "from lerobot_policy_world_modality.tools.demo import lerobot_eval_capped as m; m()"
 CURVES_LAUNCHER = "from lerobot_policy_world_modality.tools.compare import checkpoint_curves_main as m; m()"
+# Where an explaining policy (--policy.explain=true) writes its rollout texts, inside each eval unit's output folder.
+EXPLANATIONS_FILE = "explanations.jsonl"
+# Episodes per eval unit whose explanations the report prints (this many successes and as many failures).
+REPORT_EXPLAINED_EPISODES = 2
 
 
 class SpecError(ValueError):
@@ -739,6 +743,8 @@ def unit_commands(plan: Plan, unit: Unit) -> list[list[str]]:
             cmd[len(launcher) + 1 : len(launcher) + 1] = arm.rollout_flags[unit.mode]
         elif unit.mode != NO_MEMORY_MODE:
             cmd.insert(len(launcher) + 1, f"--policy.memory_mode_rollout={unit.mode}")
+        if _explains(plan, arm, cmd) and not any(f.startswith("--policy.explain_path=") for f in cmd):
+            cmd.append(f"--policy.explain_path={out / EXPLANATIONS_FILE}")  # lerobot-eval cannot save texts itself
         return [cmd]
     if unit.kind == "probe":
         p = plan.probe
@@ -751,6 +757,30 @@ def unit_commands(plan: Plan, unit: Unit) -> list[list[str]]:
             cmd.append(f"--episodes={','.join(map(str, plan.heldout))}")
         return [cmd]
     raise ValueError(unit.kind)
+
+
+def _explains(plan: Plan, arm: Arm, eval_cmd: list[str]) -> bool:
+    """Whether an evaluation generates explanations: --policy.explain=true in its flags or its training flags."""
+    flags = [*eval_cmd, *arm.flags, *plan.common_flags]
+    last = [f.split("=", 1)[1].lower() for f in flags if f.startswith("--policy.explain=")]
+    return bool(last) and last[-1] in ("true", "1", "yes")
+
+
+def read_explanations(path: Path, successes: list[bool], batch_size: int, eval_seed: int) -> list[dict]:
+    """An explanations JSONL (one row per new chunk) grouped per evaluated episode, with the episode's outcome.
+
+    The policy numbers its rollouts per `reset()`, and lerobot-eval resets once per batch of
+    `batch_size` vectorised envs, so the evaluated episode is `episode * batch_size + env`; its env seed
+    is `eval_seed` plus that index, as in the unit's `seeds`.
+    """
+    episodes: dict[int, list] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            index = int(row["episode"]) * batch_size + int(row.get("env", 0))
+            episodes.setdefault(index, []).append([int(row["step"]), str(row["text"])])
+    return [{"episode": i, "seed": eval_seed + i, "success": successes[i] if i < len(successes) else None,
+             "texts": sorted(texts, key=lambda t: t[0])} for i, texts in sorted(episodes.items())]  # fmt: skip
 
 
 def run_unit(plan: Plan, unit: Unit) -> dict:
@@ -767,6 +797,10 @@ def run_unit(plan: Plan, unit: Unit) -> dict:
         info = json.loads((out / "eval_info.json").read_text())
         record["successes"] = [bool(s) for t in info["per_task"] for s in t["metrics"]["successes"]]
         record["seeds"] = list(range(plan.eval_seed, plan.eval_seed + len(record["successes"])))
+        if (out / EXPLANATIONS_FILE).exists():
+            batch = int(next(f for f in cmds[0] if f.startswith("--eval.batch_size=")).split("=", 1)[1])
+            record["explanations_file"] = str(out / EXPLANATIONS_FILE)
+            record["explanations"] = read_explanations(out / EXPLANATIONS_FILE, record["successes"], batch, plan.eval_seed)
         return record
     record["seconds"] = run_cmd(cmds[0], log)
     if unit.kind == "probe":
@@ -937,6 +971,9 @@ def collect(plan: Plan, units: list[Unit]) -> dict:
     for u in units:
         if u.kind == "probe" and u.id in recs:
             probes.append({"arm": u.arm, "seed": u.seed, **probe_row(recs[u.id]["probe"])})
+    explanations = [{"arm": u.arm, "seed": u.seed, "task": u.task, "mode": u.mode, "file": recs[u.id].get("explanations_file"),
+                     "episodes": recs[u.id]["explanations"]}
+                    for u in units if u.kind == "eval" and u.id in recs and "explanations" in recs[u.id]]  # fmt: skip
     curves = {f"{u.arm} s{u.seed}": {"console_loss": recs[u.id].get("train_loss_curve", []),
                                        "checkpoints": recs[u.id].get("checkpoint_metrics", [])}
               for u in units if u.kind == "train" and u.id in recs}  # fmt: skip
@@ -950,7 +987,8 @@ def collect(plan: Plan, units: list[Unit]) -> dict:
                           "has_memory": a.has_memory, "rollout_flags": a.rollout_flags,
                           "encoder": encoder_label(plan, a.encoder) if a.uses_latents else None}
                  for a in plan.arms.values()},
-        "results": results, "comparisons": comparisons, "probes": probes, "curves": curves, "units": unit_rows,
+        "results": results, "comparisons": comparisons, "probes": probes, "explanations": explanations, "curves": curves,
+        "units": unit_rows,
         "complete": all(r["status"] == "done" for r in unit_rows),
     }  # fmt: skip
 
@@ -1020,9 +1058,37 @@ def results_markdown(report: dict) -> str:
                          f"{_num(p['gate'])} | {ent} | " + " | ".join(_num(p["world"].get(k)) for k in wkeys) + " |")
     else:
         lines.append("No checkpoint with a world memory was probed.")
+    lines += explanations_markdown(report.get("explanations", []))
     lines += ["", "## Units", "", "| unit | status | wall s |", "|---|---|---|"]
     lines += [f"| {u['id']} | {u['status']} | {_num(u['seconds'])} |" for u in report["units"]]
     return "\n".join(lines) + "\n"
+
+
+def _text_spans(texts: list) -> list[str]:
+    """Consecutive identical texts as one span: `steps 0-10: text` (the policy often repeats itself)."""
+    spans: list[list] = []
+    for step, text in texts:
+        if spans and spans[-1][2] == text:
+            spans[-1][1] = step
+        else:
+            spans.append([step, step, text])
+    return [f"step {a}: {t or '(empty)'}" if a == b else f"steps {a}-{b}: {t or '(empty)'}" for a, b, t in spans]
+
+
+def explanations_markdown(units: list[dict]) -> list[str]:
+    """The report's explanations section: per eval unit, what the policy said in a few successes and failures."""
+    if not units:
+        return []
+    lines = ["", "## Explanations at rollout", "",
+             f"What the policy said at each new chunk (--policy.explain=true), for up to {REPORT_EXPLAINED_EPISODES} "
+             "successful and failed episodes per evaluation; every text is in the unit's file."]  # fmt: skip
+    for u in units:
+        lines += ["", f"### {u['arm']}@{u['mode']}, seed {u['seed']}, {u['task']}", "", f"File: {u['file']}", ""]
+        for outcome in (True, False):
+            for ep in [e for e in u["episodes"] if e["success"] is outcome][:REPORT_EXPLAINED_EPISODES]:
+                lines.append(f"- episode {ep['episode']} (env seed {ep['seed']}, {'success' if outcome else 'failure'}): "
+                             + "; ".join(_text_spans(ep["texts"])))  # fmt: skip
+    return lines
 
 
 def report_charts(report: dict) -> list[str]:
@@ -1072,6 +1138,10 @@ def render_html(report: dict) -> str:
         flush()
         if line.startswith("# "):
             body.append(f"<h1>{esc(line[2:])}</h1>")
+        elif line.startswith("### "):
+            body.append(f"<h3>{esc(line[4:])}</h3>")
+        elif line.startswith("- "):
+            body.append(f"<p class='item'>{esc(line[2:])}</p>")
         elif line.startswith("## "):
             body.append(f"<h2>{esc(line[3:])}</h2>")
             if line.startswith("## World-memory probe"):
