@@ -120,6 +120,32 @@ def test_goal_images_are_encoded_into_the_goal_latent(dataset_root):
     assert OBS_WORLD_GOAL not in plain
 
 
+def test_a_constant_goal_is_encoded_once_and_a_new_goal_again(dataset_root):
+    """The goal stays the same through an episode: the step encodes it at the first step only (its real
+    encoder's passes counted), and a different goal image gets its own latent."""
+    ds = LeRobotDataset(REPO, root=dataset_root, video_backend="pyav")
+    frame, goal, other = (ds[i]["observation.image"][None] for i in (0, 13, 7))
+    step = _step(dataset_root)
+    calls, encoder = [], step.encoder_module()
+    real = encoder._forward
+
+    def counted(pixels):
+        calls.append(pixels.shape[0])
+        return real(pixels)
+
+    encoder._forward = counted
+
+    def run(g):
+        return transition_to_batch(step(batch_to_transition({"observation.image": frame, "observation.goal.image": g})))
+
+    first, again = run(goal), run(goal.clone())
+    assert len(calls) == 3  # two camera frames, one goal
+    torch.testing.assert_close(again[OBS_WORLD_GOAL], first[OBS_WORLD_GOAL], atol=0, rtol=0)
+    changed = run(other)
+    assert len(calls) == 5
+    torch.testing.assert_close(changed[OBS_WORLD_GOAL], load_encoder("pixels").encode(other), atol=1e-5, rtol=0)
+
+
 def test_missing_cache_fails_with_the_fixing_command(dataset_root):
     ds = LeRobotDataset(REPO, root=dataset_root, video_backend="pyav")
     step = _step(dataset_root)

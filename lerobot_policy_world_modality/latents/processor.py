@@ -86,6 +86,8 @@ class WorldLatentStep(ProcessorStep):
         self._encoder: WorldEncoder | None = None
         self._caches: list[LatentCache] | None = None
         self._frames: dict[str, list[torch.Tensor]] = {}
+        # Goal image key -> (the goal frames last seen, their latent), so a constant goal is encoded once.
+        self._goals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         _LIVE_STEPS.add(self)
 
     def __hash__(self):
@@ -178,7 +180,15 @@ class WorldLatentStep(ProcessorStep):
             raise ValueError(
                 f"Goal images need a single-frame encoder; '{self.encoder}' encodes {encoder.window}-frame clips."
             )
-        return torch.cat([self._encode(encoder, observation[key]) for key in keys], dim=-1)
+        latents = []
+        for key in keys:
+            # A goal image usually stays the same for a whole episode: encode it once, not at every step.
+            frames, memo = observation[key], self._goals.get(key)
+            if memo is None or memo[0].shape != frames.shape or not torch.equal(memo[0], frames):
+                memo = (frames.detach().clone(), self._encode(encoder, frames))
+                self._goals[key] = memo
+            latents.append(memo[1])
+        return torch.cat(latents, dim=-1)
 
     def _frame_window(self, cam: str, frames: torch.Tensor, window: int) -> torch.Tensor:
         """Last `window` frames of this camera, repeat-padded at an episode's first frame like the cache."""
@@ -214,8 +224,9 @@ class WorldLatentStep(ProcessorStep):
         return new_transition
 
     def reset(self) -> None:
-        """Forget buffered frames: the next online frame starts a new episode."""
+        """Forget buffered frames and goals: the next online frame starts a new episode."""
         self._frames = {}
+        self._goals = {}
 
     def get_config(self) -> dict[str, Any]:
         """JSON config that rebuilds this step with stock `PolicyProcessorPipeline.from_pretrained`."""
