@@ -6,6 +6,7 @@ can all use it without depending on each other.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -60,3 +61,39 @@ def atomic_write_json(path: str | Path, data: Any, **dumps_kwargs: Any) -> None:
     """`atomic_write_bytes` of `json.dumps(data, indent=2, **dumps_kwargs)` plus a final newline."""
     dumps_kwargs.setdefault("indent", 2)
     atomic_write_text(path, json.dumps(data, **dumps_kwargs) + "\n")
+
+
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}  # (path, size, mtime_ns, ends) -> digest, per process
+
+
+def file_digest(path: str | Path, ends: int = 0) -> str:
+    """sha256 of a file's bytes, memoised while the file is unchanged.
+
+    With `ends` > 0 and a file longer than twice that, only its size and its first and last `ends` bytes
+    are hashed: cheap for large videos, and a re-encoding still changes them.
+    """
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, ends)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            if ends and st.st_size > 2 * ends:
+                h.update(str(st.st_size).encode())
+                h.update(f.read(ends))
+                f.seek(-ends, os.SEEK_END)
+                h.update(f.read(ends))
+            else:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def files_revision(paths) -> str:
+    """`sha256:<hex>` over files' names and contents, in the order given: a local model's revision."""
+    h = hashlib.sha256()
+    for p in paths:
+        p = Path(p)
+        h.update(p.name.encode() + b"\0" + file_digest(p).encode() + b"\n")
+    return "sha256:" + h.hexdigest()

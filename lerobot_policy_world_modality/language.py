@@ -17,7 +17,6 @@ each one is encoded once.
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .latents.encoder_base import file_digest
+from .fileio import files_revision
 from .latents.hf_encoders import EncoderLoadError
 from .sources import resolve_source
 
@@ -88,10 +87,7 @@ def text_local_revision(directory: str | Path) -> str:
             "`tokenizer.save_pretrained(dir)`."
         )
     files = sorted([*weights, *(directory / n for n in _IDENTITY_FILES if (directory / n).is_file())], key=lambda p: p.name)
-    h = hashlib.sha256()
-    for p in files:
-        h.update(p.name.encode() + b"\0" + file_digest(p).encode() + b"\n")
-    return "sha256:" + h.hexdigest()
+    return files_revision(files)
 
 
 def _source(name_or_path: str) -> tuple[str, bool]:

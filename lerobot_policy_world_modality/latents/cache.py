@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..constants import CACHE_ENV_VAR
-from ..fileio import atomic_write_bytes, atomic_write_json
+from ..fileio import atomic_write_bytes, atomic_write_json, file_digest
 from .encoder_base import EncoderIdentity
 
 # Bumped when the on-disk layout changes; caches of another version are rebuilt.
@@ -93,28 +93,6 @@ class DatasetIdentity:
         return asdict(self)
 
 
-_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> digest, per process
-
-
-def _file_digest(path: Path, partial: bool) -> str:
-    """sha256 of a file's bytes, or with `partial` of its size and its first and last VIDEO_HASH_BYTES."""
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _FILE_DIGESTS:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            if partial and st.st_size > 2 * VIDEO_HASH_BYTES:
-                h.update(str(st.st_size).encode())
-                h.update(f.read(VIDEO_HASH_BYTES))
-                f.seek(-VIDEO_HASH_BYTES, os.SEEK_END)
-                h.update(f.read(VIDEO_HASH_BYTES))
-            else:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-        _FILE_DIGESTS[key] = h.hexdigest()
-    return _FILE_DIGESTS[key]
-
-
 def dataset_content_digest(root: str | Path) -> str:
     """Digest of what a dataset's frames are: its tabular files in full, its videos by size and ends.
 
@@ -127,7 +105,7 @@ def dataset_content_digest(root: str | Path) -> str:
     for sub, partial in (("data", False), ("videos", True)):
         for path in sorted((root / sub).rglob("*")) if (root / sub).is_dir() else ():
             if path.is_file():
-                parts.append([path.relative_to(root).as_posix(), _file_digest(path, partial)])
+                parts.append([path.relative_to(root).as_posix(), file_digest(path, VIDEO_HASH_BYTES if partial else 0)])
     return _digest(parts)
 
 
@@ -450,7 +428,7 @@ class LatentCache:
         # Last, so the damage the checks above describe more precisely is reported as such. Each file is
         # hashed once per process and version (digests are kept by path, size and mtime).
         for s in shards:
-            if _file_digest(cache_dir / s["file"], partial=False) != s.get("sha256"):
+            if file_digest(cache_dir / s["file"]) != s.get("sha256"):
                 raise LatentCacheError(
                     f"Corrupt shard {cache_dir / s['file']}: its checksum differs from the one recorded in "
                     f"{META_FILE} (the file was changed after precompute wrote it). Rebuild the cache with:\n  {rebuild}"

@@ -9,7 +9,6 @@ this module; it imports none of them.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -137,18 +136,3 @@ class WorldEncoder(torch.nn.Module):
         return z.float().to(out_device)
 
 
-# Per-process memo of file digests keyed by (path, size, mtime) so repeated resolves are free.
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of one file's bytes (memoised while the file is unchanged)."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _DIGESTS[key] = h.hexdigest()
-    return _DIGESTS[key]

@@ -13,14 +13,14 @@ identity, and latent caches built with the old weights are refused as stale.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .encoder_base import EncoderIdentity, WorldEncoder, file_digest
+from ..fileio import files_revision
+from .encoder_base import EncoderIdentity, WorldEncoder
 
 # File whose presence marks a directory as a fitted world encoder.
 MARKER_FILE = "wm_encoder.json"
@@ -114,10 +114,7 @@ def fitted_revision(directory: str | Path) -> str:
             f"Fitted encoder '{directory}' has a marker but no {WEIGHTS_FILE}. Fix: rerun lerobot-wm-fit-encoder "
             "with --overwrite into that directory."
         )
-    h = hashlib.sha256()
-    for p in (weights, directory / MARKER_FILE):
-        h.update(p.name.encode() + b"\0" + file_digest(p).encode() + b"\n")
-    return "sha256:" + h.hexdigest()
+    return files_revision((weights, directory / MARKER_FILE))
 
 
 def fitted_identity(directory: str | Path, pooling: str | None = None, window: int | None = None) -> EncoderIdentity:

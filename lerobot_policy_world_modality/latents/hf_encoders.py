@@ -13,7 +13,6 @@ that filled the cache carried.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,8 @@ import torch
 from safetensors import SafetensorError
 
 from ..sources import resolve_source
-from .encoder_base import EncoderIdentity, WorldEncoder, file_digest
+from ..fileio import files_revision
+from .encoder_base import EncoderIdentity, WorldEncoder
 
 # model_type values of each supported family (the config's `model_type`).
 FAMILY_MODEL_TYPES = {
@@ -241,10 +241,7 @@ def local_revision(directory: str | Path) -> str:
             f"Encoder directory '{directory}' holds no weight files (*.safetensors / *.bin). "
             "Fix: save the model there with `model.save_pretrained(dir)`."
         )
-    h = hashlib.sha256()
-    for p in [*weights, directory / "config.json"]:
-        h.update(p.name.encode() + b"\0" + file_digest(p).encode() + b"\n")
-    return "sha256:" + h.hexdigest()
+    return files_revision([*weights, directory / "config.json"])
 
 
 def _default_window(config) -> int:

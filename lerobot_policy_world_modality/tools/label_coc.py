@@ -35,7 +35,6 @@ unless `--overwrite`.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import sys
@@ -46,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from ..fileio import atomic_write_json, atomic_write_text
+from ..fileio import atomic_write_json, atomic_write_text, files_revision
 from .record_metaworld import SIM_STATE_KEY  # the column `--store_sim_state` writes
 
 TOOL = "lerobot-wm-label-coc"
@@ -318,13 +317,7 @@ DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16
 def model_revision(source: str, is_local: bool, config: Any) -> str:
     """Revision of a VLM: sha256 over a local directory's files, or the Hub commit of its config."""
     if is_local:
-        from ..latents.encoder_base import file_digest
-
-        h = hashlib.sha256()
-        for p in sorted(Path(source).iterdir(), key=lambda p: p.name):
-            if p.is_file():
-                h.update(p.name.encode() + b"\0" + file_digest(p).encode() + b"\n")
-        return "sha256:" + h.hexdigest()
+        return files_revision(p for p in sorted(Path(source).iterdir(), key=lambda p: p.name) if p.is_file())
     return str(getattr(config, "_commit_hash", None) or "unknown")
 
 
