@@ -317,6 +317,28 @@ def test_explaining_evaluations_write_their_texts_where_the_report_reads_them(da
     assert "<h3>V@explain, seed 0, button-press-v3</h3>" in (plan.out / "report.html").read_text()
 
 
+def test_comparisons_are_also_reported_per_task(dataset_root, tmp_path):
+    """A task both arms solve dilutes the pooled test: the report splits each comparison per task too."""
+    spec = tiny_spec(dataset_root, tmp_path / "out")
+    spec["eval"] = dict(spec["eval"], tasks=["button-press-v3", "drawer-open-v3"], episodes=3)
+    plan = compare.validate(spec, check_flags=False, require_data=False)
+    units = compare.plan_units(plan)
+    for u in units:
+        if u.kind == "eval":  # both arms solve button-press; only F solves drawer-open
+            won = u.task == "button-press-v3" or u.arm == "F"
+            compare._atomic_write(compare.record_path(plan, u.id), json.dumps(
+                {"id": u.id, "kind": "eval", "seconds": 1.0, "commands": [], "successes": [won] * 3}))
+    report = compare.write_reports(plan, units)
+    comp = report["comparisons"][0]
+    assert (comp["pairs"], comp["x_only"], comp["y_only"]) == (12, 6, 0)
+    per = comp["per_task"]
+    assert (per["drawer-open-v3"]["pairs"], per["drawer-open-v3"]["x_only"]) == (6, 6)
+    assert per["button-press-v3"]["p_value"] == 1.0 and per["drawer-open-v3"]["p_value"] == pytest.approx(0.03125)
+    md = (plan.out / "results.md").read_text()
+    assert "## Comparisons per task" in md
+    assert "| F@pred vs A@pred | drawer-open-v3 | 6 | 100.0% | 0.0% | +100.0 pts" in md
+
+
 # ----------------------------------------------------------------------------------------- end to end
 def _compare(spec_path: Path, *extra, wait=True):
     env = {**os.environ, "MUJOCO_GL": "egl"}

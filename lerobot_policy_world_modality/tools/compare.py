@@ -966,6 +966,15 @@ def collect(plan: Plan, units: list[Unit]) -> dict:
         ys = [b for k in keys for _, b in zip(xo[k], yo[k], strict=False)]
         comp = stats.paired_comparison(x, y, xs, ys, alpha=plan.alpha) if xs else {"x": x, "y": y, "pairs": 0,
                                                                                   "verdict": "not evaluated yet"}
+        # Per task as well: a task every arm solves (or fails) dilutes the pooled test of the others.
+        if len(plan.tasks) > 1 and xs:
+            comp["per_task"] = {}
+            for task in plan.tasks:
+                tk = [k for k in keys if k[1] == task]
+                txs = [a for k in tk for a, _ in zip(xo[k], yo[k], strict=False)]
+                tys = [b for k in tk for _, b in zip(xo[k], yo[k], strict=False)]
+                if txs:
+                    comp["per_task"][task] = stats.paired_comparison(x, y, txs, tys, alpha=plan.alpha)
         comparisons.append(comp)
     probes = []
     for u in units:
@@ -1043,6 +1052,16 @@ def results_markdown(report: dict) -> str:
                      f"{c['p_value']:.3g} | {c['verdict']} | {c['episodes_for_10pt']} |")
     if report["comparisons"] and any(c.get("pairs") for c in report["comparisons"]):
         lines += ["", "Episodes for 10 pts: " + next(c["power_assumption"] for c in report["comparisons"] if c.get("pairs"))]
+    if any(c.get("per_task") for c in report["comparisons"]):
+        lines += ["", "## Comparisons per task (paired by env seed)", "",
+                  "| X vs Y | task | pairs | X | Y | X−Y (bootstrap 95%) | only X / only Y | McNemar p | verdict |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for c in report["comparisons"]:
+            for task, t in c.get("per_task", {}).items():
+                lo, hi = t["bootstrap_ci"]
+                lines.append(f"| {c['x']} vs {c['y']} | {task} | {t['pairs']} | {_pct(t['x_rate'])} | {_pct(t['y_rate'])} | "
+                             f"{100 * t['difference']:+.1f} pts ({100 * lo:+.1f}, {100 * hi:+.1f}) | {t['x_only']} / "
+                             f"{t['y_only']} | {t['p_value']:.3g} | {t['verdict']} |")
     lines += ["", "## World-memory probe (per checkpoint)", ""]
     if report["probes"]:
         wkeys = list(dict.fromkeys(k for p in report["probes"] for k in p["world"]))
