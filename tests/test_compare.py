@@ -337,6 +337,9 @@ def test_comparisons_are_also_reported_per_task(dataset_root, tmp_path):
     md = (plan.out / "results.md").read_text()
     assert "## Comparisons per task" in md
     assert "| F@pred vs A@pred | drawer-open-v3 | 6 | 100.0% | 0.0% | +100.0 pts" in md
+    # The per-task success chart, in the page and as a file for docs.
+    assert (plan.out / "success_rates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 'alt="Success rate per task: A@pred, F@pred"' in (plan.out / "report.html").read_text()
 
 
 # ----------------------------------------------------------------------------------------- end to end

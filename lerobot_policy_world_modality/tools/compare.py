@@ -44,6 +44,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..fileio import atomic_write_bytes, atomic_write_text
+
 # Policy types that train on the latent-only training view (they read no camera); others need the frames.
 VIEW_POLICY_TYPES = ("world_f", "world_token_c")
 # lerobot-train flags the spec's shared budget and dataset own: an arm setting them would break the match.
@@ -79,9 +81,7 @@ def _bin(name: str) -> str:
 
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(path, text)
 
 
 # ------------------------------------------------------------------------------------------------ spec
@@ -1110,15 +1110,40 @@ def explanations_markdown(units: list[dict]) -> list[str]:
     return lines
 
 
+def success_png(report: dict) -> bytes:
+    """Success rate per task, one bar per arm@mode, Wilson 95% error bars (all seeds pooled), as PNG bytes."""
+    from .plots import grouped_bars_png
+
+    nan = float("nan")
+    groups: dict[str, list] = {}
+    for task in report["eval"]["tasks"]:
+        for r in report["results"]:
+            if r["task"] == task:
+                cell = (100 * r["rate"], 100 * r["ci_low"], 100 * r["ci_high"]) if r["episodes"] else (nan, nan, nan)
+                groups.setdefault(f"{r['arm']}@{r['mode']}", []).append(cell)
+    return grouped_bars_png(report["eval"]["tasks"], groups, "Success rate per task (all seeds, Wilson 95%)")
+
+
 def report_charts(report: dict) -> list[str]:
     """The report's charts: success bars with Wilson error bars, console loss, action/world loss and gate curves."""
-    from .plots import bar_chart, line_chart
+    from .plots import bar_chart, img_tag, line_chart
 
     res = report["results"]
+    if len(report["eval"]["tasks"]) > 1:
+        arms = ", ".join(dict.fromkeys(f"{r['arm']}@{r['mode']}" for r in res))
+        return [img_tag(success_png(report), f"Success rate per task: {arms}"), *report_charts_curves(report)]
     charts = [bar_chart([f"{r['arm']}@{r['mode']}\n{r['task']}" if len(report["eval"]["tasks"]) > 1 else f"{r['arm']}@{r['mode']}"
                          for r in res], [100 * r["rate"] if r["episodes"] else float("nan") for r in res],
                         "Success rate (all seeds, Wilson 95%)",
                         errors=[(100 * r["ci_low"], 100 * r["ci_high"]) if r["episodes"] else (0, 0) for r in res])]  # fmt: skip
+    return [*charts, *report_charts_curves(report)]
+
+
+def report_charts_curves(report: dict) -> list[str]:
+    """The training charts: console loss per run; action loss, world loss and gate per saved checkpoint."""
+    from .plots import line_chart
+
+    charts = []
     curves = report["curves"]
     charts.append(line_chart({k: v["console_loss"] for k, v in curves.items()}, "Training loss (lerobot-train console)", ylabel="loss"))
     for key, title in (("action_loss", "Action loss per checkpoint"), ("world_loss", "World loss per checkpoint"),
@@ -1189,6 +1214,8 @@ def write_reports(plan: Plan, units: list[Unit]) -> dict:
     _atomic_write(plan.out / "report.json", json.dumps(report, indent=2))
     _atomic_write(plan.out / "results.md", results_markdown(report))
     _atomic_write(plan.out / "report.html", render_html(report))
+    if report["results"]:
+        atomic_write_bytes(plan.out / "success_rates.png", success_png(report))  # for docs and slides
     return report
 
 

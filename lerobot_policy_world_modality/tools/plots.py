@@ -101,3 +101,36 @@ def bar_chart(
                   fontsize=8)  # fmt: skip
     ax.set_ylim(0, y_max * 1.12)
     return img_tag(_png(fig), f"{title}: {', '.join(labels)}")
+
+
+def grouped_bars_png(
+    categories: list[str],
+    groups: dict[str, list[tuple[float, float, float]]],
+    title: str,
+    ylabel: str = "success %",
+    y_max: float = 100.0,
+) -> bytes:
+    """Bars grouped per category (e.g. task), one colour per group (e.g. arm@mode), as PNG bytes.
+
+    `groups[name][i]` is (value, low, high) for `categories[i]`; a NaN value is drawn as a missing bar.
+    """
+    n = max(1, len(groups))
+    width = 0.8 / n
+    fig, ax = _figure(title, "", ylabel, width=max(5.4, 0.35 * n * len(categories) + 2.5), height=3.6)
+    if n > len(PALETTE):  # more groups than the palette: tab20 keeps every bar's colour distinct
+        import matplotlib
+
+        colours = [matplotlib.colors.to_hex(matplotlib.colormaps["tab20"](j % 20)) for j in range(n)]
+    else:
+        colours = PALETTE
+    for j, (name, cells) in enumerate(groups.items()):
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(categories))]
+        vals = [v if math.isfinite(v) else 0.0 for v, _, _ in cells]
+        err = [[max(0.0, v - lo) if math.isfinite(lo) else 0.0 for v, (_, lo, _) in zip(vals, cells, strict=True)],
+               [max(0.0, hi - v) if math.isfinite(hi) else 0.0 for v, (_, _, hi) in zip(vals, cells, strict=True)]]  # fmt: skip
+        ax.bar(xs, vals, width=width * 0.9, yerr=err, capsize=2, color=colours[j], label=name,
+               error_kw={"linewidth": 0.8})  # fmt: skip
+    ax.set_xticks(range(len(categories)), categories, fontsize=8)
+    ax.set_ylim(0, y_max * 1.05)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _png(fig)
