@@ -10,8 +10,9 @@ observation, entries 4:7). Encoders (`--encoders`, comma-separated): built-in na
 directories, and `fit`, which runs `lerobot-wm-fit-encoder` on the dataset first (reused on rerun).
 
 For each encoder: latents of every frame through `lerobot-wm-precompute` (the cache training reads),
-ridge probes (`latents.linear_probe.ridge_probe`) fitted on the first 75% of the episodes and scored on
-the rest (R^2 per target group, and gripper closed/open accuracy), and the wall time of
+ridge probes (`latents.linear_probe.ridge_probe`) fitted on the first 75% of each task's episodes and
+scored on the rest (R^2 per target group, gripper closed/open accuracy, and R^2 of the expert's action: what a
+policy reading only the latent could get linearly), and the wall time of
 `WorldEncoder.encode` on one 480x480 frame (batch 1, as at eval; median of `--timing_reps`, one
 torch thread). Prints a table and writes `--out` JSON.
 """
@@ -53,7 +54,7 @@ def record(args, root: Path) -> None:
 
 
 def targets(root: Path, repo_id: str) -> dict[str, np.ndarray]:
-    """Ground-truth signals per frame (row i = global index i) and the episode of each frame."""
+    """Ground-truth signals per frame (row i = global index i), and the episode and task of each frame."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     table = LeRobotDataset(repo_id, root=root, video_backend="pyav").hf_dataset.data
@@ -65,7 +66,9 @@ def targets(root: Path, repo_id: str) -> dict[str, np.ndarray]:
     state = np.stack(table.column("observation.state").to_numpy(zero_copy_only=False))
     sim = np.stack(table.column(SIM_STATE_KEY).to_numpy(zero_copy_only=False))
     return {"hand_xyz": state[:, :3], "gripper": state[:, 3], "object_xyz": sim[:, OBJECT_XYZ],
-            "episode": np.asarray(table.column("episode_index").to_numpy())}  # fmt: skip
+            "action": np.stack(table.column("action").to_numpy(zero_copy_only=False)),
+            "episode": np.asarray(table.column("episode_index").to_numpy()),
+            "task": np.asarray(table.column("task_index").to_numpy())}  # fmt: skip
 
 
 def encode_ms(encoder_name: str, frame: torch.Tensor, reps: int) -> float:
@@ -120,14 +123,15 @@ def main(argv: list[str] | None = None) -> int:
         from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
         frame = LeRobotDataset(args.repo_id, root=root, video_backend="pyav")[0][CAMERA]
-        ep = truth["episode"]
-        gripper = ridge_probe(latents, truth["gripper"], ep, binary=True)
+        ep, task = truth["episode"], truth["task"]
+        gripper = ridge_probe(latents, truth["gripper"], ep, binary=True, groups=task)
         rows.append({
             "encoder": label, "dim": enc.identity.dim,
             "encode_ms_per_frame": round(encode_ms(name, frame, args.timing_reps), 2),
-            "r2_hand_xyz": round(ridge_probe(latents, truth["hand_xyz"], ep)["r2_mean"], 3),
-            "r2_object_xyz": round(ridge_probe(latents, truth["object_xyz"], ep)["r2_mean"], 3),
+            "r2_hand_xyz": round(ridge_probe(latents, truth["hand_xyz"], ep, groups=task)["r2_mean"], 3),
+            "r2_object_xyz": round(ridge_probe(latents, truth["object_xyz"], ep, groups=task)["r2_mean"], 3),
             "r2_gripper": round(gripper["r2_mean"], 3),
+            "r2_expert_action": round(ridge_probe(latents, truth["action"], ep, groups=task)["r2_mean"], 3),
             "gripper_accuracy": round(gripper["accuracy"], 3), "gripper_majority": round(gripper["majority_rate"], 3),
         })  # fmt: skip
     import pandas as pd

@@ -238,14 +238,15 @@ def test_children_get_one_share_of_the_cores_each():
 
 
 # -------------------------------------------------------------------------------------------- presets
-@pytest.mark.parametrize("name", ["metaworld_smoke", "metaworld_world_vs_baselines"])
+@pytest.mark.parametrize("name", ["metaworld_smoke", "metaworld_world_vs_baselines", "metaworld_planning"])
 def test_metaworld_presets_validate_with_lerobots_parser(name, tmp_path):
     """Every arm's full flag list parses. Needs world_f's A_hist / world_path flags and the probe's --episodes."""
     spec = compare.load_spec(PRESETS / f"{name}.yaml")
     spec["dataset"]["root"] = str(tmp_path / "not_recorded_yet")  # not the preset's real (maybe recorded) one
     plan = compare.validate(spec, output_dir=str(tmp_path))
     units = compare.plan_units(plan)
-    assert units[0].id == "record" and [u.id for u in units[1:3]] in (["precompute", "train/A/seed0"],
+    first_train = next(a for a in plan.arms)
+    assert units[0].id == "record" and [u.id for u in units[1:3]] in (["precompute", f"train/{first_train}/seed0"],
                                                                      ["fit_encoder", "precompute"])  # fmt: skip
     assert all(compare.unit_commands(plan, u) for u in units)
 
@@ -268,7 +269,7 @@ def test_world_vs_baselines_preset_is_the_issues_grid():
     assert len(spec["train"]["seeds"]) >= 3 and len(spec["eval"]["tasks"]) == 3 and spec["eval"]["episodes"] >= 10
     assert "pick-place-v3" in spec["eval"]["tasks"] and spec["dataset"]["record"]["episodes_per_task"] >= 30
     arms = {a["name"]: a for a in spec["arms"]}
-    assert {"A", "A_hist", "B_cont", "F_cross_attn", "F_in_trunk", "F_oracle"} <= set(arms)
+    assert {"A", "A_hist", "B_cont", "F_default", "F_cross_attn", "F_in_trunk", "F_oracle"} <= set(arms)
     assert all(arms[n]["rollout_modes"] == ["pred", "zero"] for n in arms if n.startswith("F"))
 
 

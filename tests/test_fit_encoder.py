@@ -19,7 +19,7 @@ from support.datasets import make_synthetic_dataset
 from lerobot_policy_world_modality.latents.cache import DatasetIdentity, LatentCache, LatentCacheError
 from lerobot_policy_world_modality.latents.encoders import load_encoder, resolve_encoder_identity
 from lerobot_policy_world_modality.latents.fitted import MARKER_FILE, STATE_DIR, WEIGHTS_FILE, FittedEncoderError
-from lerobot_policy_world_modality.latents.linear_probe import ridge_probe
+from lerobot_policy_world_modality.latents.linear_probe import episode_folds, ridge_probe, split_by_episode
 from lerobot_policy_world_modality.tools import fit_encoder, precompute
 
 REPO = "local/fit_encoder"
@@ -192,6 +192,41 @@ def test_linear_probe_recovers_a_known_signal_and_only_from_the_image():
     assert ridge_probe(latents, side, episodes, binary=True)["accuracy"] > 0.9
     blind = ridge_probe(np.zeros_like(latents), side, episodes, binary=True)
     assert blind["accuracy"] <= blind["majority_rate"] + 1e-9
+
+
+def test_probe_split_holds_out_episodes_of_every_task_when_given_groups():
+    # A multi-task recording is stored task after task: the plain split tests on the last task only.
+    episodes = np.repeat(np.arange(12), 5)
+    tasks = episodes // 4  # tasks 0, 1, 2 with 4 episodes each
+    _, plain = split_by_episode(episodes, 0.25)
+    assert set(tasks[plain]) == {2}
+    train, test = split_by_episode(episodes, 0.25, groups=tasks)
+    assert sorted(set(episodes[test])) == [3, 7, 11]  # the last episode of each task
+    assert not (train & test).any() and (train | test).all()
+    # The probe passes the groups through: its held-out frames cover every task.
+    signal = np.random.default_rng(0).normal(size=(len(episodes), 4))
+    grouped = ridge_probe(signal, signal[:, 0], episodes, groups=tasks)
+    assert grouped["n_test"] == 15 and grouped["r2_mean"] > 0.99
+    with pytest.raises(ValueError, match="at least 2 episodes per group"):
+        split_by_episode(episodes, 0.25, groups=np.where(episodes == 0, 9, tasks))
+    # The ridge strength is cross-validated on folds of whole episodes, each fold holding every task.
+    folds = episode_folds(episodes, tasks, 4)
+    for e in np.unique(episodes):
+        assert len(set(folds[episodes == e])) == 1
+    for f in range(4):
+        assert set(tasks[folds == f]) == {0, 1, 2}
+    assert episode_folds(episodes, np.where(episodes == 0, 9, tasks), 4) is None  # a group of one episode
+
+
+def test_a_near_constant_latent_dimension_does_not_wreck_the_probe():
+    # A background pixel is constant in the training episodes up to codec noise and changes in a held-out
+    # one: standardising it by its tiny training scale would make it dominate the held-out predictions.
+    rng = np.random.default_rng(0)
+    episodes = np.repeat(np.arange(8), 20)
+    signal = rng.normal(size=len(episodes))
+    background = 1e-5 * rng.normal(size=len(episodes)) + np.where(episodes == 7, 0.5, 0.0)
+    latents = np.stack([signal + 0.1 * rng.normal(size=len(episodes)), background], axis=1)
+    assert ridge_probe(latents, signal, episodes, alphas=(1e-2,))["r2_mean"] > 0.9
 
 
 @pytest.mark.slow
