@@ -61,6 +61,24 @@ def test_valid_spec_resolves_arms_and_units(dataset_root, tmp_path):
     assert f"--policy.latent_cache_root={plan.cache_root}" in flags
 
 
+def test_an_arm_with_only_a_world_model_is_probed_for_that_model(dataset_root, tmp_path):
+    """A + --policy.dynamics: no memory, but its world model's prediction vs the copy baseline is reported."""
+    arms = [{"name": "A", "flags": ["--policy.variant=A"]},
+            {"name": "A_dyn", "flags": ["--policy.variant=A", "--policy.dynamics=action_conditioned"]}]
+    plan = compare.validate(tiny_spec(dataset_root, tmp_path / "out", arms=arms, comparisons=["A_dyn@pred vs A@pred"]))
+    assert (plan.arms["A_dyn"].has_memory, plan.arms["A_dyn"].has_world_model, plan.arms["A"].has_world_model) == (
+        False, True, False)
+    ids = [u.id for u in compare.plan_units(plan)]
+    assert "probe/A_dyn/seed0" in ids and not any(i.startswith("probe/A/") for i in ids)
+    row = compare.probe_row({"world_model_only": True, "reads_memory": None, "action_loss_change_vs_pred": {},
+                             "dynamics_cosine": {"dyn_cos_h1": 0.9999}, "world_copy_cosine": {"world_copy_cos_h1": 0.999}})
+    assert row["world"] == {"world_copy_cos_h1": 0.999, "dyn_cos_h1": 0.9999} and "planner" in row["verdict"]
+    report = {"name": "t", "budget": {"steps": 1, "batch_size": 1, "seeds": [0]},
+              "eval": {"env": "metaworld", "episodes": 1, "seed": 0}, "arms": {}, "results": [], "comparisons": [],
+              "units": [], "curves": {}, "probes": [{"arm": "A_dyn", "seed": 0, **row}]}
+    assert "| A_dyn | 0 | n/a (no memory) |" in compare.results_markdown(report)
+
+
 def test_unknown_arm_in_a_comparison(dataset_root, tmp_path):
     with pytest.raises(SpecError, match=r"names arm 'Z'.*\['A', 'F'\].*add the arm"):
         compare.validate(tiny_spec(dataset_root, tmp_path, comparisons=["Z@pred vs A@pred"]))

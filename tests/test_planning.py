@@ -259,6 +259,15 @@ def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_
     policy = make_policy(cfg, ds_meta=LeRobotDatasetMetadata(repo, root=view))
     assert policy._success({"episode_index": torch.tensor([1, 0])}).tolist() == [False, False]
 
+    # The probe reports the world model against the copy baseline, with no memory verdict (A reads no memory).
+    res = run([BIN / "lerobot-wm-probe", f"--policy.path={ckpt}", f"--dataset.root={view}", f"--dataset.repo_id={repo}",
+               "--batches=1", "--batch_size=4", f"--out={tmp_path / 'probe.json'}"])  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    probed = json.loads((tmp_path / "probe.json").read_text())
+    assert probed["world_model_only"] and probed["reads_memory"] is None and list(probed["action_loss"]) == ["pred"]
+    assert set(probed["dynamics_cosine"]) and {k.replace("dyn_", "world_copy_") for k in probed["dynamics_cosine"]} <= set(
+        probed["world_copy_cosine"])
+    assert "beats copying z_t at" in res.stdout and "--policy.planner=cem" in res.stdout
     # 3. Stock lerobot-eval plans with the override; without it the same episode (same env seed) goes otherwise.
     res = run([*capped_eval_cmd(ckpt, tmp_path / "eval_cem", episode_length=6), "--policy.planner=cem",
                "--policy.planner_samples=4", "--policy.planner_iterations=2"])  # fmt: skip

@@ -130,6 +130,9 @@ def test_probe_refuses_policies_without_memory_and_bad_input(tmp_path):
         check_probe_target(WorldTokenCConfig(codebook_path=str(tmp_path / "book.safetensors")))
     with pytest.raises(ProbeError, match="A_hist is the control for F's history"):
         check_probe_target(WorldFConfig(variant="B_cont", world_path="in_trunk", depth=2))
+    with pytest.raises(ProbeError, match="--policy.dynamics=action_conditioned the probe reports the world model"):
+        check_probe_target(WorldFConfig(variant="A"))
+    check_probe_target(WorldFConfig(variant="A", dynamics="action_conditioned"))  # a world model to report: accepted
     check_probe_target(WorldFConfig())  # F: accepted
     check_probe_target(WorldFConfig(world_path="in_trunk"))
 

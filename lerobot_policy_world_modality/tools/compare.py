@@ -118,6 +118,8 @@ class Arm:
     policy_type: str = ""
     # Whether the policy injects a world memory (then it is probed)
     has_memory: bool = False
+    # Whether it has an action-conditioned world model without a memory (then the probe reports that model)
+    has_world_model: bool = False
     # Whether the policy reads world latents (then the cache flags are added)
     uses_latents: bool = False
     # Whether it trains on the latent-only view instead of the dataset itself
@@ -404,6 +406,7 @@ def validate(spec: dict, output_dir: str | None = None, check_flags: bool = True
             pol = cfg.policy
             arm.policy_type = pol.type
             arm.has_memory = bool(getattr(pol, "inject_memory", False)) and hasattr(pol, "memory_mode_train")
+            arm.has_world_model = getattr(pol, "dynamics", "none") == "action_conditioned" and not arm.has_memory
             arm.uses_latents = hasattr(pol, "latent_cache_root")
             arm.uses_view = pol.type in VIEW_POLICY_TYPES
             with_modes = hasattr(pol, "memory_mode_rollout")
@@ -600,7 +603,8 @@ def plan_units(plan: Plan) -> list[Unit]:
             tid = f"train/{arm.name}/seed{seed}"
             deps = [pre_ids[arm.encoder]] if arm.uses_latents else list(setup)
             units.append(Unit(tid, "train", deps, arm.name, seed, group=group))
-            if arm.has_memory:  # before the (simulator-bound, slow) evaluations: it answers "is it used?" cheaply
+            # Before the (simulator-bound, slow) evaluations: it answers "is it used?" cheaply.
+            if arm.has_memory or arm.has_world_model:
                 units.append(Unit(f"probe/{arm.name}/seed{seed}", "probe", [tid], arm.name, seed, group=group))
             for task in plan.tasks:
                 for mode in arm.modes:
@@ -1007,8 +1011,9 @@ def probe_row(probe: dict) -> dict:
     from .report import probe_verdict, world_cos_keys
 
     scalars = {k: v for k, v in {**probe, **probe.get("world_cosine", {}), **probe.get("world_copy_cosine", {}),
-                                 **probe.get("world_motion_cosine", {})}.items()
-               if k.startswith("world_") and isinstance(v, (int, float))}  # fmt: skip
+                                 **probe.get("world_motion_cosine", {}), **probe.get("dynamics_cosine", {}),
+                                 **probe.get("dynamics_motion_cosine", {})}.items()
+               if k.startswith(("world_", "dyn_")) and isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
     ordered = world_cos_keys(scalars) + sorted(k for k in scalars if k not in world_cos_keys(scalars))
     return {"reads_memory": probe.get("reads_memory"), "gate": probe.get("gate"),
             "attn_entropy": probe.get("attn_entropy"), "attn_entropy_uniform": probe.get("attn_entropy_uniform"),
@@ -1073,7 +1078,8 @@ def results_markdown(report: dict) -> str:
             ent = f"{_num(p['attn_entropy'])} ({_num(p['attn_entropy_uniform'])})"
             change = p.get("action_loss_change_vs_pred", {})
             deltas = " | ".join(f"{100 * change[k]:+.1f}%" if k in change else "" for k in ("shuffle", "zero"))
-            lines.append(f"| {p['arm']} | {p['seed']} | {'yes' if p['reads_memory'] else 'NO'} | {deltas} | "
+            reads = "n/a (no memory)" if p["reads_memory"] is None else ("yes" if p["reads_memory"] else "NO")
+            lines.append(f"| {p['arm']} | {p['seed']} | {reads} | {deltas} | "
                          f"{_num(p['gate'])} | {ent} | " + " | ".join(_num(p["world"].get(k)) for k in wkeys) + " |")
     else:
         lines.append("No checkpoint with a world memory was probed.")

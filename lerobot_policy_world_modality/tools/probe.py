@@ -44,8 +44,19 @@ class ProbeError(ValueError):
     """A checkpoint or setting the probe cannot work with; the message says what to do instead."""
 
 
+def has_world_model_only(cfg) -> bool:
+    """Whether the checkpoint has an action-conditioned world model but no injected memory (e.g. A + dynamics)."""
+    return getattr(cfg, "dynamics", "none") == "action_conditioned" and not getattr(cfg, "inject_memory", False)
+
+
 def check_probe_target(cfg) -> None:
-    """Refuse checkpoints without an injected world memory (nothing to probe), naming what to do instead."""
+    """Refuse checkpoints with neither an injected world memory nor a world model, naming what to do instead.
+
+    A checkpoint with only an action-conditioned world model (`has_world_model_only`) is accepted: the
+    probe then reports that model's prediction against the copy baseline, and no memory verdict.
+    """
+    if has_world_model_only(cfg):
+        return
     if not hasattr(cfg, "inject_memory") or not hasattr(cfg, "memory_mode_train"):
         raise ProbeError(
             f"A '{cfg.type}' checkpoint has no injected world memory to probe. The probe runs on world_f "
@@ -57,7 +68,8 @@ def check_probe_target(cfg) -> None:
             f"This {cfg.type} checkpoint was trained without memory injection (variant A or B_cont) or as "
             "the A_hist control: its actions never read a world memory. Probe a variant F checkpoint, and "
             "compare F's success against this one under lerobot-eval (A_hist is the control for F's "
-            "history, B_cont for its world loss alone)."
+            "history, B_cont for its world loss alone). With --policy.dynamics=action_conditioned the probe "
+            "reports the world model's prediction instead."
         )
 
 
@@ -223,6 +235,16 @@ def summarise(r: dict) -> list[str]:
                 "The oracle row is OFF-DISTRIBUTION: this model was trained on its own predictions and never saw "
                 "the true future as memory, so its oracle loss mixes 'a better Prophet' with 'an input it never met'."
             )
+    dyn, copy = r.get("dynamics_cosine", {}), r.get("world_copy_cosine", {})
+    pairs = [(k.rsplit("_", 1)[1], v, copy.get(f"world_copy_cos_{k.rsplit('_', 1)[1]}")) for k, v in dyn.items()]
+    pairs = [(h, v, c) for h, v, c in pairs if c is not None]
+    if pairs:
+        beats = [h for h, v, c in pairs if v > c]
+        lines.append(
+            "The action-conditioned world model beats copying z_t at "
+            + (f"{len(beats)} of {len(pairs)} horizons ({', '.join(beats)})" if beats else "no horizon")
+            + ": " + ", ".join(f"{h} {v:.4f} vs {c:.4f}" for h, v, c in pairs) + "."
+        )
     if r["attn_entropy"] is not None:
         lines.append(
             f"Attention over the memory slots: entropy {r['attn_entropy']:.3f} nats (uniform: "
@@ -231,11 +253,15 @@ def summarise(r: dict) -> list[str]:
     return lines
 
 
-def eval_commands(policy_path: str) -> list[str]:
-    """The lerobot-eval pair that measures the same question as success rates in the simulator."""
+def eval_commands(policy_path: str, world_model_only: bool = False) -> list[str]:
+    """The lerobot-eval pair that measures the same question as success rates in the simulator.
+
+    With a memory: pred vs zero memory. With only a world model: planning off vs on (it is used only there).
+    """
+    flag, values = ("planner", ("none", "cem")) if world_model_only else ("memory_mode_rollout", ("pred", "zero"))
     return [
-        f"lerobot-eval --policy.path={policy_path} --policy.memory_mode_rollout={mode} <your --env.* and --eval.* flags>"
-        for mode in ("pred", "zero")
+        f"lerobot-eval --policy.path={policy_path} --policy.{flag}={v} <your --env.* and --eval.* flags>"
+        for v in values
     ]
 
 
@@ -263,8 +289,9 @@ def print_report(r: dict, policy_path: str) -> None:
     print()
     for line in r["summary"]:
         print(f"- {line}")
-    print("\nSuccess in the simulator with and without the memory (same seeds):")
-    for cmd in eval_commands(policy_path):
+    what = "planning" if r.get("world_model_only") else "the memory"
+    print(f"\nSuccess in the simulator with and without {what} (same seeds):")
+    for cmd in eval_commands(policy_path, bool(r.get("world_model_only"))):
         print(f"  {cmd}")
 
 
@@ -310,6 +337,9 @@ def main(argv=None) -> None:
     try:
         cfg, policy, pre = load_checkpoint(args.policy_path)
         check_probe_target(cfg)
+        world_model_only = has_world_model_only(cfg)
+        if world_model_only:  # no memory to intervene on: the frames' forward pass gives the world model's scalars
+            modes = ("pred",)
         if args.modes is None and in_trunk(cfg):
             modes = tuple(m for m in modes if m != "oracle")
         from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
@@ -323,11 +353,15 @@ def main(argv=None) -> None:
         result = probe(policy, pre, batches, modes, args.seed, args.threshold)
     except (ProbeError, FileNotFoundError, CheckpointMismatchError) as err:
         raise SystemExit(f"lerobot-wm-probe: {err}") from None
+    if world_model_only:
+        result.update(world_model_only=True, reads_memory=None)
+        result["summary"].insert(0, "No world memory: the actions read none. Only the action-conditioned world "
+                                    "model is reported; it acts only through the planner.")
     result.update(held_out=held_out, episodes=episodes, episodes_note=note)
     if not held_out:
         result["summary"].insert(0, f"Not held out: {note}. A memory effect here may be memorisation.")
     result["policy_path"] = str(args.policy_path)
-    result["eval_commands"] = eval_commands(str(args.policy_path))
+    result["eval_commands"] = eval_commands(str(args.policy_path), world_model_only)
     print_report(result, str(args.policy_path))
     if args.out:
         out = Path(args.out)

@@ -169,6 +169,8 @@ def probe_verdict(probe: dict | None) -> str:
         return "no world memory (nothing to probe)"
     if "error" in probe:
         return f"probe failed: {probe['error']}"
+    if probe.get("world_model_only"):
+        return "no world memory; its world model acts only through the planner"
     change = probe.get("action_loss_change_vs_pred", {})
     ablated = {m: change[m] for m in ("zero", "shuffle") if m in change}
     worst = max(ablated, key=lambda m: abs(ablated[m])) if ablated else None
