@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..fileio import atomic_write_bytes, atomic_write_text
+from .probe import has_world_model_only
 
 # Policy types that train on the latent-only training view (they read no camera); others need the frames.
 VIEW_POLICY_TYPES = ("world_f", "world_token_c")
@@ -406,7 +407,7 @@ def validate(spec: dict, output_dir: str | None = None, check_flags: bool = True
             pol = cfg.policy
             arm.policy_type = pol.type
             arm.has_memory = bool(getattr(pol, "inject_memory", False)) and hasattr(pol, "memory_mode_train")
-            arm.has_world_model = getattr(pol, "dynamics", "none") == "action_conditioned" and not arm.has_memory
+            arm.has_world_model = has_world_model_only(pol)
             arm.uses_latents = hasattr(pol, "latent_cache_root")
             arm.uses_view = pol.type in VIEW_POLICY_TYPES
             with_modes = hasattr(pol, "memory_mode_rollout")

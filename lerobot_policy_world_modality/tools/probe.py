@@ -235,9 +235,9 @@ def summarise(r: dict) -> list[str]:
                 "The oracle row is OFF-DISTRIBUTION: this model was trained on its own predictions and never saw "
                 "the true future as memory, so its oracle loss mixes 'a better Prophet' with 'an input it never met'."
             )
-    dyn, copy = r.get("dynamics_cosine", {}), r.get("world_copy_cosine", {})
-    pairs = [(k.rsplit("_", 1)[1], v, copy.get(f"world_copy_cos_{k.rsplit('_', 1)[1]}")) for k, v in dyn.items()]
-    pairs = [(h, v, c) for h, v, c in pairs if c is not None]
+    copy = r.get("world_copy_cosine", {})
+    horizons = [(k[len("dyn_cos_"):], v) for k, v in r.get("dynamics_cosine", {}).items()]
+    pairs = [(h, v, copy[f"world_copy_cos_{h}"]) for h, v in horizons if f"world_copy_cos_{h}" in copy]
     if pairs:
         beats = [h for h, v, c in pairs if v > c]
         lines.append(
