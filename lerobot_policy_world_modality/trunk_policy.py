@@ -20,10 +20,11 @@ from torch import Tensor
 
 from .checkpoints import StrictCheckpointLoading
 from .language import FrozenTextEncoder, bind_language_encoder, instructions_from_batch
-from .latents.binding import bind_policy_world_latents, bind_world_target_stats
+from .latents.binding import bind_latent_input_stats, bind_policy_world_latents, bind_world_target_stats
 from .latents.processor import reset_online_state
 from .model_card import ModelCardMixin, record_training_provenance
 from .world.fusion import fusion_gates
+from .world.trunk import LATENT_INPUT_NORMS
 
 
 @dataclass
@@ -55,6 +56,8 @@ class TrunkPolicyOptions:
     dropout: float = 0.1
     # Action loss: "l1" or "mse", averaged over non-padded steps.
     action_loss: str = "l1"
+    # Trunk's world-latent input: "layer" (LayerNorm each latent) or "dataset" (standardise each dim, cache stats).
+    latent_input_norm: str = "layer"
 
     # AdamW learning rate (constant: no schedule).
     optimizer_lr: float = 1e-4
@@ -87,6 +90,11 @@ class TrunkPolicyOptions:
             )
         if self.action_loss not in ("l1", "mse"):
             raise ValueError(f"action_loss must be 'l1' or 'mse', got '{self.action_loss}'.")
+        if self.latent_input_norm not in LATENT_INPUT_NORMS:
+            raise ValueError(
+                f"latent_input_norm must be one of {LATENT_INPUT_NORMS}, got '{self.latent_input_norm}': set "
+                "--policy.latent_input_norm=layer (the default) or =dataset."
+            )
         if self.width % self.heads:
             raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads}).")
         if self.language_max_length < 1:
@@ -180,6 +188,8 @@ class TrunkWorldPolicy(ModelCardMixin, StrictCheckpointLoading, PreTrainedPolicy
         # Standardisation statistics of the world targets for the subclass's WorldPath (None when not
         # standardised or when rebuilt from a checkpoint, whose buffers carry them).
         self.world_target_stats = bind_world_target_stats(config, dataset_meta)
+        # With latent_input_norm="dataset", the trunk's input statistics (None otherwise or when rebuilt).
+        self.latent_input_stats = bind_latent_input_stats(config, dataset_meta)
         # Only the text encoder's identity is resolved here (cheap; it fills or checks the recorded
         # revision); the text model itself loads on first use and never enters the state dict.
         self.language_identity = bind_language_encoder(config)

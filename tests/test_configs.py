@@ -231,7 +231,7 @@ REF_END = "<!-- config-reference:end -->"
 # Reference groups, in order. A field in none of them fails the test below, so new fields get documented.
 GROUPS = {
     "Variant and action chunk": ["variant", "chunk_size", "n_action_steps", "action_loss"],
-    "Trunk": ["width", "depth", "heads", "ffn_dim", "dropout"],
+    "Trunk": ["width", "depth", "heads", "ffn_dim", "dropout", "latent_input_norm"],
     "World latents (shared by all world policy types)": [
         "encoder", "encoder_pooling", "encoder_window", "encoder_dtype", "encoder_device", "world_cameras",
         "history_frames", "future_frames", "future_stride", "latent_cache_root", "world_latent_dim", "dataset_repo_id",

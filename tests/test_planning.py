@@ -1,12 +1,14 @@
 """Action-conditioned dynamics, the progress head and the rerank / CEM planners (pure torch and world_f)."""
 
+import math
+
 import pytest
 import torch
 
 from lerobot_policy_world_modality.constants import OBS_WORLD_GOAL, OBS_WORLD_LATENT, OBS_WORLD_REMAINING
 from lerobot_policy_world_modality.latents.cache import EpisodeBounds
 from lerobot_policy_world_modality.world.dynamics import ActionDynamics, progress_targets
-from lerobot_policy_world_modality.world.planner import PlannerSettings, plan_chunk
+from lerobot_policy_world_modality.world.planner import PlannerSettings, plan_chunk, reference_rank
 from lerobot_policy_world_modality.world.prophet import Prophet
 from lerobot_policy_world_modality.world_f.modeling_world_f import WorldFPolicy
 
@@ -54,6 +56,22 @@ def test_planner_keeps_the_proposal_when_it_is_the_best():
     goal = torch.zeros(1, 2)
     chunk, info = plan_chunk(torch.zeros(1, 4, 2), point_world(goal), PlannerSettings("rerank", samples=8))
     assert torch.equal(chunk, torch.zeros(1, 4, 2)) and info["score"].item() == 0.0
+
+
+def test_reference_rank_tells_an_informative_score_from_a_blind_one():
+    """A score that peaks at the reference always prefers it; a constant one cannot tell (0.5, never
+    best); a score that ignores the reference ranks it about half way, at random."""
+    reference = torch.randn(64, 4, 2, generator=torch.Generator().manual_seed(0))
+
+    def near(chunks):  # higher the closer a candidate is to the reference
+        return -(chunks - reference[:, None]).pow(2).sum(dim=(2, 3))
+
+    beats, best = reference_rank(reference, near, 16, 0.3, torch.Generator().manual_seed(1))
+    assert torch.equal(beats, torch.ones(64)) and best.all()
+    beats, best = reference_rank(reference, lambda c: torch.zeros(c.shape[:2]), 16, 0.3)
+    assert torch.equal(beats, torch.full((64,), 0.5)) and not best.any()
+    beats, best = reference_rank(reference, lambda c: c[..., 0].sum(-1), 16, 0.3, torch.Generator().manual_seed(2))
+    assert 0.35 < beats.mean() < 0.65 and best.float().mean() < 0.25
 
 
 def test_planner_settings_are_validated_by_name():
@@ -268,6 +286,12 @@ def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_
     assert set(probed["dynamics_cosine"]) and {k.replace("dyn_", "world_copy_") for k in probed["dynamics_cosine"]} <= set(
         probed["world_copy_cosine"])
     assert "beats copying z_t at" in res.stdout and "--policy.planner=cem" in res.stdout
+    # ... and whether the planner's score can tell the dataset's chunks from their perturbations.
+    check = probed["planning"]
+    assert 0.0 <= check["expert_beats_perturbations"] <= 1.0 and 0.0 <= check["expert_is_best"] <= 1.0
+    assert check["expert_is_best_chance"] == 1 / check["planner_samples"]
+    assert check["dynamics_loss"] > 0 and math.isfinite(check["dynamics_action_sensitivity"])
+    assert "The planner's score prefers the dataset's chunk" in res.stdout
     # 3. Stock lerobot-eval plans with the override; without it the same episode (same env seed) goes otherwise.
     res = run([*capped_eval_cmd(ckpt, tmp_path / "eval_cem", episode_length=6), "--policy.planner=cem",
                "--policy.planner_samples=4", "--policy.planner_iterations=2"])  # fmt: skip

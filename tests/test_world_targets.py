@@ -26,7 +26,7 @@ from lerobot_policy_world_modality.constants import (
     OBS_WORLD_HISTORY,
     OBS_WORLD_LATENT,
 )
-from lerobot_policy_world_modality.latents.cache import EpisodeBounds, target_statistics
+from lerobot_policy_world_modality.latents.cache import EpisodeBounds, latent_input_statistics, target_statistics
 from lerobot_policy_world_modality.world.fusion import GatedCrossAttention
 from lerobot_policy_world_modality.world.memory import horizon_diagnostics, select_memory, world_loss
 from lerobot_policy_world_modality.world_f.modeling_world_f import WorldFPolicy
@@ -240,6 +240,57 @@ def test_statistics_come_from_the_cache_and_travel_in_the_checkpoint(tmp_path, m
         obs = {OBS_WORLD_LATENT: latent, "observation.state": torch.randn(2, S)}
         assert torch.equal(policy.predict_action_chunk(obs), loaded.predict_action_chunk(obs))
         latent = latent + 0.1
+
+
+def test_latent_input_statistics_floor_quiet_dimensions_at_the_median_std():
+    """Dimension 0 never varies, 1 barely, 2-4 vary: the quiet ones get the median std, not their own."""
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(200, 5, generator=g) * torch.tensor([0.0, 1e-4, 1.0, 2.0, 3.0]) + 7.0
+    stats = latent_input_statistics(latents)
+    std = latents.double().std(0, unbiased=False).float()
+    median = float(std.median())
+    torch.testing.assert_close(stats["input_mean"], latents.double().mean(0).float())
+    torch.testing.assert_close(stats["input_std"], std.clamp(min=median))
+    assert stats["input_std"][0] == stats["input_std"][1] == pytest.approx(median)
+
+
+def test_dataset_input_norm_standardises_with_the_cache_and_travels_in_the_checkpoint(tmp_path, monkeypatch):
+    """latent_input_norm="dataset": the trunk's statistics are the training cache's, its latent token is
+    latent_proj((z - mean) / std); unbound it refuses to act; a checkpoint reloads and acts identically
+    without the cache; the default keeps the LayerNorm (and old checkpoints their keys)."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
+
+    from lerobot_policy_world_modality.latents.binding import open_world_caches
+
+    repo, root = "local/input_norm", tmp_path / "ds"
+    make_synthetic_dataset(root, repo_id=repo, episode_lengths=(6, 2, 9), image_hw=(16, 16), use_videos=False)
+    _precompute(repo, root)
+    kw = dict(world_latent_dim=None, encoder="pixels", world_cameras=["observation.image"], latent_input_norm="dataset")
+    meta = LeRobotDatasetMetadata(repo, root=root)
+    policy = WorldFPolicy(make_config(**kw), dataset_meta=meta)
+    expected = latent_input_statistics(open_world_caches(policy.config)[0].latents)
+    for name, value in expected.items():
+        torch.testing.assert_close(getattr(policy.trunk, name), value, rtol=0, atol=0)
+    z = torch.rand(3, policy.config.world_latent_dim)
+    scaled = (z - expected["input_mean"]) / expected["input_std"]
+    torch.testing.assert_close(policy.trunk.scaled_latent(z), scaled)
+    assert policy.trunk.latent_norm is None and "trunk.latent_norm.weight" not in policy.state_dict()
+    with pytest.raises(ValueError, match="shape"):
+        policy.trunk.set_input_stats({"input_mean": torch.zeros(3), "input_std": torch.ones(3)})
+
+    unbound = WorldFPolicy(make_config(**{**kw, "world_latent_dim": policy.config.world_latent_dim}))
+    with pytest.raises(RuntimeError, match="input statistics"):
+        unbound.predict_action_chunk({OBS_WORLD_LATENT: z, "observation.state": torch.randn(3, S)})
+
+    policy.save_pretrained(tmp_path / "ckpt")
+    monkeypatch.setenv("LEROBOT_WM_CACHE", str(tmp_path / "nowhere"))  # no cache from here on
+    loaded = WorldFPolicy.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config.latent_input_norm == "dataset"
+    obs = {OBS_WORLD_LATENT: z, "observation.state": torch.randn(3, S)}
+    assert torch.equal(policy.predict_action_chunk(obs), loaded.predict_action_chunk(obs))
+    assert "trunk.latent_norm.weight" in make_policy().state_dict()
+    with pytest.raises(ValueError, match="latent_input_norm"):
+        make_config(latent_input_norm="batch")
 
 
 # ------------------------------------------------------------------------------ losses
@@ -487,7 +538,7 @@ def test_lerobot_train_with_dynamics_targets_saves_a_checkpoint_that_needs_no_ca
 
     from support.cli import BIN, TINY_WORLD_F, short_train_flags
 
-    from lerobot_policy_world_modality.latents.binding import world_target_stats
+    from lerobot_policy_world_modality.latents.binding import bind_latent_input_stats, world_target_stats
 
     repo, root = "local/targets_e2e", tmp_path / "ds"
     make_synthetic_dataset(root, repo_id=repo, episode_lengths=(10, 3, 9), image_hw=(16, 16), use_videos=False)
@@ -496,7 +547,8 @@ def test_lerobot_train_with_dynamics_targets_saves_a_checkpoint_that_needs_no_ca
     new_options = ["--policy.world_target=delta", "--policy.standardise_targets=true",
                    "--policy.world_loss_type=smooth_l1", "--policy.future_stride=2",
                    "--policy.fusion_memory_norm=rms", "--policy.gate_lr_mult=10",
-                   "--policy.memory_mode_train=scheduled", "--policy.prophet_input=motion"]  # fmt: skip
+                   "--policy.memory_mode_train=scheduled", "--policy.prophet_input=motion",
+                   "--policy.latent_input_norm=dataset"]  # fmt: skip
     cmd = [BIN / "lerobot-train", "--policy.type=world_f", "--policy.encoder=pixels", *TINY_WORLD_F,
            *new_options, f"--dataset.repo_id={repo}", f"--dataset.root={root}", *short_train_flags(out, 3)]  # fmt: skip
     res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600, env=dict(os.environ))
@@ -512,12 +564,15 @@ def test_lerobot_train_with_dynamics_targets_saves_a_checkpoint_that_needs_no_ca
     # The statistics the run standardised with are those of the cache.
     cfg = PreTrainedConfig.from_pretrained(ckpt)
     expected = world_target_stats(cfg)
+    input_stats = bind_latent_input_stats(cfg, dataset_meta=True)
     monkeypatch.setenv("LEROBOT_WM_CACHE", str(tmp_path / "nowhere"))  # no cache from here on
     policy = WorldFPolicy.from_pretrained(ckpt)
     assert policy.config.world_target == "delta" and policy.config.fusion_memory_norm == "rms"
     assert policy.config.prophet_input == "motion" and torch.isfinite(policy.world.step_std).all()
     for name, value in expected.items():
         torch.testing.assert_close(getattr(policy.world, name), value, rtol=0, atol=0)
+    for name, value in input_stats.items():
+        torch.testing.assert_close(getattr(policy.trunk, name), value, rtol=0, atol=0)
     policy.reset()
     action = policy.select_action({OBS_WORLD_LATENT: torch.randn(1, policy.config.world_latent_dim),
                                    "observation.state": torch.randn(1, S)})  # fmt: skip

@@ -1,8 +1,8 @@
 """Binding a policy config to its training data: the latent caches, the encoder identity, the dimension.
 
-The policies' constructors call `bind_policy_world_latents` (and `bind_world_target_stats`) with the
-`dataset_meta` that `lerobot-train` passes them; the world-latent step and `lerobot-wm-fit-codebook`
-open the same validated caches through `open_latent_cache`.
+The policies' constructors call `bind_policy_world_latents` (and `bind_world_target_stats`,
+`bind_latent_input_stats`) with the `dataset_meta` that `lerobot-train` passes them; the world-latent
+step and `lerobot-wm-fit-codebook` open the same validated caches through `open_latent_cache`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from lerobot.configs.types import FeatureType, PolicyFeature
 
-from .cache import DatasetIdentity, LatentCache, default_cache_root
+from .cache import DatasetIdentity, LatentCache, default_cache_root, latent_input_statistics
 from .config import WorldLatentOptions
 from .encoder_base import EncoderIdentity
 from .encoders import resolve_encoder_identity
@@ -82,6 +82,17 @@ def bind_world_target_stats(config: Any, dataset_meta: Any = None) -> dict[str, 
     predicts = getattr(config, "use_prophet", False) or getattr(config, "dynamics", "none") != "none"
     wanted = getattr(config, "standardise_targets", False) and predicts
     return world_target_stats(config) if wanted and dataset_meta is not None else None
+
+
+def bind_latent_input_stats(config: Any, dataset_meta: Any = None) -> dict[str, torch.Tensor] | None:
+    """The statistics a trunk with `latent_input_norm="dataset"` standardises its latent input with:
+    computed from the training dataset's caches (per camera, concatenated in camera order) when
+    `lerobot-train` gives `dataset_meta`; None otherwise (another norm, or a policy rebuilt from a
+    checkpoint, whose buffers carry them)."""
+    if getattr(config, "latent_input_norm", "layer") != "dataset" or dataset_meta is None:
+        return None
+    parts = [latent_input_statistics(c.latents) for c in open_world_caches(config)]
+    return {name: torch.cat([p[name] for p in parts], dim=-1) for name in parts[0]}
 
 
 def warn_if_no_future_fits(config: WorldLatentOptions, dataset_meta: Any) -> bool:

@@ -478,6 +478,19 @@ def _mean_std(
     return mean, (squares / rows.numel() - mean.pow(2)).clamp(min=0).sqrt()
 
 
+def latent_input_statistics(latents: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-dimension mean and std [D] (float32) of every latent of a cache, for standardising a trunk's
+    input (`latent_input_norm="dataset"`).
+
+    A dimension that varies less than the median dimension gets the median std: standardising must
+    balance the dimensions that carry the scene, not blow near-constant ones (a thumbnail's background)
+    up to the scale of the rest.
+    """
+    mean, std = _mean_std(latents, torch.arange(latents.shape[0]))
+    floor = max(float(std.median()), 1e-8)
+    return {"input_mean": mean.float(), "input_std": std.clamp(min=floor).float()}
+
+
 def target_statistics(latents: torch.Tensor, bounds: EpisodeBounds, K: int, stride: int, delta: bool) -> dict:
     """Per-dimension statistics of the world targets over every frame of a cache, for standardisation.
 

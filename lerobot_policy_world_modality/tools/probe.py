@@ -191,6 +191,83 @@ def probe(
     return result
 
 
+def planning_check(policy, pre, batches: list[dict], seed: int = 0) -> dict | None:
+    """Can the planner's score tell a good chunk from a bad one? None without a world model scored by
+    a progress head (goal images are not in the probe's frames).
+
+    On each frame the dataset's own chunk (the demonstrator's) competes with `planner_samples` - 1
+    perturbations of it at `planner_noise` (`world.planner.reference_rank`): the fraction of them it
+    outscores (0.5 = the score cannot tell them apart) and how often it is the best (chance 1 / N).
+    Also the Spearman correlation of the progress head's remaining fraction with the true one, and
+    whether the world model reads the actions at all: its loss with each frame's own chunk against
+    another frame's chunk (a world model that ignores them cannot rank chunks, however good its cosine).
+    """
+    import torch
+    from scipy.stats import spearmanr
+
+    from ..constants import OBS_WORLD_LATENT, OBS_WORLD_REMAINING
+    from ..world.memory import derangement, world_loss
+    from ..world.planner import reference_rank
+
+    world, cfg = getattr(policy, "world", None), policy.config
+    if world is None or getattr(world, "dynamics", None) is None or getattr(world, "progress", None) is None:
+        return None
+    horizon = getattr(cfg, "planner_horizon", 0) or cfg.future_frames
+    generator = torch.Generator().manual_seed(seed)
+    beats, best, predicted, remaining, own, other = [], [], [], [], [], []
+    with torch.no_grad():
+        for batch in batches:
+            b = pre(dict(batch))
+            history, targets, valid = world.training_inputs(b)
+            swap = derangement(len(history), generator)
+            own.append(float(world_loss(world.imagine(history, b["action"]), targets, valid, world.loss_type)))
+            other.append(float(world_loss(world.imagine(history, b["action"][swap]), targets, valid, world.loss_type)))
+            rank, top = reference_rank(
+                b["action"], lambda chunks, h=history: world.score_chunks(h, chunks, None, horizon),
+                cfg.planner_samples, cfg.planner_noise, generator,
+            )  # fmt: skip
+            beats.append(rank)
+            best.append(top.float())
+            if OBS_WORLD_REMAINING in b:
+                predicted.append(torch.sigmoid(world.progress(b[OBS_WORLD_LATENT])).flatten())
+                remaining.append(b[OBS_WORLD_REMAINING].float().flatten())
+    out = {
+        "planner_samples": cfg.planner_samples,
+        "planner_noise": cfg.planner_noise,
+        "planner_horizon": horizon,
+        "expert_beats_perturbations": float(torch.cat(beats).mean()),
+        "expert_is_best": float(torch.cat(best).mean()),
+        "expert_is_best_chance": 1.0 / cfg.planner_samples,
+        "progress_spearman": None,
+        "dynamics_loss": sum(own) / len(own),
+        "dynamics_loss_other_actions": sum(other) / len(other),
+    }
+    out["dynamics_action_sensitivity"] = (out["dynamics_loss_other_actions"] - out["dynamics_loss"]) / max(
+        abs(out["dynamics_loss"]), 1e-12
+    )
+    if predicted:
+        rho = spearmanr(torch.cat(predicted).numpy(), torch.cat(remaining).numpy()).statistic
+        out["progress_spearman"] = None if math.isnan(rho) else float(rho)
+    return out
+
+
+def planning_summary(check: dict) -> str:
+    """One plain-language line on `planning_check`."""
+    line = (
+        f"The planner's score prefers the dataset's chunk to its {check['planner_samples'] - 1} perturbations "
+        f"(noise {check['planner_noise']:g}) in {100 * check['expert_beats_perturbations']:.1f}% of pairs "
+        f"(50% = it cannot tell them apart) and ranks it best in {100 * check['expert_is_best']:.1f}% of "
+        f"frames (chance {100 * check['expert_is_best_chance']:.1f}%)."
+    )
+    if check.get("progress_spearman") is not None:
+        line += f" Progress head vs true remaining fraction: Spearman {check['progress_spearman']:.2f}."
+    line += (
+        f" Another frame's actions raise the world model's loss by {100 * check['dynamics_action_sensitivity']:+.1f}%"
+        + (" (it barely reads the actions)." if check["dynamics_action_sensitivity"] < 0.05 else ".")
+    )
+    return line
+
+
 def summarise(r: dict) -> list[str]:
     """Plain-language reading of a probe result, one finding per line."""
     lines = []
@@ -357,6 +434,10 @@ def main(argv=None) -> None:
         result.update(world_model_only=True, reads_memory=None)
         result["summary"].insert(0, "No world memory: the actions read none. Only the action-conditioned world "
                                     "model is reported; it acts only through the planner.")
+    check = planning_check(policy, pre, batches, args.seed)
+    if check is not None:
+        result["planning"] = check
+        result["summary"].append(planning_summary(check))
     result.update(held_out=held_out, episodes=episodes, episodes_note=note)
     if not held_out:
         result["summary"].insert(0, f"Not held out: {note}. A memory effect here may be memorisation.")

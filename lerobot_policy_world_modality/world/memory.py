@@ -81,6 +81,19 @@ def standardise(raw: Tensor, mean: Tensor | None, std: Tensor | None) -> Tensor:
     return (raw - mean.to(raw)) / std.to(raw)
 
 
+def copy_statistics(module, stats: dict, names, what: str, fix: str) -> None:
+    """Copy `stats[name]` into each buffer `name` of `module` (float32, on the buffer's device), refusing
+    a shape that differs from the buffer's; the error names `what` the statistic is and the `fix`."""
+    for name in names:
+        value = torch.as_tensor(stats[name], dtype=torch.float32)
+        buffer = getattr(module, name)
+        if value.shape != buffer.shape:
+            raise ValueError(
+                f"{what} '{name}' has shape {tuple(value.shape)}, the policy needs {tuple(buffer.shape)} {fix}"
+            )
+        buffer.copy_(value.to(buffer.device))
+
+
 def unstandardise(value: Tensor, mean: Tensor | None, std: Tensor | None) -> Tensor:
     """Inverse of `standardise`."""
     if mean is None:

@@ -34,6 +34,7 @@ from .memory import (
     per_horizon_cosine,
     scheduled_oracle_prob,
     select_memory,
+    copy_statistics,
     standardise,
     unstandardise,
     world_loss,
@@ -148,15 +149,8 @@ class WorldPath(nn.Module):
         prophet_input="motion"; from the training latent cache)."""
         if not self.standardised:
             raise RuntimeError("set_target_stats needs a world path built with standardise_targets=True.")
-        for name in self._stat_names:
-            value = torch.as_tensor(stats[name], dtype=torch.float32)
-            buffer = getattr(self, name)
-            if value.shape != buffer.shape:
-                raise ValueError(
-                    f"World target statistic '{name}' has shape {tuple(value.shape)}, the policy needs "
-                    f"{tuple(buffer.shape)} (future_frames x world latent dim): recompute it for this config."
-                )
-            buffer.copy_(value.to(buffer.device))
+        copy_statistics(self, stats, self._stat_names, "World target statistic",
+                        "(future_frames x world latent dim): recompute it for this config.")  # fmt: skip
         self._stats_ready = self._stats_finite()
 
     def _stats_finite(self) -> bool:

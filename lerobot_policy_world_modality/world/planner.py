@@ -112,3 +112,26 @@ def plan_chunk(
             # A floor keeps one lucky elite from collapsing the search to a point.
             std = elites.std(dim=1, unbiased=False, keepdim=True).clamp_min(0.05 * settings.noise)
     return best, {"score": best_score, "proposal_score": proposal_score}
+
+
+def reference_rank(
+    reference: Tensor,
+    score: Callable[[Tensor], Tensor],
+    samples: int,
+    noise: float,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """How a planner's `score` ranks a reference chunk [B, H, A] (e.g. the expert's own) against
+    `samples` - 1 Gaussian perturbations of it (scale `noise`), the candidates a rerank planner draws.
+
+    Returns ([B] fraction of the perturbations the reference outscores, ties counted half: about 0.5
+    for a score that cannot tell them apart, 1 when it always prefers the reference; [B] whether the
+    reference is the single best candidate: chance is 1 / samples). A score that does not prefer the
+    expert's chunk to its perturbations can only pick a perturbation at random when it plans.
+    """
+    b, h, a = reference.shape
+    perturbed = reference.unsqueeze(1) + noise * _noise((b, samples - 1, h, a), generator, reference)
+    scores = score(torch.cat([reference.unsqueeze(1), perturbed], dim=1))
+    ref, others = scores[:, :1], scores[:, 1:]
+    beats = (ref > others).float().mean(dim=1) + 0.5 * (ref == others).float().mean(dim=1)
+    return beats, (ref > others).all(dim=1)

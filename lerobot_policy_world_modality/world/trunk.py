@@ -15,9 +15,14 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from .memory import copy_statistics, standardise
 from .prophet import TransformerBlock
 
 STATE_KEY = "observation.state"  # LeRobot's OBS_STATE, kept literal so this package stays LeRobot-free
+# How the trunk brings the world latent to a known scale: "layer" LayerNorms each latent on its own
+# (scale-free, no statistics); "dataset" standardises each dimension with the training cache's
+# statistics (`latents.cache.latent_input_statistics`), the scaling a linear probe of the latents uses.
+LATENT_INPUT_NORMS = ("layer", "dataset")
 
 
 class MotionEmbedding(nn.Module):
@@ -60,8 +65,10 @@ class MotionEmbedding(nn.Module):
 class ActionTrunk(nn.Module):
     """Observation tokens + H learned action queries through a pre-norm transformer (reusable trunk).
 
-    Observation tokens: the world latent (LayerNorm'd, since encoder latents come at any scale, then
-    projected to `width`), when given the robot state (projected) and, with `language_dim`, the
+    Observation tokens: the world latent (brought to a known scale, since encoder latents come at any
+    scale: LayerNorm'd, or with `latent_input="dataset"` standardised per dimension with the buffers
+    `input_mean` / `input_std` bound from `input_stats`; then projected to `width`), when given the
+    robot state (projected) and, with `language_dim`, the
     instruction embedding (LayerNorm'd and projected, like the latent). Each token type has a learned
     embedding. Callers may insert extra tokens (e.g. world tokens) between observations and queries.
     With `history_frames` (>= 2), the trunk also reads the motion of the last T world latents, added to
@@ -80,9 +87,14 @@ class ActionTrunk(nn.Module):
         dropout: float = 0.0,
         language_dim: int | None = None,
         history_frames: int | None = None,
+        latent_input: str = "layer",
+        input_stats: dict[str, Tensor] | None = None,
     ):
         super().__init__()
-        self.latent_norm = nn.LayerNorm(latent_dim)
+        if latent_input not in LATENT_INPUT_NORMS:
+            raise ValueError(f"latent_input must be one of {LATENT_INPUT_NORMS}, got '{latent_input}'.")
+        self.latent_input = latent_input
+        self.latent_norm = nn.LayerNorm(latent_dim) if latent_input == "layer" else None
         self.latent_proj = nn.Linear(latent_dim, width)
         self.state_proj = nn.Linear(state_dim, width) if state_dim else None
         self.num_obs_tokens = (2 if state_dim else 1) + (1 if language_dim else 0)
@@ -99,6 +111,36 @@ class ActionTrunk(nn.Module):
             self.language_norm = self.language_proj = None
         # Last for the same reason: trunks without a history input keep their initial weights.
         self.motion = MotionEmbedding(latent_dim, history_frames, width) if history_frames else None
+        self._input_stats_ready = False
+        if latent_input == "dataset":
+            # NaN until bound: a trunk that never got its statistics fails loudly instead of training on garbage.
+            for name in ("input_mean", "input_std"):
+                self.register_buffer(name, torch.full((latent_dim,), float("nan")))
+            if input_stats is not None:
+                self.set_input_stats(input_stats)
+
+    def set_input_stats(self, stats: dict[str, Tensor]) -> None:
+        """Bind `input_mean` / `input_std` [D] (from `latents.cache.latent_input_statistics`)."""
+        if self.latent_input != "dataset":
+            raise RuntimeError("set_input_stats needs a trunk built with latent_input='dataset'.")
+        copy_statistics(self, stats, ("input_mean", "input_std"), "Trunk input statistic",
+                        "(the world latent dim): recompute it from this encoder's cache.")  # fmt: skip
+        self._input_stats_ready = False
+
+    def scaled_latent(self, latent: Tensor) -> Tensor:
+        """The world latent [B, D] on the trunk's input scale (see `LATENT_INPUT_NORMS`)."""
+        if self.latent_norm is not None:
+            return self.latent_norm(latent)
+        if not self._input_stats_ready:  # checked once (one sync), then remembered
+            stats = torch.cat([self.input_mean, self.input_std])
+            self._input_stats_ready = bool(torch.isfinite(stats).all())
+            if not self._input_stats_ready:
+                raise RuntimeError(
+                    "latent_input_norm='dataset' but the trunk has no input statistics: they are computed from "
+                    "the latent cache when lerobot-train builds the policy (dataset_meta given) and saved in its "
+                    "checkpoint. Train through lerobot-train or load a checkpoint trained with them."
+                )
+        return standardise(latent, self.input_mean, self.input_std)
 
     def observation_tokens(
         self,
@@ -113,7 +155,7 @@ class ActionTrunk(nn.Module):
         State, instruction and history are read only when the trunk was built with them.
         """
         dtype = self.latent_proj.weight.dtype
-        latent_token = self.latent_proj(self.latent_norm(latent.to(dtype)))
+        latent_token = self.latent_proj(self.scaled_latent(latent.to(dtype)))
         if self.motion is not None:
             latent_token = latent_token + self.motion(history)
         tokens = [latent_token]

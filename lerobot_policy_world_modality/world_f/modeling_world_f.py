@@ -68,6 +68,7 @@ class WorldFPolicy(TrunkWorldPolicy):
             config.ffn_dim, config.dropout,
             language_dim=self.language_dim,
             history_frames=config.history_frames if config.reads_history else None,
+            latent_input=config.latent_input_norm, input_stats=self.latent_input_stats,
         )  # fmt: skip
         self.world = WorldPath(
             config, d, config.width, context_dim=config.width if config.prophet_reads_trunk else None,

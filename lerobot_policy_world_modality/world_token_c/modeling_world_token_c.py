@@ -112,6 +112,7 @@ class WorldTokenCPolicy(TrunkWorldPolicy):
         self.trunk = ActionTrunk(
             config.world_latent_dim, self.state_dim, config.chunk_size, w,
             config.depth, config.heads, config.ffn_dim, config.dropout, language_dim=self.language_dim,
+            latent_input=config.latent_input_norm, input_stats=self.latent_input_stats,
         )  # fmt: skip
         if config.world_token_input:
             # One table of v rows per factor (offset g * v); WORLD_CUR is the sum over the G factors.
