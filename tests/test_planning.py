@@ -177,6 +177,49 @@ def test_planned_actions_follow_the_goal_and_survive_save_and_load(tmp_path):
     assert loaded.config.planner == "cem" and torch.equal(loaded.predict_action_chunk(obs), planned)
 
 
+def test_imitating_successes_only_leaves_failed_episodes_out_of_the_action_loss(tmp_path):
+    """imitate_failures=false: a batch's frames of failed episodes no longer move the action loss (their
+    actions are replaced by garbage and the loss stays), while the world model still trains on them;
+    the default imitates them; a dataset without success marks is refused by name."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
+    from support.datasets import make_synthetic_dataset
+
+    from test_world_targets import _precompute
+
+    repo, root = "local/marked", tmp_path / "ds"
+    make_synthetic_dataset(root, repo_id=repo, episode_lengths=(6, 6), image_hw=(16, 16), use_videos=False,
+                           episode_success=(1.0, 0.0))  # fmt: skip
+    _precompute(repo, root)
+    meta = LeRobotDatasetMetadata(repo, root=root)
+    kw = dict(world_latent_dim=None, encoder="pixels", world_cameras=["observation.image"], variant="A",
+              dynamics="action_conditioned", future_frames=K)  # fmt: skip
+    torch.manual_seed(0)
+    policy = WorldFPolicy(make_config(**kw, imitate_failures=False), dataset_meta=meta)
+    policy.eval()
+    d = policy.config.world_latent_dim
+    batch = train_batch()
+    batch.update({OBS_WORLD_LATENT: torch.randn(B, d), "episode_index": torch.arange(B) % 2})
+    batch["observation.world.history"] = torch.randn(B, batch["observation.world.history"].shape[1], d)
+    batch["observation.world.future"] = torch.randn(B, K, d)
+    spoiled = {**batch, "action": batch["action"].clone()}
+    spoiled["action"][batch["episode_index"] == 1] = 100.0  # the failed episode's frames
+    with torch.no_grad():
+        _, clean_info = policy.forward(dict(batch))
+        _, spoiled_info = policy.forward(dict(spoiled))
+    assert spoiled_info["action_loss"] == pytest.approx(clean_info["action_loss"])
+    assert spoiled_info["dyn_loss"] != pytest.approx(clean_info["dyn_loss"])  # the world model still reads them
+    default = WorldFPolicy(make_config(**kw), dataset_meta=meta)
+    default.eval()
+    with torch.no_grad():
+        assert default.forward(dict(spoiled))[1]["action_loss"] > 10 * default.forward(dict(batch))[1]["action_loss"]
+
+    plain, plain_root = "local/unmarked", tmp_path / "plain"
+    make_synthetic_dataset(plain_root, repo_id=plain, episode_lengths=(6, 6), image_hw=(16, 16), use_videos=False)
+    _precompute(plain, plain_root)
+    with pytest.raises(ValueError, match="imitate_failures"):
+        WorldFPolicy(make_config(**kw, imitate_failures=False), dataset_meta=LeRobotDatasetMetadata(plain, root=plain_root))
+
+
 def test_select_action_plans_once_per_chunk():
     policy = planning_policy(planner="rerank", planner_samples=4)
     policy.eval()

@@ -419,3 +419,27 @@ def test_world_model_trains_and_the_planner_picks_among_flow_samples(tiny_vlm, t
     loaded.eval()
     loaded.reset()
     assert loaded.config.planner == "rerank" and torch.equal(loaded.select_action(obs), planned)
+
+
+def test_imitating_successes_only_weights_failed_frames_zero_in_the_flow_loss(tiny_vlm):
+    """imitate_failures=false: with the same noise and time, garbage actions on a failed episode's frame
+    leave the action loss unchanged (it is the successful frame's alone); the default reads them."""
+    from lerobot_policy_world_modality.latents.train_view import EpisodeSuccess
+
+    torch.manual_seed(0)
+    policy = SmolVLAWorldPolicy(make_config(tiny_vlm, use_prophet=False, inject_memory=False, imitate_failures=False))
+    policy._success = EpisodeSuccess(torch.tensor([1.0, 0.0]))  # episode 0 succeeded, episode 1 failed
+    policy.eval()
+    clean = batch(tiny_vlm, policy.config.world_latent_dim) | {"episode_index": torch.tensor([0, 1])}
+    spoiled = clean | {"action": clean["action"].clone()}
+    spoiled["action"][1] = 100.0
+    noise = torch.randn(B, H, policy.config.max_action_dim, generator=torch.Generator().manual_seed(1))
+    time = torch.full((B,), 0.5)
+
+    def loss_of(p, b):
+        with torch.no_grad():
+            return float(p.forward(dict(b), noise=noise.clone(), time=time.clone())[0])
+
+    assert loss_of(policy, spoiled) == pytest.approx(loss_of(policy, clean))
+    policy.config.imitate_failures = True
+    assert loss_of(policy, spoiled) > 10 * loss_of(policy, clean)

@@ -149,7 +149,35 @@ class EpisodeSuccess:
         """The marks of the dataset `dataset_meta` describes (none when it is None or has no mark column)."""
         return cls(episode_success_table(dataset_meta.root, EPISODE_SUCCESS) if dataset_meta is not None else None)
 
+    @classmethod
+    def for_policy(cls, config, dataset_meta) -> "EpisodeSuccess":
+        """The marks a policy's training reads: those of `dataset_meta` when the progress head learns from
+        them or `imitate_failures=false` leaves failed episodes out of the action loss (which refuses a
+        training dataset without marks: it would silently imitate every episode)."""
+        excludes = not getattr(config, "imitate_failures", True)
+        marks = cls.of(dataset_meta if getattr(config, "progress_head", False) or excludes else None)
+        if excludes and dataset_meta is not None and marks.table is None:
+            raise ValueError(
+                f"imitate_failures=false leaves failed episodes out of the action loss, but the training dataset "
+                f"has no per-episode '{EPISODE_SUCCESS}' column to tell them apart: record it with "
+                "lerobot-wm-record-metaworld (which marks every episode), or drop --policy.imitate_failures=false."
+            )
+        return marks
+
+    def imitation_batch(self, batch: dict) -> dict:
+        """The batch with every action step of a failed episode's frames marked as padding
+        (`action_is_pad`), so the action loss imitates successes only; the batch itself when no marks."""
+        success = self(batch)
+        if success is None:
+            return batch
+        action = batch["action"]
+        pad = batch.get("action_is_pad")
+        if pad is None:
+            pad = torch.zeros(action.shape[:2], dtype=torch.bool, device=action.device)
+        return {**batch, "action_is_pad": pad | ~success.to(pad.device).view(-1, 1)}
+
     def __call__(self, batch: dict) -> torch.Tensor | None:
+        """[B] bool success of the batch's episodes, or None (see the class docstring)."""
         episodes = batch.get("episode_index")
         if self.table is None or episodes is None:
             return None

@@ -96,7 +96,7 @@ class SmolVLAWorldPolicy(ModelCardMixin, StrictCheckpointLoading, PreTrainedPoli
             target_stats=bind_world_target_stats(config, dataset_meta),
             action_dim=config.action_feature.shape[0],
         )  # fmt: skip
-        self._success = EpisodeSuccess.of(dataset_meta if config.progress_head else None)
+        self._success = EpisodeSuccess.for_policy(config, dataset_meta)
         self._planner_rng = torch.Generator()
         drop = config.world_dropout
         self.expert_input_fusion = (
@@ -331,8 +331,18 @@ class SmolVLAWorldPolicy(ModelCardMixin, StrictCheckpointLoading, PreTrainedPoli
                 )
         stats: dict = {}
         captured: list | None = [] if self.align is not None else None
+        # imitate_failures=false: per-sample flow losses, failed episodes' frames weighted 0 (LeRobot 0.4.4's
+        # SmolVLA never reads `action_is_pad`, so padding them would not leave them out).
+        success = None if cfg.imitate_failures else self._success(batch)
         with self._reading(memory, stats, captured):
-            loss, info = self.smolvla.forward(batch, noise, time, reduction)
+            if success is None:
+                loss, info = self.smolvla.forward(batch, noise, time, reduction)
+            else:
+                per_sample, info = self.smolvla.forward(batch, noise, time, "none")
+                keep = success.to(per_sample)
+                per_sample = per_sample * keep
+                loss = per_sample if reduction == "none" else per_sample.sum() / keep.sum().clamp(min=1)
+                info["loss"] = float(per_sample.sum() / keep.sum().clamp(min=1))
         info = {"action_loss": info["loss"], **info}
         # Added after the action pass, never mixed into it: the actions and their loss are unchanged.
         if self.coc is not None:

@@ -167,6 +167,8 @@ class DynamicsOptions:
     progress_head: bool = False
     # Weight of the progress head's loss.
     lambda_progress: float = 0.1
+    # Action loss on failed episodes too; false = imitate successes only (failures still train the world model).
+    imitate_failures: bool = True
     # Planner at rollout: "none", "rerank" (best of N perturbations of the policy's chunk) or "cem".
     planner: str = "none"
     # Planner: candidate chunks per round (the policy's own chunk is one of them).

@@ -88,8 +88,9 @@ class WorldFPolicy(TrunkWorldPolicy):
         self._history = LatentHistory(config.history_frames)
         self._planner_rng = torch.Generator()
         # Per-episode success of the training dataset (recordings that keep failures): the progress head
-        # learns that failed episodes never get closer to success. Not saved: only training reads it.
-        self._success = EpisodeSuccess.of(dataset_meta if config.progress_head else None)
+        # learns that failed episodes never get closer to success, and with imitate_failures=false the
+        # action loss skips them. Not saved: only training reads it.
+        self._success = EpisodeSuccess.for_policy(config, dataset_meta)
         self.reset()
 
     # ------------------------------------------------------------------ LeRobot interface
@@ -185,6 +186,8 @@ class WorldFPolicy(TrunkWorldPolicy):
         """Training loss = action loss + lambda_world * world loss (+ the world model's losses and
         lambda_align * future alignment), and a dict of floats for logging."""
         cfg = self.config
+        if not cfg.imitate_failures:
+            batch = self._success.imitation_batch(batch)
         history = targets = valid = None
         if self.world.prophet is not None or self.world.dynamics is not None:
             history, targets, valid = self.world.training_inputs(batch)

@@ -47,6 +47,7 @@ def make_synthetic_dataset(
     use_videos: bool = True,
     seed: int = 0,
     task: str = "move the square",
+    episode_success: tuple[float, ...] | None = None,
 ):
     """Write a real LeRobotDataset at `root` (which must not exist yet) and return it, finalized.
 
@@ -54,7 +55,8 @@ def make_synthetic_dataset(
     episode, a classic boundary case). Cameras are stored as AV1 video when `use_videos` is True,
     else as PNG images in the parquet files. `observation.state` / `action` are smooth
     deterministic ramps and every frame carries the `task` string. Reopen it for reading with
-    `LeRobotDataset(repo_id, root=root, video_backend="pyav")`.
+    `LeRobotDataset(repo_id, root=root, video_backend="pyav")`. `episode_success` (one mark per episode)
+    adds the per-frame `episode_success` column that recordings keeping failures write.
     """
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
@@ -63,6 +65,8 @@ def make_synthetic_dataset(
         "observation.state": {"dtype": "float32", "shape": (state_dim,), "names": None},
         "action": {"dtype": "float32", "shape": (action_dim,), "names": None},
     }
+    if episode_success is not None:
+        features["episode_success"] = {"dtype": "float32", "shape": (1,), "names": None}
     for cam in cameras:
         features[cam] = {
             "dtype": "video" if use_videos else "image",
@@ -87,6 +91,8 @@ def make_synthetic_dataset(
                 "action": np.full(action_dim, 0.1 * np.sin(global_index), dtype=np.float32),
                 "task": task,
             }
+            if episode_success is not None:
+                item["episode_success"] = np.array([episode_success[episode]], dtype=np.float32)
             for c, cam in enumerate(cameras):
                 item[cam] = synthetic_frame(episode, frame, c, image_hw, seed)
             dataset.add_frame(item)
