@@ -257,7 +257,9 @@ def test_children_get_one_share_of_the_cores_each():
 
 # -------------------------------------------------------------------------------------------- presets
 @pytest.mark.parametrize(
-    "name", ["metaworld_smoke", "metaworld_world_vs_baselines", "metaworld_planning", "metaworld_input_norm"]
+    "name",
+    ["metaworld_smoke", "metaworld_world_vs_baselines", "metaworld_planning", "metaworld_planning_failures",
+     "metaworld_input_norm"],
 )
 def test_metaworld_presets_validate_with_lerobots_parser(name, tmp_path):
     """Every arm's full flag list parses. Needs world_f's A_hist / world_path flags and the probe's --episodes."""
