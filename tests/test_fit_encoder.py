@@ -126,10 +126,34 @@ def test_same_seed_same_weights_and_a_refit_makes_the_cache_stale(dataset_root, 
         load_encoder(str(b))
 
 
+def test_jepa_objective_fits_deterministically_into_its_own_identity(dataset_root, tmp_path, capsys):
+    """--objective=jepa: same seed, same bytes; another identity than the InfoNCE fit of the same seed; the
+    marker names it; the loss falls while the latents keep a spread (not collapsed); the EMA target is
+    checkpointed; a bad --ema is refused."""
+    a, b, nce = tmp_path / "a", tmp_path / "b", tmp_path / "nce"
+    assert fit_encoder.main(_fit_args(dataset_root, a, "--objective=jepa")) == 0
+    assert "JEPA" in capsys.readouterr().out
+    assert fit_encoder.main(_fit_args(dataset_root, b, "--objective=jepa")) == 0
+    assert fit_encoder.main(_fit_args(dataset_root, nce)) == 0
+    assert (a / WEIGHTS_FILE).read_bytes() == (b / WEIGHTS_FILE).read_bytes()
+    assert (a / WEIGHTS_FILE).read_bytes() != (nce / WEIGHTS_FILE).read_bytes()
+    assert resolve_encoder_identity(str(a)).revision != resolve_encoder_identity(str(nce)).revision
+    marker = json.loads((a / MARKER_FILE).read_text())
+    assert marker["objective"] == "temporal-jepa-v1" and marker["fit"]["objective"] == "jepa"
+    assert "objective" not in json.loads((nce / MARKER_FILE).read_text())["fit"]  # InfoNCE settings as before
+    log = json.loads((a / "fit_log.json").read_text())
+    assert log["latent_spread"] > 0.01 and log["final_loss"] < log["first_loss"]
+    state = torch.load(a / STATE_DIR / fit_encoder.CHECKPOINT_FILE, weights_only=True)
+    assert set(state["target"]) == set(state["net"])  # the EMA target is saved, so a resumed fit continues it
+    assert fit_encoder.main(_fit_args(dataset_root, tmp_path / "bad", "--objective=jepa", "--ema=1.0")) == 2
+    assert "--ema" in capsys.readouterr().err
+
+
 @pytest.mark.slow
-def test_killed_fit_resumes_to_the_weights_of_an_uninterrupted_fit(dataset_root, tmp_path):
+@pytest.mark.parametrize("objective", ["infonce", "jepa"])
+def test_killed_fit_resumes_to_the_weights_of_an_uninterrupted_fit(dataset_root, tmp_path, objective):
     """SIGKILL after the first checkpoint; the rerun resumes there and ends bit-identical to a straight run."""
-    longer = ["--steps=300", "--save_every=4"]
+    longer = ["--steps=300", "--save_every=4", f"--objective={objective}"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen([str(BIN / "lerobot-wm-fit-encoder"), *_fit_args(dataset_root, killed, *longer)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

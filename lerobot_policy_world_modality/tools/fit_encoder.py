@@ -3,11 +3,17 @@
     lerobot-wm-fit-encoder --dataset.repo_id=local/drawer --dataset.root=/data/drawer --output_dir=enc/drawer
     lerobot-wm-precompute --dataset.repo_id=local/drawer --dataset.root=/data/drawer --encoder=enc/drawer
 
-Objective: time-contrastive InfoNCE. A frame and a frame of the same episode at most `--max_offset`
-steps away, each randomly shifted and colour-jittered, must pick each other out of the batch; the
-other frames of the batch (other episodes, or the same episode further in time) are the negatives.
-What separates frames of one task across episodes and times is where the objects and the gripper
-are, which is what the latent must carry (see docs/encoders.md for why this objective).
+Objectives (`--objective`, see docs/encoders.md for why):
+- `infonce` (default): time-contrastive InfoNCE. A frame and a frame of the same episode at most
+  `--max_offset` steps away, each randomly shifted and colour-jittered, must pick each other out of the
+  batch; the other frames of the batch (other episodes, or the same episode further in time) are the
+  negatives. What separates frames of one task across episodes and times is where the objects and the
+  gripper are, which is what the latent must carry.
+- `jepa`: temporal latent prediction with an EMA target (JEPA / BYOL style). From a frame's latent and
+  the signed offset to a frame of the same episode at most `--max_offset` steps away, a predictor
+  outputs that frame's latent under a target encoder, the exponential moving average (`--ema`) of the
+  encoder itself; the loss is one minus their cosine. No negatives: the predictor and the slowly moving
+  target keep the latents from collapsing, and the fit logs their spread so a collapse shows.
 
 Frames are decoded once through LeRobot's own decoder (as `lerobot-wm-precompute` reads them),
 shrunk to the encoder's input size and kept as uint8 in `<output_dir>/fit_state/frames.npy`.
@@ -53,8 +59,8 @@ from ..latents.fitted import (
 from ..latents.precompute import FrameSource
 from .precompute import select_cameras
 
-# Name of the objective in the marker (part of the encoder identity).
-OBJECTIVE = "temporal-infonce-v1"
+# Name of each objective in the marker (part of the encoder identity).
+OBJECTIVES = {"infonce": "temporal-infonce-v1", "jepa": "temporal-jepa-v1"}
 FRAMES_FILE = "frames.npy"
 CHECKPOINT_FILE = "checkpoint.pt"
 # Frames decoded per LeRobot decoder call: contiguous runs, bounded memory at 480x480 float32.
@@ -201,31 +207,73 @@ def info_nce(a: torch.Tensor, p: torch.Tensor, temperature: float) -> torch.Tens
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
+class OffsetPredictor(nn.Module):
+    """JEPA predictor: a frame's latent [B, dim] and the signed offset to another frame [B] (in units of
+    `max_offset`) -> that frame's latent under the target encoder [B, dim]; discarded after the fit."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim + 1, dim), nn.GELU(), nn.Linear(dim, dim))
+
+    def forward(self, z: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """[B, dim], [B] -> [B, dim]."""
+        return self.mlp(torch.cat([z, offset.to(z).unsqueeze(-1)], dim=-1))
+
+
 def _normalise(x_uint8: torch.Tensor) -> torch.Tensor:
     return x_uint8.float() / 255.0
 
 
-def train_step(net, head, opt, frames, starts, ends, cfg: dict, step: int, device) -> float:
-    """One optimisation step; its batch and augmentations depend only on (seed, step)."""
-    gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step)
-    anchor, positive = sample_pairs(gen, starts, ends, cfg["batch_size"], cfg["max_offset"])
+def _views(gen, frames, rows_list, cfg: dict, device) -> list[torch.Tensor]:
+    """The augmented, standardised encoder inputs of each row set, drawn from `gen` in order."""
     mean = torch.tensor(FITTED_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(FITTED_STD, device=device).view(1, 3, 1, 1)
-    views = []
-    for rows in (anchor, positive):
-        x = augment(_normalise(frames[rows]).to(device), gen, cfg["shift"])
-        views.append(head(net((x - mean) / std)))
-    loss = info_nce(views[0], views[1], cfg["temperature"])
+    return [(augment(_normalise(frames[rows]).to(device), gen, cfg["shift"]) - mean) / std for rows in rows_list]
+
+
+def train_step(net, head, opt, frames, starts, ends, cfg: dict, step: int, device, target=None) -> float:
+    """One optimisation step; its batch and augmentations depend only on (seed, step).
+
+    `head` is the InfoNCE projection head, or with `target` (the EMA encoder) the JEPA predictor.
+    """
+    gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + step)
+    anchor, positive = sample_pairs(gen, starts, ends, cfg["batch_size"], cfg["max_offset"])
+    xa, xp = _views(gen, frames, (anchor, positive), cfg, device)
+    if target is None:
+        loss = info_nce(head(net(xa)), head(net(xp)), cfg["temperature"])
+    else:
+        with torch.no_grad():
+            goal = target(xp)
+        offset = (positive - anchor).float().to(device) / cfg["max_offset"]
+        loss = (1 - F.cosine_similarity(head(net(xa), offset), goal, dim=-1)).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+    if target is not None:
+        with torch.no_grad():
+            for t, o in zip(target.parameters(), net.parameters(), strict=True):
+                t.lerp_(o, 1.0 - cfg["ema"])
     return float(loss.detach())
 
 
-def _save_checkpoint(path: Path, step: int, net, head, opt, cfg: dict, losses: list[float]) -> None:
+def latent_spread(net, frames, device, rows: int = 256) -> float:
+    """Mean per-dimension std of the latents of (up to) `rows` evenly spaced frames, over their mean
+    absolute value: near 0 when the encoder has collapsed to one latent."""
+    idx = torch.linspace(0, len(frames) - 1, min(rows, len(frames))).long()
+    mean = torch.tensor(FITTED_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(FITTED_STD, device=device).view(1, 3, 1, 1)
+    with torch.no_grad():
+        z = net((_normalise(frames[idx]).to(device) - mean) / std).float()
+    return float(z.std(dim=0).mean() / z.abs().mean().clamp_min(1e-12))
+
+
+def _save_checkpoint(path: Path, step: int, net, head, opt, cfg: dict, losses: list[float], target=None) -> None:
     buf = io.BytesIO()
-    torch.save({"step": step, "net": net.state_dict(), "head": head.state_dict(), "opt": opt.state_dict(),
-                "config": cfg, "losses": losses}, buf)
+    state = {"step": step, "net": net.state_dict(), "head": head.state_dict(), "opt": opt.state_dict(),
+             "config": cfg, "losses": losses}  # fmt: skip
+    if target is not None:
+        state["target"] = target.state_dict()
+    torch.save(state, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -249,6 +297,9 @@ def fit(args) -> Path:
         "weight_decay": args.weight_decay, "max_offset": args.max_offset, "temperature": args.temperature,
         "shift": args.shift,
     }  # fmt: skip
+    if args.objective == "jepa":  # only then: an InfoNCE fit keeps the settings (and identity) it always had
+        cfg |= {"objective": "jepa", "ema": args.ema}
+    jepa = cfg.get("objective") == "jepa"
     cfg = json.loads(json.dumps(cfg))  # tuples -> lists, so it compares equal to what a file gives back
 
     if (out / MARKER_FILE).exists():
@@ -283,14 +334,19 @@ def fit(args) -> Path:
             atomic_write_bytes(path, buf.getvalue())
     decode_s = time.time() - t0
     if len(frames) < 2:
-        raise FitEncoderError(f"Only {len(frames)} frame(s) to fit on; a contrastive fit needs at least 2. Record more episodes.")
+        raise FitEncoderError(f"Only {len(frames)} frame(s) to fit on; a fit needs at least 2. Record more episodes.")
     starts, ends = episode_spans(episode_ids)
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
     net: ConvEncoderNet = build_net(arch)
-    head = ProjectionHead(arch["dim"])
+    head = OffsetPredictor(arch["dim"]) if jepa else ProjectionHead(arch["dim"])
     net.to(device), head.to(device)
+    target = None
+    if jepa:  # the EMA target starts as the encoder itself and never gets a gradient
+        target = build_net(arch).to(device)
+        target.load_state_dict(net.state_dict())
+        target.requires_grad_(False)
     opt = torch.optim.AdamW([*net.parameters(), *head.parameters()], lr=args.lr, weight_decay=args.weight_decay)
     ckpt_path = state_dir / CHECKPOINT_FILE
     step, losses = 0, []
@@ -304,30 +360,42 @@ def fit(args) -> Path:
         net.load_state_dict(state["net"])
         head.load_state_dict(state["head"])
         opt.load_state_dict(state["opt"])
+        if target is not None:
+            target.load_state_dict(state["target"])
         step, losses = int(state["step"]), list(state["losses"])
         print(f"Resuming the fit from step {step}/{args.steps} ({ckpt_path})")
     frames_dev = frames.to(device)
     net.train(), head.train()
+    if target is not None:
+        target.train()
     t1 = time.time()
     bar = tqdm(total=args.steps, initial=step, desc="fit encoder", unit="step", disable=args.no_progress)
     while step < args.steps:
-        losses.append(train_step(net, head, opt, frames_dev, starts, ends, cfg, step, device))
+        losses.append(train_step(net, head, opt, frames_dev, starts, ends, cfg, step, device, target))
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
         if step % args.save_every == 0 or step == args.steps:
-            _save_checkpoint(ckpt_path, step, net, head, opt, cfg, losses)
+            _save_checkpoint(ckpt_path, step, net, head, opt, cfg, losses, target)
     bar.close()
-    net.eval().cpu()
+    net.eval()
+    spread = latent_spread(net, frames_dev, device)
+    net.cpu()
+    objective = OBJECTIVES["jepa" if jepa else "infonce"]
     marker = {"arch": arch, "image_mean": list(FITTED_MEAN), "image_std": list(FITTED_STD),
-              "objective": OBJECTIVE, "fit": cfg}
+              "objective": objective, "fit": cfg}
     save_fitted_encoder(out, net, marker)
-    log = {"frames": len(frames), "decode_seconds": round(decode_s, 1), "train_seconds_this_run": round(time.time() - t1, 1),
-           "device": str(device), "first_loss": losses[0], "final_loss": float(np.mean(losses[-10:])),
-           "chance_loss": math.log(args.batch_size)}  # fmt: skip
+    log = {"objective": objective, "frames": len(frames), "decode_seconds": round(decode_s, 1),
+           "train_seconds_this_run": round(time.time() - t1, 1), "device": str(device), "first_loss": losses[0],
+           "final_loss": float(np.mean(losses[-10:])), "latent_spread": spread}  # fmt: skip
+    if jepa:
+        print(f"Fitted encoder ({arch['dim']}-d, {len(frames)} frames, JEPA 1 - cosine {log['first_loss']:.3f} -> "
+              f"{log['final_loss']:.3f}, latent spread {spread:.3f}: near 0 means collapsed): {out}")
+    else:
+        log["chance_loss"] = math.log(args.batch_size)
+        print(f"Fitted encoder ({arch['dim']}-d, {len(frames)} frames, InfoNCE {log['first_loss']:.3f} -> "
+              f"{log['final_loss']:.3f}, chance {log['chance_loss']:.3f}): {out}")
     atomic_write_bytes(out / "fit_log.json", (json.dumps(log, indent=2) + "\n").encode())
-    print(f"Fitted encoder ({arch['dim']}-d, {len(frames)} frames, InfoNCE {log['first_loss']:.3f} -> "
-          f"{log['final_loss']:.3f}, chance {log['chance_loss']:.3f}): {out}")
     print(f"Use it with --encoder={out} (lerobot-wm-precompute) and --policy.encoder={out} (lerobot-train).")
     return out
 
@@ -348,7 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
     p.add_argument("--max_offset", type=int, default=4, help="positive pairs are at most this many stored frames apart")
+    p.add_argument("--objective", choices=tuple(OBJECTIVES), default="infonce",
+                   help="infonce: time-contrastive; jepa: predict a nearby frame's latent under an EMA target")
     p.add_argument("--temperature", type=float, default=0.1, help="InfoNCE temperature")
+    p.add_argument("--ema", type=float, default=0.99, help="jepa: EMA momentum of the target encoder, in [0, 1)")
     p.add_argument("--shift", type=int, default=4, help="random-shift augmentation, in pixels of the resized frame")
     p.add_argument("--max_frames", type=int, default=20000, help="keep every k-th frame so at most this many are used")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights, batches and augmentations")
@@ -369,7 +440,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --{name} must be >= 1, got {getattr(args, name)}.", file=sys.stderr)
             return 2
     if args.batch_size < 2:
-        print("error: --batch_size must be >= 2 (InfoNCE needs negatives).", file=sys.stderr)
+        print("error: --batch_size must be >= 2 (InfoNCE needs negatives; JEPA's spread needs two frames).",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if not 0.0 <= args.ema < 1.0:
+        print(f"error: --ema must lie in [0, 1), got {args.ema}.", file=sys.stderr)
         return 2
     try:
         fit(args)
