@@ -1007,14 +1007,25 @@ def collect(plan: Plan, units: list[Unit]) -> dict:
     }  # fmt: skip
 
 
+# Columns of the probe table from the probe's `planning` block (can the planner's score rank chunks?).
+PLANNING_COLUMNS = {
+    "plan_expert_beats_perturbed": "expert_beats_perturbations",
+    "plan_expert_is_best": "expert_is_best",
+    "plan_progress_spearman": "progress_spearman",
+    "dyn_action_sensitivity": "dynamics_action_sensitivity",
+}
+
+
 def probe_row(probe: dict) -> dict:
     """The probe table's columns of one probe JSON: verdict, gate, entropy, and every world_* scalar it has."""
     from .report import probe_verdict, world_cos_keys
 
+    plan = probe.get("planning") or {}
+    planning = {name: plan.get(key) for name, key in PLANNING_COLUMNS.items()}
     scalars = {k: v for k, v in {**probe, **probe.get("world_cosine", {}), **probe.get("world_copy_cosine", {}),
                                  **probe.get("world_motion_cosine", {}), **probe.get("dynamics_cosine", {}),
-                                 **probe.get("dynamics_motion_cosine", {})}.items()
-               if k.startswith(("world_", "dyn_")) and isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
+                                 **probe.get("dynamics_motion_cosine", {}), **planning}.items()
+               if k.startswith(("world_", "dyn_", "plan_")) and isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
     ordered = world_cos_keys(scalars) + sorted(k for k in scalars if k not in world_cos_keys(scalars))
     return {"reads_memory": probe.get("reads_memory"), "gate": probe.get("gate"),
             "attn_entropy": probe.get("attn_entropy"), "attn_entropy_uniform": probe.get("attn_entropy_uniform"),
