@@ -145,6 +145,11 @@ def test_jepa_objective_fits_deterministically_into_its_own_identity(dataset_roo
     assert log["latent_spread"] > 0.01 and log["final_loss"] < log["first_loss"]
     state = torch.load(a / STATE_DIR / fit_encoder.CHECKPOINT_FILE, weights_only=True)
     assert set(state["target"]) == set(state["net"])  # the EMA target is saved, so a resumed fit continues it
+    from lerobot_policy_world_modality.latents.fitted import build_net
+
+    torch.manual_seed(0)  # the fit's initial weights, which the target starts from
+    initial = build_net(marker["arch"]).state_dict()
+    assert any(not torch.equal(state["target"][k], initial[k]) for k in initial), "the EMA target never moved"
     assert fit_encoder.main(_fit_args(dataset_root, tmp_path / "bad", "--objective=jepa", "--ema=1.0")) == 2
     assert "--ema" in capsys.readouterr().err
 

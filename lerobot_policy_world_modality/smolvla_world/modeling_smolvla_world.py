@@ -341,8 +341,9 @@ class SmolVLAWorldPolicy(ModelCardMixin, StrictCheckpointLoading, PreTrainedPoli
                 per_sample, info = self.smolvla.forward(batch, noise, time, "none")
                 keep = success.to(per_sample)
                 per_sample = per_sample * keep
-                loss = per_sample if reduction == "none" else per_sample.sum() / keep.sum().clamp(min=1)
-                info["loss"] = float(per_sample.sum() / keep.sum().clamp(min=1))
+                mean = per_sample.sum() / keep.sum().clamp(min=1)
+                loss = per_sample if reduction == "none" else mean
+                info["loss"] = float(mean)
         info = {"action_loss": info["loss"], **info}
         # Added after the action pass, never mixed into it: the actions and their loss are unchanged.
         if self.coc is not None:

@@ -224,11 +224,16 @@ def _normalise(x_uint8: torch.Tensor) -> torch.Tensor:
     return x_uint8.float() / 255.0
 
 
+def _standardised(x: torch.Tensor) -> torch.Tensor:
+    """Frames [B, 3, S, S] in [0, 1] -> the encoder's input (FITTED_MEAN / FITTED_STD per channel)."""
+    mean = torch.tensor(FITTED_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(FITTED_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 def _views(gen, frames, rows_list, cfg: dict, device) -> list[torch.Tensor]:
     """The augmented, standardised encoder inputs of each row set, drawn from `gen` in order."""
-    mean = torch.tensor(FITTED_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(FITTED_STD, device=device).view(1, 3, 1, 1)
-    return [(augment(_normalise(frames[rows]).to(device), gen, cfg["shift"]) - mean) / std for rows in rows_list]
+    return [_standardised(augment(_normalise(frames[rows]).to(device), gen, cfg["shift"])) for rows in rows_list]
 
 
 def train_step(net, head, opt, frames, starts, ends, cfg: dict, step: int, device, target=None) -> float:
@@ -260,10 +265,8 @@ def latent_spread(net, frames, device, rows: int = 256) -> float:
     """Mean per-dimension std of the latents of (up to) `rows` evenly spaced frames, over their mean
     absolute value: near 0 when the encoder has collapsed to one latent."""
     idx = torch.linspace(0, len(frames) - 1, min(rows, len(frames))).long()
-    mean = torch.tensor(FITTED_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(FITTED_STD, device=device).view(1, 3, 1, 1)
     with torch.no_grad():
-        z = net((_normalise(frames[idx]).to(device) - mean) / std).float()
+        z = net(_standardised(_normalise(frames[idx]).to(device))).float()
     return float(z.std(dim=0).mean() / z.abs().mean().clamp_min(1e-12))
 
 
