@@ -278,17 +278,25 @@ def test_metaworld_presets_validate_with_lerobots_parser(name, tmp_path):
     assert all(compare.unit_commands(plan, u) for u in units)
 
 
-def test_encoder_fit_vs_pixels_preset_pairs_the_two_encoders(tmp_path):
-    """Issue 19's rollout comparison: A with the fitted encoder vs A with pixels, >= 3 multi-stage tasks and seeds."""
-    spec = compare.load_spec(PRESETS / "metaworld_encoder_fit_vs_pixels.yaml")
+@pytest.mark.parametrize(("name", "fit_arm", "fit_flags"), [("metaworld_encoder_fit_vs_pixels", "A_fit", []),
+                                                           ("metaworld_encoder_fit_thumbnail", "A_fit_thumb", ["--thumbnail=16"])])
+def test_encoder_fit_vs_pixels_presets_pair_the_two_encoders(tmp_path, name, fit_arm, fit_flags):
+    """Issue 19's rollout comparisons: A with a fitted encoder vs A with pixels, >= 3 multi-stage tasks and seeds;
+    the fit's own flags reach lerobot-wm-fit-encoder and parse there."""
+    spec = compare.load_spec(PRESETS / f"{name}.yaml")
     spec["dataset"]["root"] = str(tmp_path / "not_recorded_yet")
     plan = compare.validate(spec, output_dir=str(tmp_path))
     labels = {a.name: compare.encoder_label(plan, a.encoder) for a in plan.arms.values()}
-    assert labels == {"A_pixels": "pixels", "A_fit": "fit"}
+    assert labels == {"A_pixels": "pixels", fit_arm: "fit"}
     assert len(plan.seeds) >= 3 and len(plan.tasks) >= 3 and "pick-place-v3" in plan.tasks
-    assert plan.comparisons == [("A_fit@pred", "A_pixels@pred")]
-    ids = [u.id for u in compare.plan_units(plan)]
-    assert ids[:4] == ["record", "fit_encoder", "precompute/pixels", "precompute/fit"]
+    assert plan.comparisons == [(f"{fit_arm}@pred", "A_pixels@pred")]
+    units = compare.plan_units(plan)
+    assert [u.id for u in units[:4]] == ["record", "fit_encoder", "precompute/pixels", "precompute/fit"]
+    (fit_cmd,) = compare.unit_commands(plan, units[1])
+    assert fit_cmd[len(fit_cmd) - len(fit_flags) :] == fit_flags
+    from lerobot_policy_world_modality.tools import fit_encoder
+
+    fit_encoder.build_parser().parse_args(fit_cmd[1:])  # exits (fails the test) on an unknown flag
 
 
 def test_world_vs_baselines_preset_is_the_issues_grid():

@@ -154,6 +154,39 @@ def test_jepa_objective_fits_deterministically_into_its_own_identity(dataset_roo
     assert "--ema" in capsys.readouterr().err
 
 
+def test_thumbnail_option_appends_the_pixels_thumbnail_to_the_same_fit(dataset_root, tmp_path, capsys):
+    """--thumbnail=n: the learnt part is the fit without it (the objective never sees the thumbnail), followed
+    by the area-averaged n x n frame, which tracks the built-in `pixels-n` latent; the identity and width
+    change with it; an impossible side is refused."""
+    from lerobot_policy_world_modality.latents.encoder_base import preprocess_frames
+
+    plain, thumb = tmp_path / "plain", tmp_path / "thumb"
+    assert fit_encoder.main(_fit_args(dataset_root, plain)) == 0
+    assert fit_encoder.main(_fit_args(dataset_root, thumb, "--thumbnail=4")) == 0
+    assert "80-d" in capsys.readouterr().out
+    assert (plain / WEIGHTS_FILE).read_bytes() == (thumb / WEIGHTS_FILE).read_bytes()
+    id_plain, id_thumb = resolve_encoder_identity(str(plain)), resolve_encoder_identity(str(thumb))
+    assert (id_plain.dim, id_thumb.dim) == (32, 32 + 3 * 4 * 4)
+    assert id_thumb.revision != id_plain.revision  # caches of the two never mix
+    assert "thumbnail" not in json.loads((plain / MARKER_FILE).read_text())["arch"]  # old fits keep their identity
+
+    dataset = LeRobotDataset(REPO, root=dataset_root, video_backend="pyav")
+    frames = torch.stack([dataset[i]["observation.image"] for i in range(0, len(dataset), 3)])
+    z_plain, z_thumb = load_encoder(str(plain)).encode(frames), load_encoder(str(thumb)).encode(frames)
+    assert z_thumb.shape == (len(frames), 80)
+    assert torch.allclose(z_thumb[:, :32], z_plain, atol=1e-6)
+    side = id_thumb.image_size
+    pooled = torch.nn.functional.adaptive_avg_pool2d(preprocess_frames(frames, side, id_thumb.image_mean, id_thumb.image_std), 4)
+    assert torch.allclose(z_thumb[:, 32:], pooled.flatten(1), atol=1e-6)
+    builtin = load_encoder("pixels-4").encode(frames)
+    tail = z_thumb[:, 32:] - z_thumb[:, 32:].mean(0)
+    ref = builtin - builtin.mean(0)
+    assert torch.nn.functional.cosine_similarity(tail.flatten(), ref.flatten(), dim=0) > 0.9
+
+    assert fit_encoder.main(_fit_args(dataset_root, tmp_path / "bad", "--thumbnail=65")) == 2
+    assert "--thumbnail" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["infonce", "jepa"])
 def test_killed_fit_resumes_to_the_weights_of_an_uninterrupted_fit(dataset_root, tmp_path, objective):

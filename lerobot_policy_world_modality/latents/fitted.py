@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..fileio import files_revision
@@ -41,21 +42,42 @@ class FittedEncoderError(ValueError):
     """A fitted-encoder directory that cannot be used; the message names the fix."""
 
 
-def default_arch(image_size: int = 64, dim: int = 256, channels: tuple[int, ...] = (32, 64, 128, 128)) -> dict:
-    """The architecture settings stored in the marker (everything `ConvEncoderNet` needs)."""
-    return {"image_size": int(image_size), "dim": int(dim), "channels": [int(c) for c in channels]}
+def default_arch(
+    image_size: int = 64, dim: int = 256, channels: tuple[int, ...] = (32, 64, 128, 128), thumbnail: int = 0
+) -> dict:
+    """The architecture settings stored in the marker (everything `ConvEncoderNet` needs).
+
+    `thumbnail` > 0 appends an n x n RGB thumbnail of the input to the learnt latent; the key is written
+    only then, so encoders fitted without it keep the marker (and identity) they always had.
+    """
+    arch = {"image_size": int(image_size), "dim": int(dim), "channels": [int(c) for c in channels]}
+    if thumbnail:
+        if not 1 <= int(thumbnail) <= int(image_size):
+            raise FittedEncoderError(f"thumbnail={thumbnail}: the thumbnail side must be in [1, image_size={image_size}].")
+        arch["thumbnail"] = int(thumbnail)
+    return arch
+
+
+def latent_dim(arch: dict) -> int:
+    """Width of the latents an architecture gives: the learnt dims, plus 3 n^2 with an n x n thumbnail."""
+    side = int(arch.get("thumbnail", 0))
+    return int(arch["dim"]) + 3 * side * side
 
 
 class ConvEncoderNet(nn.Module):
-    """Stride-2 conv stack -> flatten -> linear -> LayerNorm.
+    """Stride-2 conv stack -> flatten -> linear -> LayerNorm, optionally followed by a raw thumbnail.
 
     Flattening the last feature map (instead of global pooling) keeps *where* things are, which is
     what a manipulation policy needs (gripper and object positions). GroupNorm, not BatchNorm, so an
-    encoding never depends on the other frames of its batch.
+    encoding never depends on the other frames of its batch. With `thumbnail` > 0 the latent is the learnt
+    embedding followed by the area-averaged n x n input (the built-in `pixels` thumbnail, same pixel
+    normalisation): the policy keeps everything the thumbnail gives and gets the learnt features on top.
+    The fit objectives train `embed` only; the thumbnail has no weights.
     """
 
-    def __init__(self, image_size: int, dim: int, channels: list[int]):
+    def __init__(self, image_size: int, dim: int, channels: list[int], thumbnail: int = 0):
         super().__init__()
+        self.thumbnail = int(thumbnail)
         layers: list[nn.Module] = []
         c_in = 3
         for i, c in enumerate(channels):
@@ -69,14 +91,21 @@ class ConvEncoderNet(nn.Module):
         self.proj = nn.Linear(flat, dim)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] normalised pixels -> [B, dim] latents."""
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] normalised pixels -> [B, dim] learnt latents (what the fit objectives train)."""
         return self.norm(self.proj(self.features(pixels).flatten(1)))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] normalised pixels -> [B, dim (+ 3 n^2)] latents."""
+        z = self.embed(pixels)
+        if not self.thumbnail:
+            return z
+        return torch.cat([z, F.adaptive_avg_pool2d(pixels, self.thumbnail).flatten(1)], dim=1)
 
 
 def build_net(arch: dict) -> ConvEncoderNet:
     """The network an architecture dict describes (random weights)."""
-    return ConvEncoderNet(arch["image_size"], arch["dim"], list(arch["channels"]))
+    return ConvEncoderNet(arch["image_size"], arch["dim"], list(arch["channels"]), int(arch.get("thumbnail", 0)))
 
 
 def is_fitted_dir(name_or_path: str) -> bool:
@@ -136,7 +165,7 @@ def fitted_identity(directory: str | Path, pooling: str | None = None, window: i
         image_size=(side, side),
         image_mean=tuple(marker["image_mean"]),
         image_std=tuple(marker["image_std"]),
-        dim=int(arch["dim"]),
+        dim=latent_dim(arch),
         extra={"format_version": FORMAT_VERSION, "objective": marker.get("objective", "")},
     )
 

@@ -53,6 +53,7 @@ from ..latents.fitted import (
     ConvEncoderNet,
     build_net,
     default_arch,
+    latent_dim,
     read_marker,
     save_fitted_encoder,
 )
@@ -245,12 +246,12 @@ def train_step(net, head, opt, frames, starts, ends, cfg: dict, step: int, devic
     anchor, positive = sample_pairs(gen, starts, ends, cfg["batch_size"], cfg["max_offset"])
     xa, xp = _views(gen, frames, (anchor, positive), cfg, device)
     if target is None:
-        loss = info_nce(head(net(xa)), head(net(xp)), cfg["temperature"])
+        loss = info_nce(head(net.embed(xa)), head(net.embed(xp)), cfg["temperature"])
     else:
         with torch.no_grad():
-            goal = target(xp)
+            goal = target.embed(xp)
         offset = (positive - anchor).float().to(device) / cfg["max_offset"]
-        loss = (1 - F.cosine_similarity(head(net(xa), offset), goal, dim=-1)).mean()
+        loss = (1 - F.cosine_similarity(head(net.embed(xa), offset), goal, dim=-1)).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -266,7 +267,7 @@ def latent_spread(net, frames, device, rows: int = 256) -> float:
     absolute value: near 0 when the encoder has collapsed to one latent."""
     idx = torch.linspace(0, len(frames) - 1, min(rows, len(frames))).long()
     with torch.no_grad():
-        z = net(_standardised(_normalise(frames[idx]).to(device))).float()
+        z = net.embed(_standardised(_normalise(frames[idx]).to(device))).float()
     return float(z.std(dim=0).mean() / z.abs().mean().clamp_min(1e-12))
 
 
@@ -292,7 +293,7 @@ def fit(args) -> Path:
     state_dir = out / STATE_DIR
     datasets = open_datasets(_split_list(args.repo_id), _split_list(args.root), args.camera, args.video_backend)
     stride, entries = frame_plan(datasets, args.max_frames)
-    arch = default_arch(args.image_size, args.dim, tuple(int(c) for c in _split_list(args.channels)))
+    arch = default_arch(args.image_size, args.dim, tuple(int(c) for c in _split_list(args.channels)), args.thumbnail)
     cfg = {
         "arch": arch, "data": {"entries_digest": _digest(entries), "stride": stride,
                                "datasets": sorted({(e["repo_id"], e["root"], e["camera"]) for e in entries})},
@@ -392,11 +393,11 @@ def fit(args) -> Path:
            "train_seconds_this_run": round(time.time() - t1, 1), "device": str(device), "first_loss": losses[0],
            "final_loss": float(np.mean(losses[-10:])), "latent_spread": spread}  # fmt: skip
     if jepa:
-        print(f"Fitted encoder ({arch['dim']}-d, {len(frames)} frames, JEPA 1 - cosine {log['first_loss']:.3f} -> "
+        print(f"Fitted encoder ({latent_dim(arch)}-d, {len(frames)} frames, JEPA 1 - cosine {log['first_loss']:.3f} -> "
               f"{log['final_loss']:.3f}, latent spread {spread:.3f}: near 0 means collapsed): {out}")
     else:
         log["chance_loss"] = math.log(args.batch_size)
-        print(f"Fitted encoder ({arch['dim']}-d, {len(frames)} frames, InfoNCE {log['first_loss']:.3f} -> "
+        print(f"Fitted encoder ({latent_dim(arch)}-d, {len(frames)} frames, InfoNCE {log['first_loss']:.3f} -> "
               f"{log['final_loss']:.3f}, chance {log['chance_loss']:.3f}): {out}")
     atomic_write_bytes(out / "fit_log.json", (json.dumps(log, indent=2) + "\n").encode())
     print(f"Use it with --encoder={out} (lerobot-wm-precompute) and --policy.encoder={out} (lerobot-train).")
@@ -414,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image_size", type=int, default=64, help="square input size the frames are resized to")
     p.add_argument("--dim", type=int, default=256, help="latent dimension")
     p.add_argument("--channels", default="32,64,64,128", help="conv channels, one stride-2 layer each")
+    p.add_argument("--thumbnail", type=int, default=0,
+                   help="append an n x n RGB thumbnail (the `pixels-n` encoder's) to the learnt latent; 0: none")
     p.add_argument("--steps", type=int, default=400, help="optimisation steps")
     p.add_argument("--batch_size", type=int, default=64, help="frame pairs per step (the InfoNCE batch)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
@@ -448,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not 0.0 <= args.ema < 1.0:
         print(f"error: --ema must lie in [0, 1), got {args.ema}.", file=sys.stderr)
+        return 2
+    if not 0 <= args.thumbnail <= args.image_size:
+        print(f"error: --thumbnail must lie in [0, --image_size={args.image_size}], got {args.thumbnail}.", file=sys.stderr)
         return 2
     try:
         fit(args)
