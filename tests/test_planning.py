@@ -8,7 +8,7 @@ import torch
 from lerobot_policy_world_modality.constants import OBS_WORLD_GOAL, OBS_WORLD_LATENT, OBS_WORLD_REMAINING
 from lerobot_policy_world_modality.latents.cache import EpisodeBounds
 from lerobot_policy_world_modality.world.dynamics import ActionDynamics, progress_targets
-from lerobot_policy_world_modality.world.planner import PlannerSettings, plan_chunk, reference_rank
+from lerobot_policy_world_modality.world.planner import PlannerSettings, mirrored_slope, plan_chunk, reference_rank
 from lerobot_policy_world_modality.world.prophet import Prophet
 from lerobot_policy_world_modality.world_f.modeling_world_f import WorldFPolicy
 
@@ -72,6 +72,21 @@ def test_reference_rank_tells_an_informative_score_from_a_blind_one():
     assert torch.equal(beats, torch.full((64,), 0.5)) and not best.any()
     beats, best = reference_rank(reference, lambda c: c[..., 0].sum(-1), 16, 0.3, torch.Generator().manual_seed(2))
     assert 0.35 < beats.mean() < 0.65 and best.float().mean() < 0.25
+
+
+def test_mirrored_slope_tells_a_slope_from_a_peak():
+    """A linear score puts the reference between every mirrored pair (1); a score peaking at the reference
+    never does (0); a score drawn at random per candidate does in about half of them; ties are not between."""
+    reference = torch.randn(32, 4, 2, generator=torch.Generator().manual_seed(0))
+    slope = mirrored_slope(reference, lambda c: c[..., 0].sum(-1), 8, 0.3, torch.Generator().manual_seed(1))
+    assert torch.equal(slope, torch.ones(32))
+    peak = mirrored_slope(reference, lambda c: -(c - reference[:, None]).pow(2).sum(dim=(2, 3)), 8, 0.3,
+                          torch.Generator().manual_seed(1))  # fmt: skip
+    assert torch.equal(peak, torch.zeros(32))
+    noise = torch.Generator().manual_seed(3)
+    rand = mirrored_slope(reference, lambda c: torch.randn(c.shape[:2], generator=noise), 8, 0.3)
+    assert 0.35 < rand.mean() < 0.65
+    assert torch.equal(mirrored_slope(reference, lambda c: torch.zeros(c.shape[:2]), 8, 0.3), torch.zeros(32))
 
 
 def test_planner_settings_are_validated_by_name():
@@ -333,6 +348,7 @@ def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_
     check = probed["planning"]
     assert 0.0 <= check["expert_beats_perturbations"] <= 1.0 and 0.0 <= check["expert_is_best"] <= 1.0
     assert check["expert_is_best_chance"] == 1 / check["planner_samples"]
+    assert 0.0 <= check["expert_between_mirrored"] <= 1.0 and "mirrored perturbations" in res.stdout
     assert check["dynamics_loss"] > 0 and math.isfinite(check["dynamics_action_sensitivity"])
     assert "The planner's score prefers the dataset's chunk" in res.stdout
     # 3. Stock lerobot-eval plans with the override; without it the same episode (same env seed) goes otherwise.

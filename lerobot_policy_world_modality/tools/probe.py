@@ -197,7 +197,9 @@ def planning_check(policy, pre, batches: list[dict], seed: int = 0) -> dict | No
 
     On each frame the dataset's own chunk (the demonstrator's) competes with `planner_samples` - 1
     perturbations of it at `planner_noise` (`world.planner.reference_rank`): the fraction of them it
-    outscores (0.5 = the score cannot tell them apart) and how often it is the best (chance 1 / N).
+    outscores (0.5 = the score cannot tell them apart) and how often it is the best (chance 1 / N); and
+    how often it lies between the scores of mirrored perturbations chunk +/- eps
+    (`world.planner.mirrored_slope`: near 1 when the score is a slope through the chunk, near 0 at a peak).
     Also the Spearman correlation of the progress head's remaining fraction with the true one, and
     whether the world model reads the actions at all: its loss with each frame's own chunk against
     another frame's chunk (a world model that ignores them cannot rank chunks, however good its cosine).
@@ -207,14 +209,16 @@ def planning_check(policy, pre, batches: list[dict], seed: int = 0) -> dict | No
 
     from ..constants import OBS_WORLD_LATENT, OBS_WORLD_REMAINING
     from ..world.memory import derangement, world_loss
-    from ..world.planner import reference_rank
+    from ..world.planner import mirrored_slope, reference_rank
 
     world, cfg = getattr(policy, "world", None), policy.config
     if world is None or getattr(world, "dynamics", None) is None or getattr(world, "progress", None) is None:
         return None
     horizon = getattr(cfg, "planner_horizon", 0) or cfg.future_frames
     generator = torch.Generator().manual_seed(seed)
-    beats, best, predicted, remaining, own, other = [], [], [], [], [], []
+    # Its own stream, so adding this check left the draws (and figures) of the others unchanged.
+    mirror_gen = torch.Generator().manual_seed(seed + 1)
+    beats, best, slope, predicted, remaining, own, other = [], [], [], [], [], [], []
     with torch.no_grad():
         for batch in batches:
             b = pre(dict(batch))
@@ -228,6 +232,10 @@ def planning_check(policy, pre, batches: list[dict], seed: int = 0) -> dict | No
             )  # fmt: skip
             beats.append(rank)
             best.append(top.float())
+            slope.append(mirrored_slope(
+                b["action"], lambda chunks, h=history: world.score_chunks(h, chunks, None, horizon),
+                max(1, (cfg.planner_samples - 1) // 2), cfg.planner_noise, mirror_gen,
+            ))  # fmt: skip
             if OBS_WORLD_REMAINING in b:
                 predicted.append(torch.sigmoid(world.progress(b[OBS_WORLD_LATENT])).flatten())
                 remaining.append(b[OBS_WORLD_REMAINING].float().flatten())
@@ -238,6 +246,7 @@ def planning_check(policy, pre, batches: list[dict], seed: int = 0) -> dict | No
         "expert_beats_perturbations": float(torch.cat(beats).mean()),
         "expert_is_best": float(torch.cat(best).mean()),
         "expert_is_best_chance": 1.0 / cfg.planner_samples,
+        "expert_between_mirrored": float(torch.cat(slope).mean()),
         "progress_spearman": None,
         "dynamics_loss": sum(own) / len(own),
         "dynamics_loss_other_actions": sum(other) / len(other),
@@ -259,6 +268,12 @@ def planning_summary(check: dict) -> str:
         f"(50% = it cannot tell them apart) and ranks it best in {100 * check['expert_is_best']:.1f}% of "
         f"frames (chance {100 * check['expert_is_best_chance']:.1f}%)."
     )
+    if check.get("expert_between_mirrored") is not None:
+        line += (
+            f" Between the scores of mirrored perturbations (chunk +/- noise) in "
+            f"{100 * check['expert_between_mirrored']:.1f}% of pairs (near 100%: the score is a slope through "
+            "the chunk, not a peak at it, so planning pushes the actions along it)."
+        )
     if check.get("progress_spearman") is not None:
         line += f" Progress head vs true remaining fraction: Spearman {check['progress_spearman']:.2f}."
     line += (

@@ -135,3 +135,27 @@ def reference_rank(
     ref, others = scores[:, :1], scores[:, 1:]
     beats = (ref > others).float().mean(dim=1) + 0.5 * (ref == others).float().mean(dim=1)
     return beats, (ref > others).all(dim=1)
+
+
+def mirrored_slope(
+    reference: Tensor,
+    score: Callable[[Tensor], Tensor],
+    pairs: int,
+    noise: float,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Is `score` a slope or a peak at a reference chunk [B, H, A]? Scores `pairs` mirrored perturbations
+    reference +/- eps (scale `noise`) and returns [B] the fraction of pairs whose two scores lie on either
+    side of the reference's (strictly).
+
+    About 1 for a score that changes almost linearly through the reference (reranking then executes the
+    perturbation that goes farthest along the slope, whatever the demonstration did), about 0 for a score
+    that peaks (or dips) at the reference, 0.5 for a score unrelated to the chunk's distance from it.
+    """
+    b, h, a = reference.shape
+    eps = noise * _noise((b, pairs, h, a), generator, reference)
+    ref = reference.unsqueeze(1)
+    scores = score(torch.cat([ref, ref + eps, ref - eps], dim=1))
+    s0, plus, minus = scores[:, :1], scores[:, 1 : 1 + pairs], scores[:, 1 + pairs :]
+    between = ((plus > s0) & (minus < s0)) | ((plus < s0) & (minus > s0))
+    return between.float().mean(dim=1)
