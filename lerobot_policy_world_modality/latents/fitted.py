@@ -53,7 +53,9 @@ def default_arch(
     arch = {"image_size": int(image_size), "dim": int(dim), "channels": [int(c) for c in channels]}
     if thumbnail:
         if not 1 <= int(thumbnail) <= int(image_size):
-            raise FittedEncoderError(f"thumbnail={thumbnail}: the thumbnail side must be in [1, image_size={image_size}].")
+            raise FittedEncoderError(
+                f"--thumbnail={thumbnail}: the thumbnail side must lie in [1, --image_size={image_size}] (0: none)."
+            )
         arch["thumbnail"] = int(thumbnail)
     return arch
 

@@ -51,6 +51,7 @@ from ..latents.fitted import (
     STATE_DIR,
     WEIGHTS_FILE,
     ConvEncoderNet,
+    FittedEncoderError,
     build_net,
     default_arch,
     latent_dim,
@@ -452,12 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.0 <= args.ema < 1.0:
         print(f"error: --ema must lie in [0, 1), got {args.ema}.", file=sys.stderr)
         return 2
-    if not 0 <= args.thumbnail <= args.image_size:
-        print(f"error: --thumbnail must lie in [0, --image_size={args.image_size}], got {args.thumbnail}.", file=sys.stderr)
-        return 2
     try:
         fit(args)
-    except FitEncoderError as err:
+    except (FitEncoderError, FittedEncoderError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -226,16 +226,14 @@ def planning_check(policy, pre, batches: list[dict], seed: int = 0) -> dict | No
             swap = derangement(len(history), generator)
             own.append(float(world_loss(world.imagine(history, b["action"]), targets, valid, world.loss_type)))
             other.append(float(world_loss(world.imagine(history, b["action"][swap]), targets, valid, world.loss_type)))
-            rank, top = reference_rank(
-                b["action"], lambda chunks, h=history: world.score_chunks(h, chunks, None, horizon),
-                cfg.planner_samples, cfg.planner_noise, generator,
-            )  # fmt: skip
+            def score(chunks, h=history):
+                return world.score_chunks(h, chunks, None, horizon)
+
+            rank, top = reference_rank(b["action"], score, cfg.planner_samples, cfg.planner_noise, generator)
             beats.append(rank)
             best.append(top.float())
-            slope.append(mirrored_slope(
-                b["action"], lambda chunks, h=history: world.score_chunks(h, chunks, None, horizon),
-                max(1, (cfg.planner_samples - 1) // 2), cfg.planner_noise, mirror_gen,
-            ))  # fmt: skip
+            pairs = max(1, (cfg.planner_samples - 1) // 2)
+            slope.append(mirrored_slope(b["action"], score, pairs, cfg.planner_noise, mirror_gen))
             if OBS_WORLD_REMAINING in b:
                 predicted.append(torch.sigmoid(world.progress(b[OBS_WORLD_LATENT])).flatten())
                 remaining.append(b[OBS_WORLD_REMAINING].float().flatten())
