@@ -74,10 +74,11 @@ def test_an_arm_with_only_a_world_model_is_probed_for_that_model(dataset_root, t
                              "dynamics_cosine": {"dyn_cos_h1": 0.9999}, "world_copy_cosine": {"world_copy_cos_h1": 0.999}})
     assert row["world"] == {"world_copy_cos_h1": 0.999, "dyn_cos_h1": 0.9999} and "planner" in row["verdict"]
     planning = {"expert_beats_perturbations": 0.5, "expert_is_best": 0.0, "progress_spearman": 0.98,
-                "dynamics_action_sensitivity": 0.13, "planner_samples": 16, "expert_between_mirrored": 0.97}  # fmt: skip
+                "dynamics_action_sensitivity": 0.13, "planner_samples": 16, "expert_between_mirrored": 0.97,
+                "planned_distance_ratio": 1.5}  # fmt: skip
     with_check = compare.probe_row({"reads_memory": None, "planning": planning})["world"]
     assert with_check == {"plan_expert_beats_perturbed": 0.5, "plan_expert_is_best": 0.0,
-                          "plan_expert_between_mirrored": 0.97, "plan_progress_spearman": 0.98,
+                          "plan_expert_between_mirrored": 0.97, "plan_distance_ratio": 1.5, "plan_progress_spearman": 0.98,
                           "dyn_action_sensitivity": 0.13}  # fmt: skip
     report = {"name": "t", "budget": {"steps": 1, "batch_size": 1, "seeds": [0]},
               "eval": {"env": "metaworld", "episodes": 1, "seed": 0}, "arms": {}, "results": [], "comparisons": [],

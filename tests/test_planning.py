@@ -8,11 +8,17 @@ import torch
 from lerobot_policy_world_modality.constants import OBS_WORLD_GOAL, OBS_WORLD_LATENT, OBS_WORLD_REMAINING
 from lerobot_policy_world_modality.latents.cache import EpisodeBounds
 from lerobot_policy_world_modality.world.dynamics import ActionDynamics, progress_targets
-from lerobot_policy_world_modality.world.planner import PlannerSettings, mirrored_slope, plan_chunk, reference_rank
+from lerobot_policy_world_modality.world.planner import (
+    PlannerSettings,
+    mirrored_slope,
+    plan_chunk,
+    reference_rank,
+    toward_reference,
+)
 from lerobot_policy_world_modality.world.prophet import Prophet
 from lerobot_policy_world_modality.world_f.modeling_world_f import WorldFPolicy
 
-from test_world_f_model import A, B, H, K, eval_batch, make_config, train_batch
+from test_world_f_model import A, B, D, H, K, T, eval_batch, make_config, train_batch
 
 
 # ------------------------------------------------------------------------------------ a known world
@@ -235,6 +241,79 @@ def test_imitating_successes_only_leaves_failed_episodes_out_of_the_action_loss(
         WorldFPolicy(make_config(**kw, imitate_failures=False), dataset_meta=LeRobotDatasetMetadata(plain, root=plain_root))
 
 
+def expert_world(seed, n):
+    """A world whose demonstrations act as a known function of the state: the expert's chunk is
+    tanh(z_t W) at every step, and the future is z_{t+k} = z_t + (sum of the first k actions) M."""
+    g = torch.Generator().manual_seed(1000)
+    w, mix = torch.randn(D, A, generator=g), torch.randn(A, D, generator=g)
+    g = torch.Generator().manual_seed(seed)
+    history = torch.randn(n, T, D, generator=g)
+    z = history[:, -1]
+    actions = torch.tanh(z @ w).unsqueeze(1).expand(n, H, A).contiguous()
+    future = z[:, None] + torch.cumsum(actions[:, :K] @ mix, dim=1)
+    return history, actions, future
+
+
+
+def test_outcome_critic_peaks_at_the_demonstrated_chunk_on_unseen_states():
+    """The outcome critic (plan_critic) judges a chunk by the world model's imagined outcome. Trained on
+    demonstrations, its score peaks at the demonstrated chunk on states it never saw: the chunk beats most
+    of its perturbations and seldom lies between mirrored ones (a slope would put it there in most pairs),
+    and rerank from a knocked-off proposal strays less than a random pick does (it still strays: 15 of
+    16 candidates lie farther than the proposal, see docs/planning.md). Fails if the critic does not
+    read the imagined outcome or the world model ignores the actions."""
+    torch.manual_seed(0)
+    policy = WorldFPolicy(make_config(variant="A", dynamics="action_conditioned", plan_critic=True,
+                                      lambda_critic=1.0, planner="rerank", planner_samples=16))  # fmt: skip
+    opt = torch.optim.Adam(policy.parameters(), lr=3e-3)
+    policy.train()
+    for step in range(400):
+        history, actions, future = expert_world(step, 64)
+        batch = {OBS_WORLD_LATENT: history[:, -1], "observation.world.history": history,
+                 "observation.world.future": future, "observation.world.future_valid": torch.ones(64, K, dtype=torch.bool),
+                 "observation.state": torch.zeros(64, 4), "action": actions,
+                 "action_is_pad": torch.zeros(64, H, dtype=torch.bool)}  # fmt: skip
+        loss, info = policy.forward(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert {"critic_loss", "critic_top1"} <= set(info)
+    assert policy.world.critic.net[0].weight.grad is not None
+    assert policy.world.dynamics.net.context_type.grad is not None  # trained by its own loss, not the critic's
+    policy.eval()
+    history, actions, _ = expert_world(10_000, 256)  # states the critic never saw
+
+    def score(chunks):
+        return policy.world.score_chunks(history, chunks, None, K)
+
+    g = torch.Generator().manual_seed(0)
+    beats, _ = reference_rank(actions, score, 16, policy.config.planner_noise, g)
+    between = mirrored_slope(actions, score, 8, policy.config.planner_noise, g)
+    settings = policy.config.planner_settings()
+    ratio = toward_reference(actions, score, settings, policy.config.planner_noise, K, g)
+    random_pick = toward_reference(actions, lambda c: torch.rand(c.shape[:2], generator=g), settings, 0.3, K, g)
+    assert beats.mean() > 0.7, beats.mean()
+    assert between.mean() < 0.5, between.mean()
+    assert ratio.median() < random_pick.median() - 0.1, (ratio.median(), random_pick.median())
+
+
+def test_toward_reference_tells_a_correcting_score_from_a_random_and_a_blind_one():
+    """Rerank from a knocked-off proposal: an oracle that knows the reference corrects (< 1), a random
+    score strays about twice as far (squared), and a constant one keeps the proposal (exactly 1)."""
+    g = torch.Generator().manual_seed(0)
+    reference = torch.randn(64, H, A, generator=g)
+    settings = PlannerSettings(kind="rerank", samples=16, noise=0.3)
+
+    def oracle(chunks):  # reads the first 2 actions, like a world model reaching 2 frames ahead
+        return -(chunks[:, :, :2] - reference[:, None, :2]).pow(2).sum(dim=(2, 3))
+
+    corrected = toward_reference(reference, oracle, settings, 0.3, 2, g)
+    random_pick = toward_reference(reference, lambda c: torch.rand(c.shape[:2], generator=g), settings, 0.3, 2, g)
+    kept = toward_reference(reference, lambda c: torch.zeros(c.shape[:2]), settings, 0.3, 2, g)
+    assert corrected.median() < 0.95 and 1.6 < random_pick.median() < 2.4, (corrected.median(), random_pick.median())
+    assert torch.allclose(kept, torch.ones(64))
+
+
 def test_select_action_plans_once_per_chunk():
     policy = planning_policy(planner="rerank", planner_samples=4)
     policy.eval()
@@ -252,7 +331,7 @@ def test_planner_without_goal_or_progress_head_says_what_to_do():
     policy = planning_policy(progress_head=False)
     policy.eval()
     policy.reset()
-    with pytest.raises(RuntimeError, match="progress_head"):
+    with pytest.raises(RuntimeError, match="plan_critic=true or --policy.progress_head=true"):
         policy.predict_action_chunk(eval_batch(train_batch()[OBS_WORLD_LATENT]))
 
 
@@ -264,6 +343,9 @@ def test_planner_without_goal_or_progress_head_says_what_to_do():
         (dict(dynamics="action_conditioned", future_stride=3, planner="none", progress_head=False), "chunk_size"),
         (dict(planner="beam"), "planner 'beam'"),
         (dict(planner_horizon=K + 1), "planner_horizon"),
+        (dict(plan_critic=True, dynamics="none", planner="none", progress_head=False), "plan_critic"),
+        (dict(plan_critic=True, critic_negatives=0), "critic_negatives"),
+        (dict(lambda_critic=-1.0), "lambda_critic"),
     ],
 )
 def test_bad_planning_settings_name_the_flag(overrides, flag):
@@ -318,7 +400,8 @@ def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_
     res = run([BIN / "lerobot-wm-precompute", f"--dataset.repo_id={repo}", f"--dataset.root={root}"])
     assert res.returncode == 0, res.stderr
     view = Path(next(ln for ln in res.stdout.splitlines() if "training view" in ln).split(": ", 1)[1].strip())
-    flags = ["--policy.variant=A", "--policy.dynamics=action_conditioned", "--policy.progress_head=true"]
+    flags = ["--policy.variant=A", "--policy.dynamics=action_conditioned", "--policy.progress_head=true",
+             "--policy.plan_critic=true"]
     res = run([BIN / "lerobot-train", "--policy.type=world_f", "--policy.encoder=pixels", *TINY_WORLD_F, *flags,
                f"--dataset.repo_id={repo}", f"--dataset.root={view}", *short_train_flags(tmp_path / "out", 4)])  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
@@ -327,7 +410,7 @@ def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_
     assert cfg["dynamics"] == "action_conditioned" and cfg["planner"] == "none"
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
-    assert "world.dynamics.net.context_type" in keys and "world.progress.net.1.weight" in keys
+    assert {"world.dynamics.net.context_type", "world.progress.net.1.weight", "world.critic.net.0.weight"} <= set(keys)
     # The policy lerobot-train builds on this view reads both episodes as failures (progress target 1).
     cfg = make_policy_config("world_f", device="cpu", variant="A", dynamics="action_conditioned", progress_head=True,
                              width=32, depth=1, heads=2, history_frames=3, future_frames=2, chunk_size=4,
@@ -350,7 +433,8 @@ def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_
     assert check["expert_is_best_chance"] == 1 / check["planner_samples"]
     assert 0.0 <= check["expert_between_mirrored"] <= 1.0 and "mirrored perturbations" in res.stdout
     assert check["dynamics_loss"] > 0 and math.isfinite(check["dynamics_action_sensitivity"])
-    assert "The planner's score prefers the dataset's chunk" in res.stdout
+    assert check["score"] == "critic" and check["planner"] == "rerank" and math.isfinite(check["planned_distance_ratio"])
+    assert "The planner's score (critic) prefers the dataset's chunk" in res.stdout and "knocked-off proposal" in res.stdout
     # 3. Stock lerobot-eval plans with the override; without it the same episode (same env seed) goes otherwise.
     res = run([*capped_eval_cmd(ckpt, tmp_path / "eval_cem", episode_length=6), "--policy.planner=cem",
                "--policy.planner_samples=4", "--policy.planner_iterations=2"])  # fmt: skip

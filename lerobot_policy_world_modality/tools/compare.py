@@ -1012,6 +1012,7 @@ PLANNING_COLUMNS = {
     "plan_expert_beats_perturbed": "expert_beats_perturbations",
     "plan_expert_is_best": "expert_is_best",
     "plan_expert_between_mirrored": "expert_between_mirrored",
+    "plan_distance_ratio": "planned_distance_ratio",
     "plan_progress_spearman": "progress_spearman",
     "dyn_action_sensitivity": "dynamics_action_sensitivity",
 }

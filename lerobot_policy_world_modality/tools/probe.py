@@ -29,6 +29,7 @@ Works for policies that inject a world memory (`world_f` variant F on either pat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -193,13 +194,17 @@ def probe(
 
 def planning_check(policy, pre, batches: list[dict], seed: int = 0) -> dict | None:
     """Can the planner's score tell a good chunk from a bad one? None without a world model scored by
-    a progress head (goal images are not in the probe's frames).
+    an outcome critic or a progress head (goal images are not in the probe's frames); `score` names the
+    one the planner uses (the critic when the policy has both).
 
     On each frame the dataset's own chunk (the demonstrator's) competes with `planner_samples` - 1
     perturbations of it at `planner_noise` (`world.planner.reference_rank`): the fraction of them it
     outscores (0.5 = the score cannot tell them apart) and how often it is the best (chance 1 / N); and
     how often it lies between the scores of mirrored perturbations chunk +/- eps
-    (`world.planner.mirrored_slope`: near 1 when the score is a slope through the chunk, near 0 at a peak).
+    (`world.planner.mirrored_slope`: near 1 when the score is a slope through the chunk, near 0 at a peak);
+    and whether the configured planner (rerank when none is set), started from the chunk knocked off by
+    `planner_noise`, moves back toward it (`world.planner.toward_reference`: below 1 it corrects, about 2
+    is a random pick).
     Also the Spearman correlation of the progress head's remaining fraction with the true one, and
     whether the world model reads the actions at all: its loss with each frame's own chunk against
     another frame's chunk (a world model that ignores them cannot rank chunks, however good its cosine).
@@ -209,16 +214,24 @@ def planning_check(policy, pre, batches: list[dict], seed: int = 0) -> dict | No
 
     from ..constants import OBS_WORLD_LATENT, OBS_WORLD_REMAINING
     from ..world.memory import derangement, world_loss
-    from ..world.planner import mirrored_slope, reference_rank
+    from ..world.planner import mirrored_slope, reference_rank, toward_reference
 
     world, cfg = getattr(policy, "world", None), policy.config
-    if world is None or getattr(world, "dynamics", None) is None or getattr(world, "progress", None) is None:
+    if world is None or getattr(world, "dynamics", None) is None:
         return None
+    critic, progress = getattr(world, "critic", None), getattr(world, "progress", None)
+    if critic is None and progress is None:
+        return None
+    settings = cfg.planner_settings()
+    if settings.kind == "none":
+        settings = dataclasses.replace(settings, kind="rerank")
+    span = world.dynamics.action_len
     horizon = getattr(cfg, "planner_horizon", 0) or cfg.future_frames
     generator = torch.Generator().manual_seed(seed)
     # Its own stream, so adding this check left the draws (and figures) of the others unchanged.
     mirror_gen = torch.Generator().manual_seed(seed + 1)
-    beats, best, slope, predicted, remaining, own, other = [], [], [], [], [], [], []
+    toward_gen = torch.Generator().manual_seed(seed + 2)
+    beats, best, slope, toward, predicted, remaining, own, other = [], [], [], [], [], [], [], []
     with torch.no_grad():
         for batch in batches:
             b = pre(dict(batch))
@@ -234,10 +247,13 @@ def planning_check(policy, pre, batches: list[dict], seed: int = 0) -> dict | No
             best.append(top.float())
             pairs = max(1, (cfg.planner_samples - 1) // 2)
             slope.append(mirrored_slope(b["action"], score, pairs, cfg.planner_noise, mirror_gen))
-            if OBS_WORLD_REMAINING in b:
+            toward.append(toward_reference(b["action"], score, settings, cfg.planner_noise, span, toward_gen))
+            if progress is not None and OBS_WORLD_REMAINING in b:
                 predicted.append(torch.sigmoid(world.progress(b[OBS_WORLD_LATENT])).flatten())
                 remaining.append(b[OBS_WORLD_REMAINING].float().flatten())
     out = {
+        "score": "critic" if critic is not None else "progress",
+        "planner": settings.kind,
         "planner_samples": cfg.planner_samples,
         "planner_noise": cfg.planner_noise,
         "planner_horizon": horizon,
@@ -245,6 +261,8 @@ def planning_check(policy, pre, batches: list[dict], seed: int = 0) -> dict | No
         "expert_is_best": float(torch.cat(best).mean()),
         "expert_is_best_chance": 1.0 / cfg.planner_samples,
         "expert_between_mirrored": float(torch.cat(slope).mean()),
+        # Median, not mean: a ratio of two squared distances has a long upper tail.
+        "planned_distance_ratio": float(torch.cat(toward).median()),
         "progress_spearman": None,
         "dynamics_loss": sum(own) / len(own),
         "dynamics_loss_other_actions": sum(other) / len(other),
@@ -261,7 +279,7 @@ def planning_check(policy, pre, batches: list[dict], seed: int = 0) -> dict | No
 def planning_summary(check: dict) -> str:
     """One plain-language line on `planning_check`."""
     line = (
-        f"The planner's score prefers the dataset's chunk to its {check['planner_samples'] - 1} perturbations "
+        f"The planner's score ({check.get('score', 'progress')}) prefers the dataset's chunk to its {check['planner_samples'] - 1} perturbations "
         f"(noise {check['planner_noise']:g}) in {100 * check['expert_beats_perturbations']:.1f}% of pairs "
         f"(50% = it cannot tell them apart) and ranks it best in {100 * check['expert_is_best']:.1f}% of "
         f"frames (chance {100 * check['expert_is_best_chance']:.1f}%)."
@@ -271,6 +289,12 @@ def planning_summary(check: dict) -> str:
             f" Between the scores of mirrored perturbations (chunk +/- noise) in "
             f"{100 * check['expert_between_mirrored']:.1f}% of pairs (near 100%: the score is a slope through "
             "the chunk, not a peak at it, so planning pushes the actions along it)."
+        )
+    if check.get("planned_distance_ratio") is not None:
+        line += (
+            f" {check.get('planner', 'rerank')} from the chunk knocked off by the noise ends "
+            f"{check['planned_distance_ratio']:.2f}x as far from it as the knocked-off proposal (median; below 1 "
+            "planning corrects, about 2 is a random pick)."
         )
     if check.get("progress_spearman") is not None:
         line += f" Progress head vs true remaining fraction: Spearman {check['progress_spearman']:.2f}."

@@ -9,6 +9,12 @@ happens if I execute this chunk": the information a planner needs and the policy
 `ProgressHead` reads one latent and predicts the fraction of its episode still to go (0 at success,
 1 at the start; failed episodes are 1 throughout): with no goal image, a planner prefers chunks whose
 imagined end has the least left to go.
+
+`OutcomeCritic` reads the current latent and the K frames the dynamics imagine for a chunk, and is
+trained to tell the imagined outcome of the dataset's chunk from those of perturbations of it (a
+softmax over one positive and several negatives): a score that peaks where the demonstrations act,
+judged through the world model, instead of a progress slope that rises without bound along some
+direction of the actions.
 """
 
 from __future__ import annotations
@@ -98,3 +104,32 @@ def goal_score(final: Tensor, goal: Tensor) -> Tensor:
     """Score of imagined end latents [N, D] against goal latents [N, D]: minus the mean absolute
     difference (the L1 latent distance that V-JEPA 2-AC plans with); higher is better."""
     return -(final.float() - goal.float()).abs().mean(dim=-1)
+
+
+class OutcomeCritic(nn.Module):
+    """(current latent [N, D], imagined frames [N, K, D] in target space) -> logit [N]: how much the
+    imagined outcome looks like that of a demonstrated chunk. Both inputs are layer-normalised, so the
+    critic judges the shape of the imagined change, not the encoder's scale."""
+
+    def __init__(self, latent_dim: int, num_future: int, width: int = 128):
+        super().__init__()
+        self.current = nn.LayerNorm(latent_dim)
+        self.imagined = nn.LayerNorm(latent_dim * num_future)
+        self.net = nn.Sequential(nn.Linear(latent_dim * (1 + num_future), width), nn.GELU(), nn.Linear(width, 1))
+
+    def forward(self, current: Tensor, imagined: Tensor) -> Tensor:
+        """Logits [N]; higher = more like a demonstration's outcome."""
+        dtype = self.net[0].weight.dtype
+        x = torch.cat([self.current(current.to(dtype)), self.imagined(imagined.flatten(1).to(dtype))], dim=-1)
+        return self.net(x).squeeze(-1)
+
+
+def critic_loss(logits: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Cross-entropy of logits [B, 1 + M] whose column 0 is the dataset's chunk and the rest its
+    perturbations; `weight` [B] (e.g. 0 for frames of failed episodes) weighs the samples."""
+    per_sample = F.cross_entropy(logits.float(), torch.zeros(len(logits), dtype=torch.long, device=logits.device),
+                                 reduction="none")  # fmt: skip
+    if weight is None:
+        return per_sample.mean()
+    weight = weight.float()
+    return (per_sample * weight).sum() / weight.sum().clamp_min(1.0)

@@ -167,6 +167,12 @@ class DynamicsOptions:
     progress_head: bool = False
     # Weight of the progress head's loss.
     lambda_progress: float = 0.1
+    # Train an outcome critic (the dataset chunk's imagined outcome vs its perturbations'): the planner's score.
+    plan_critic: bool = False
+    # Weight of the critic's loss.
+    lambda_critic: float = 0.1
+    # Perturbations of the dataset's chunk per training frame, the critic's negatives (at planner_noise).
+    critic_negatives: int = 7
     # Action loss on failed episodes too; false = imitate successes only (failures still train the world model).
     imitate_failures: bool = True
     # Planner at rollout: "none", "rerank" (best of N perturbations of the policy's chunk) or "cem".
@@ -205,6 +211,14 @@ class DynamicsOptions:
             raise ValueError(
                 "progress_head=True scores the dynamics' imagined latents: set --policy.dynamics=action_conditioned."
             )
+        if self.plan_critic and not on:
+            raise ValueError(
+                "plan_critic=True judges the dynamics' imagined outcomes: set --policy.dynamics=action_conditioned."
+            )
+        if self.critic_negatives < 1:
+            raise ValueError(f"critic_negatives must be >= 1 (perturbed chunks per frame), got {self.critic_negatives}.")
+        if self.plan_critic and not self.planner_noise > 0.0:
+            raise ValueError(f"plan_critic=True perturbs chunks at planner_noise, which must be > 0, got {self.planner_noise}.")
         if self.planner != "none":
             if not on:
                 raise ValueError(
@@ -216,7 +230,7 @@ class DynamicsOptions:
                 raise ValueError(
                     f"planner_horizon must lie in [0, future_frames={self.future_frames}], got {self.planner_horizon}."
                 )
-        for name in ("lambda_dynamics", "lambda_progress"):
+        for name in ("lambda_dynamics", "lambda_progress", "lambda_critic"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
 

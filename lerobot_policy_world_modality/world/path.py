@@ -17,6 +17,8 @@ checkpoint carries them, and rollout and reloading need no cache.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -27,7 +29,15 @@ from ..constants import (
     OBS_WORLD_LATENT,
     OBS_WORLD_REMAINING,
 )
-from .dynamics import ActionDynamics, ProgressHead, goal_score, progress_loss, progress_targets
+from .dynamics import (
+    ActionDynamics,
+    OutcomeCritic,
+    ProgressHead,
+    critic_loss,
+    goal_score,
+    progress_loss,
+    progress_targets,
+)
 from .fusion import GatedCrossAttention
 from .memory import (
     horizon_diagnostics,
@@ -131,7 +141,7 @@ class WorldPath(nn.Module):
         self.fusion = build_fusion(o, hidden_width, latent_dim, dropout) if o.inject_memory else None
         # The world model of `DynamicsOptions`: in the same target space as the Prophet, never read by
         # the action path (only the planner reads it), so it cannot change the policy's own chunk.
-        self.dynamics = self.progress = None
+        self.dynamics = self.progress = self.critic = None
         if has_dynamics:
             if action_dim is None:
                 raise ValueError("dynamics='action_conditioned' needs the action dimension (action_dim).")
@@ -142,6 +152,8 @@ class WorldPath(nn.Module):
             )  # fmt: skip
             if getattr(o, "progress_head", False):
                 self.progress = ProgressHead(latent_dim, o.prophet_width)
+            if getattr(o, "plan_critic", False):
+                self.critic = OutcomeCritic(latent_dim, o.future_frames, o.prophet_width)
         self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
 
     def set_target_stats(self, stats: dict[str, Tensor]) -> None:
@@ -242,7 +254,34 @@ class WorldPath(nn.Module):
             prog = progress_loss(self.progress(latent), progress_targets(remaining, success))
             info["progress_loss"] = prog.item()
             loss = loss + o.lambda_progress * prog
+        if self.critic is not None:
+            crit, crit_info = self._critic_loss_terms(history, actions, success)
+            info |= crit_info
+            loss = loss + o.lambda_critic * crit
         return loss, info
+
+    def _critic_loss_terms(self, history: Tensor, actions: Tensor, success: Tensor | None) -> tuple[Tensor, dict]:
+        """The outcome critic's loss: the dataset chunk's imagined outcome against those of
+        `critic_negatives` perturbations of it (scale planner_noise, the planner's own), over frames of
+        successful episodes when success marks are known. The imagined frames are computed without
+        gradient, so the critic never shapes the world model, which stays a model of the world."""
+        o = self.options
+        b, m = len(history), o.critic_negatives
+        with torch.no_grad():
+            # Negatives at several distances (0.5x to 2x planner_noise, log-uniform), so the critic ranks
+            # candidates by how far they stray, not only the chunk against its nearest neighbours.
+            scale = o.planner_noise * torch.exp(math.log(2.0) * (2 * torch.rand(b, m, 1, 1, device=actions.device) - 1))
+            noise = scale.to(actions.dtype) * torch.randn((b, m, *actions.shape[1:]), device=actions.device, dtype=actions.dtype)
+            chunks = torch.cat([actions.unsqueeze(1), actions.unsqueeze(1) + noise], dim=1)
+            hist = history.repeat_interleave(1 + m, dim=0)
+            imagined = self.imagine(hist, chunks.flatten(0, 1))
+        logits = self.critic(hist[:, -1], imagined).view(b, 1 + m)
+        weight = None if success is None else success.to(torch.bool).reshape(b).float()
+        loss = critic_loss(logits, weight)
+        with torch.no_grad():  # how often the dataset's chunk is the critic's top pick (chance 1 / (1 + M))
+            top = (logits.argmax(dim=1) == 0).float()
+            top = top.mean() if weight is None else (top * weight).sum() / weight.sum().clamp_min(1.0)
+        return loss, {"critic_loss": loss.item(), "critic_top1": top.item()}
 
     @torch.no_grad()
     def score_chunks(self, history: Tensor, chunks: Tensor, goal: Tensor | None, horizon: int) -> Tensor:
@@ -250,18 +289,22 @@ class WorldPath(nn.Module):
 
         Every candidate is rolled through the dynamics in one batch of B x N; the imagined latent at
         predicted frame `horizon` (1..K) is compared with the goal latent [B, D] when there is one
-        (`goal_score`), else scored by minus the progress head's remaining fraction.
+        (`goal_score`); else the outcome critic's logit of all K imagined frames when the policy has one;
+        else minus the progress head's remaining fraction.
         """
         b, n = chunks.shape[:2]
         hist = history.repeat_interleave(n, dim=0)
-        end = self.to_absolute(self.imagine(hist, chunks.flatten(0, 1)), hist[:, -1])[:, horizon - 1]
+        imagined = self.imagine(hist, chunks.flatten(0, 1))
+        if goal is None and self.critic is not None:
+            return self.critic(hist[:, -1], imagined).view(b, n).float()
+        end = self.to_absolute(imagined, hist[:, -1])[:, horizon - 1]
         if goal is not None:
             return goal_score(end, goal.repeat_interleave(n, dim=0)).view(b, n)
         if self.progress is None:
             raise RuntimeError(
                 "The planner has no goal to score against (the observation carries no goal image, see "
-                "constants.goal_image_key) and the policy has no progress head: train with "
-                "--policy.progress_head=true, or evaluate with goal images."
+                "constants.goal_image_key) and the policy has neither an outcome critic nor a progress head: "
+                "train with --policy.plan_critic=true or --policy.progress_head=true, or evaluate with goal images."
             )
         return -torch.sigmoid(self.progress(end)).view(b, n)
 

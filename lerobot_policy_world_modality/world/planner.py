@@ -159,3 +159,30 @@ def mirrored_slope(
     s0, plus, minus = scores[:, :1], scores[:, 1 : 1 + pairs], scores[:, 1 + pairs :]
     between = ((plus > s0) & (minus < s0)) | ((plus < s0) & (minus > s0))
     return between.float().mean(dim=1)
+
+
+def toward_reference(
+    reference: Tensor,
+    score: Callable[[Tensor], Tensor],
+    settings: PlannerSettings,
+    offset: float,
+    span: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Does planning with `score` move a proposal toward a reference chunk [B, H, A] (e.g. the expert's)?
+    The proposal is the reference knocked off by Gaussian noise of scale `offset`; the planner then
+    picks around it as it would at rollout. Returns [B] the squared distance of the planned chunk to the
+    reference over the first `span` actions (those the world model reads), divided by the proposal's.
+
+    Below 1: planning corrects the proposal; about 1: it keeps it; above 1: it strays farther. Rerank
+    draws its N - 1 alternatives around the proposal, so at equal noise they lie about twice as far (in
+    squared distance) from the reference as the proposal does: a score picking at random gives about 2,
+    and only one that ranks candidates well gives less than 1.
+    """
+    proposal = reference + offset * _noise(tuple(reference.shape), generator, reference)
+    planned, _ = plan_chunk(proposal, score, settings, generator)
+
+    def dist(chunk: Tensor) -> Tensor:
+        return (chunk[:, :span] - reference[:, :span]).float().pow(2).sum(dim=(1, 2))
+
+    return dist(planned) / dist(proposal).clamp_min(1e-12)

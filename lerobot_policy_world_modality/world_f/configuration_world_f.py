@@ -53,9 +53,10 @@ class WorldFConfig(
 
     World model and planning (`DynamicsOptions`, any variant): `dynamics=action_conditioned` trains
     f(z history, action chunk) -> K future frames next to the policy (own loss, never read by the action
-    path), `progress_head` a remaining-fraction head on latents, and `planner=rerank|cem` makes
-    `select_action` roll candidate chunks around the policy's own through that model and execute the
-    best (scored against a goal image's latent when the observation has one, else by progress).
+    path), `progress_head` a remaining-fraction head on latents, `plan_critic` an outcome critic on the
+    imagined frames, and `planner=rerank|cem` makes `select_action` roll candidate chunks around the
+    policy's own through that model and execute the best (scored against a goal image's latent when the
+    observation has one, else by the critic when trained, else by progress).
 
     Memory modes (`memory_mode_train`, `memory_mode_rollout`): pred, oracle (training only), zero,
     random, shuffle, scheduled (training only); see `world/memory.py`. Scheduled sampling: each
