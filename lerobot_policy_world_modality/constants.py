@@ -10,6 +10,8 @@ OBS_WORLD_GOAL = "observation.world.goal"  # [B, D] latent of the goal images, w
 
 # Per-frame dataset column saying whether the frame's episode succeeded (recordings that keep failures).
 EPISODE_SUCCESS = "episode_success"
+# Per-frame dataset column with the reward of the step the frame's action starts (LeRobot's reward key).
+NEXT_REWARD = "next.reward"
 
 
 def goal_image_key(camera: str) -> str:

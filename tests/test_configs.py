@@ -254,7 +254,8 @@ GROUPS = {
     ],
     "World model and planning (see docs/planning.md)": [
         "dynamics", "lambda_dynamics", "progress_head", "lambda_progress", "plan_critic", "lambda_critic",
-        "critic_negatives", "imitate_failures", "planner", "planner_samples",
+        "critic_negatives", "reward_head", "lambda_reward", "reward_scale", "planner_score", "imitate_failures",
+        "planner", "planner_samples",
         "planner_iterations", "planner_elite_frac", "planner_noise", "planner_horizon", "planner_seed",
     ],
     "Optimiser (LeRobot's policy preset)": ["optimizer_lr", "optimizer_weight_decay", "optimizer_grad_clip_norm"],

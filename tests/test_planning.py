@@ -297,6 +297,70 @@ def test_outcome_critic_peaks_at_the_demonstrated_chunk_on_unseen_states():
     assert ratio.median() < random_pick.median() - 0.1, (ratio.median(), random_pick.median())
 
 
+def rewarded_world(seed, n):
+    """Random actions (exploration data) in z_{t+k} = z_t + (sum of the first k actions) M, and a reward
+    that depends on the scene only: R(z) = -|z P|^2 (P: a fixed projection to 2 dimensions)."""
+    g = torch.Generator().manual_seed(2000)
+    mix, proj = torch.randn(A, D, generator=g), torch.randn(D, 2, generator=g) / D**0.5
+    g = torch.Generator().manual_seed(seed)
+    history = torch.randn(n, T, D, generator=g)
+    z = history[:, -1]
+    actions = torch.randn(n, H, A, generator=g)
+    future = z[:, None] + torch.cumsum(actions[:, :K] @ mix, dim=1)
+
+    def reward(latent):
+        return -(latent @ proj).pow(2).sum(-1)
+
+    return history, actions, future, reward
+
+
+def test_reward_head_lets_the_planner_pick_chunks_with_a_better_outcome():
+    """reward_head learns the step's reward from a latent (next.reward); scoring imagined outcomes by it
+    (planner_score=reward), rerank executes chunks whose true outcome earns more than the proposal's, on
+    states never seen: information the demonstrations alone do not carry. Fails if the head ignores the
+    latent or the world model the actions. With a critic trained too, "auto" scores by the critic and
+    "reward" by the reward head."""
+    from lerobot_policy_world_modality.constants import NEXT_REWARD
+
+    torch.manual_seed(0)
+    cfg = make_config(variant="A", dynamics="action_conditioned", reward_head=True, lambda_reward=1.0,
+                      reward_scale=1.0, plan_critic=True, planner="rerank", planner_samples=16,
+                      planner_score="reward")  # fmt: skip
+    policy = WorldFPolicy(cfg)
+    opt = torch.optim.Adam(policy.parameters(), lr=3e-3)
+    policy.train()
+    for step in range(400):
+        history, actions, future, reward = rewarded_world(step, 64)
+        batch = {OBS_WORLD_LATENT: history[:, -1], "observation.world.history": history,
+                 "observation.world.future": future, "observation.world.future_valid": torch.ones(64, K, dtype=torch.bool),
+                 "observation.state": torch.zeros(64, 4), "action": actions,
+                 "action_is_pad": torch.zeros(64, H, dtype=torch.bool), NEXT_REWARD: reward(history[:, -1])[:, None]}  # fmt: skip
+        loss, info = policy.forward(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert {"reward_loss", "critic_loss"} <= set(info)
+    policy.eval()
+    history, proposal, _, reward = rewarded_world(10_000, 256)  # unseen states; the proposal is arbitrary
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(A, D, generator=torch.Generator().manual_seed(2000))
+
+    def outcome(chunk):  # the true latent after the K actions the world model reads
+        return history[:, -1] + chunk[:, :K].sum(dim=1) @ mix
+
+    planned, _ = policy.plan(proposal, history)
+    gain = reward(outcome(planned)) - reward(outcome(proposal))
+    assert gain.mean() > 0.1 and (gain > 0).float().mean() > 0.6, (gain.mean(), (gain > 0).float().mean())
+    assert policy.world.score_kind(None) == "reward"
+    policy.config.planner_score = "auto"
+    assert policy.world.score_kind(None) == "critic" and policy.world.score_kind(torch.zeros(1, D)) == "goal"
+    # A dataset without rewards is refused by name.
+    policy.train()
+    batch.pop(NEXT_REWARD)
+    with pytest.raises(KeyError, match="next.reward"):
+        policy.forward(batch)
+
+
 def test_toward_reference_tells_a_correcting_score_from_a_random_and_a_blind_one():
     """Rerank from a knocked-off proposal: an oracle that knows the reference corrects (< 1), a random
     score strays about twice as far (squared), and a constant one keeps the proposal (exactly 1)."""
@@ -331,7 +395,7 @@ def test_planner_without_goal_or_progress_head_says_what_to_do():
     policy = planning_policy(progress_head=False)
     policy.eval()
     policy.reset()
-    with pytest.raises(RuntimeError, match="plan_critic=true or --policy.progress_head=true"):
+    with pytest.raises(RuntimeError, match="reward_head=true or --policy.progress_head=true"):
         policy.predict_action_chunk(eval_batch(train_batch()[OBS_WORLD_LATENT]))
 
 
@@ -346,6 +410,10 @@ def test_planner_without_goal_or_progress_head_says_what_to_do():
         (dict(plan_critic=True, dynamics="none", planner="none", progress_head=False), "plan_critic"),
         (dict(plan_critic=True, critic_negatives=0), "critic_negatives"),
         (dict(lambda_critic=-1.0), "lambda_critic"),
+        (dict(reward_head=True, dynamics="none", planner="none", progress_head=False), "reward_head"),
+        (dict(planner_score="reward"), "reward_head=true"),
+        (dict(planner_score="value"), "planner_score 'value'"),
+        (dict(reward_head=True, reward_scale=0.0), "reward_scale"),
     ],
 )
 def test_bad_planning_settings_name_the_flag(overrides, flag):
@@ -401,7 +469,7 @@ def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_
     assert res.returncode == 0, res.stderr
     view = Path(next(ln for ln in res.stdout.splitlines() if "training view" in ln).split(": ", 1)[1].strip())
     flags = ["--policy.variant=A", "--policy.dynamics=action_conditioned", "--policy.progress_head=true",
-             "--policy.plan_critic=true"]
+             "--policy.plan_critic=true", "--policy.reward_head=true"]
     res = run([BIN / "lerobot-train", "--policy.type=world_f", "--policy.encoder=pixels", *TINY_WORLD_F, *flags,
                f"--dataset.repo_id={repo}", f"--dataset.root={view}", *short_train_flags(tmp_path / "out", 4)])  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
@@ -410,7 +478,8 @@ def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_
     assert cfg["dynamics"] == "action_conditioned" and cfg["planner"] == "none"
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
-    assert {"world.dynamics.net.context_type", "world.progress.net.1.weight", "world.critic.net.0.weight"} <= set(keys)
+    assert {"world.dynamics.net.context_type", "world.progress.net.1.weight", "world.critic.net.0.weight",
+            "world.reward.net.1.weight"} <= set(keys)
     # The policy lerobot-train builds on this view reads both episodes as failures (progress target 1).
     cfg = make_policy_config("world_f", device="cpu", variant="A", dynamics="action_conditioned", progress_head=True,
                              width=32, depth=1, heads=2, history_frames=3, future_frames=2, chunk_size=4,
@@ -434,6 +503,7 @@ def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_
     assert 0.0 <= check["expert_between_mirrored"] <= 1.0 and "mirrored perturbations" in res.stdout
     assert check["dynamics_loss"] > 0 and math.isfinite(check["dynamics_action_sensitivity"])
     assert check["score"] == "critic" and check["planner"] == "rerank" and math.isfinite(check["planned_distance_ratio"])
+    assert -1.0 <= check["reward_spearman"] <= 1.0  # the reward head read the recorded next.reward
     assert "The planner's score (critic) prefers the dataset's chunk" in res.stdout and "knocked-off proposal" in res.stdout
     # 3. Stock lerobot-eval plans with the override; without it the same episode (same env seed) goes otherwise.
     res = run([*capped_eval_cmd(ckpt, tmp_path / "eval_cem", episode_length=6), "--policy.planner=cem",

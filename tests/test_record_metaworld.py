@@ -57,7 +57,9 @@ def _replay(ds: LeRobotDataset, episode: int, task: str, seed: int, attempt: int
         for i in range(start, stop):
             item = ds[i]
             check(item, obs)
-            obs, _, terminated, _, _ = env.step(item["action"].numpy())
+            obs, reward, terminated, _, _ = env.step(item["action"].numpy())
+            # The recorded reward is the one this step earns (float32, as stored).
+            assert float(item["next.reward"]) == pytest.approx(float(np.float32(reward)), abs=1e-6)
             if terminated:
                 return i - start + 1
     finally:

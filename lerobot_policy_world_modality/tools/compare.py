@@ -1014,6 +1014,7 @@ PLANNING_COLUMNS = {
     "plan_expert_between_mirrored": "expert_between_mirrored",
     "plan_distance_ratio": "planned_distance_ratio",
     "plan_progress_spearman": "progress_spearman",
+    "plan_reward_spearman": "reward_spearman",
     "dyn_action_sensitivity": "dynamics_action_sensitivity",
 }
 

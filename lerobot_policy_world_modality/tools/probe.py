@@ -193,9 +193,9 @@ def probe(
 
 
 def planning_check(policy, pre, batches: list[dict], seed: int = 0) -> dict | None:
-    """Can the planner's score tell a good chunk from a bad one? None without a world model scored by
-    an outcome critic or a progress head (goal images are not in the probe's frames); `score` names the
-    one the planner uses (the critic when the policy has both).
+    """Can the planner's score tell a good chunk from a bad one? None without a world model and a head to
+    score with (goal images are not in the probe's frames); `score` names the one the planner uses
+    (`WorldPath.score_kind`).
 
     On each frame the dataset's own chunk (the demonstrator's) competes with `planner_samples` - 1
     perturbations of it at `planner_noise` (`world.planner.reference_rank`): the fraction of them it
@@ -205,22 +205,25 @@ def planning_check(policy, pre, batches: list[dict], seed: int = 0) -> dict | No
     and whether the configured planner (rerank when none is set), started from the chunk knocked off by
     `planner_noise`, moves back toward it (`world.planner.toward_reference`: below 1 it corrects, about 2
     is a random pick).
-    Also the Spearman correlation of the progress head's remaining fraction with the true one, and
+    Also the Spearman correlation of the progress head's remaining fraction with the true one (and of the
+    reward head's reward with the dataset's `next.reward`), and
     whether the world model reads the actions at all: its loss with each frame's own chunk against
     another frame's chunk (a world model that ignores them cannot rank chunks, however good its cosine).
     """
     import torch
     from scipy.stats import spearmanr
 
-    from ..constants import OBS_WORLD_LATENT, OBS_WORLD_REMAINING
+    from ..constants import NEXT_REWARD, OBS_WORLD_LATENT, OBS_WORLD_REMAINING
     from ..world.memory import derangement, world_loss
     from ..world.planner import mirrored_slope, reference_rank, toward_reference
 
     world, cfg = getattr(policy, "world", None), policy.config
     if world is None or getattr(world, "dynamics", None) is None:
         return None
-    critic, progress = getattr(world, "critic", None), getattr(world, "progress", None)
-    if critic is None and progress is None:
+    progress, reward_head = getattr(world, "progress", None), getattr(world, "reward", None)
+    try:
+        kind = world.score_kind(None)
+    except RuntimeError:  # no head to score with, or planner_score="goal" (the probe's frames carry no goal)
         return None
     settings = cfg.planner_settings()
     if settings.kind == "none":
@@ -232,6 +235,7 @@ def planning_check(policy, pre, batches: list[dict], seed: int = 0) -> dict | No
     mirror_gen = torch.Generator().manual_seed(seed + 1)
     toward_gen = torch.Generator().manual_seed(seed + 2)
     beats, best, slope, toward, predicted, remaining, own, other = [], [], [], [], [], [], [], []
+    predicted_reward, true_reward = [], []
     with torch.no_grad():
         for batch in batches:
             b = pre(dict(batch))
@@ -251,8 +255,11 @@ def planning_check(policy, pre, batches: list[dict], seed: int = 0) -> dict | No
             if progress is not None and OBS_WORLD_REMAINING in b:
                 predicted.append(torch.sigmoid(world.progress(b[OBS_WORLD_LATENT])).flatten())
                 remaining.append(b[OBS_WORLD_REMAINING].float().flatten())
+            if reward_head is not None and NEXT_REWARD in b:
+                predicted_reward.append(reward_head(b[OBS_WORLD_LATENT]).float().flatten())
+                true_reward.append(b[NEXT_REWARD].float().flatten())
     out = {
-        "score": "critic" if critic is not None else "progress",
+        "score": kind,
         "planner": settings.kind,
         "planner_samples": cfg.planner_samples,
         "planner_noise": cfg.planner_noise,
@@ -264,6 +271,7 @@ def planning_check(policy, pre, batches: list[dict], seed: int = 0) -> dict | No
         # Median, not mean: a ratio of two squared distances has a long upper tail.
         "planned_distance_ratio": float(torch.cat(toward).median()),
         "progress_spearman": None,
+        "reward_spearman": None,
         "dynamics_loss": sum(own) / len(own),
         "dynamics_loss_other_actions": sum(other) / len(other),
     }
@@ -273,6 +281,9 @@ def planning_check(policy, pre, batches: list[dict], seed: int = 0) -> dict | No
     if predicted:
         rho = spearmanr(torch.cat(predicted).numpy(), torch.cat(remaining).numpy()).statistic
         out["progress_spearman"] = None if math.isnan(rho) else float(rho)
+    if predicted_reward:
+        rho = spearmanr(torch.cat(predicted_reward).numpy(), torch.cat(true_reward).numpy()).statistic
+        out["reward_spearman"] = None if math.isnan(rho) else float(rho)
     return out
 
 
@@ -296,6 +307,8 @@ def planning_summary(check: dict) -> str:
             f"{check['planned_distance_ratio']:.2f}x as far from it as the knocked-off proposal (median; below 1 "
             "planning corrects, about 2 is a random pick)."
         )
+    if check.get("reward_spearman") is not None:
+        line += f" Reward head vs the step's true reward: Spearman {check['reward_spearman']:.2f}."
     if check.get("progress_spearman") is not None:
         line += f" Progress head vs true remaining fraction: Spearman {check['progress_spearman']:.2f}."
     line += (

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..constants import EPISODE_SUCCESS
+from ..constants import EPISODE_SUCCESS, NEXT_REWARD
 from ..fileio import TEMP_MARK, atomic_write_json, fsync_dir
 
 STATE_NAMES = ["hand_x", "hand_y", "hand_z", "gripper_distance"]
@@ -143,8 +143,11 @@ def dataset_features(use_videos: bool, store_sim_state: bool = False, mark_succe
 
     mark_success: add EPISODE_SUCCESS (1.0 on every frame of an episode that succeeded, else 0.0), for
     recordings that keep failures. Not an `observation.*` key, so it never becomes a policy input.
+    Every frame carries `next.reward`, MetaWorld's dense reward for the step its action starts (LeRobot's
+    reward key; a policy's reward head learns from it, see docs/planning.md).
     """
     extra = {SIM_STATE_KEY: {"dtype": "float32", "shape": (39,), "names": None}} if store_sim_state else {}
+    extra[NEXT_REWARD] = {"dtype": "float32", "shape": (1,), "names": None}
     if mark_success:
         extra[EPISODE_SUCCESS] = {"dtype": "float32", "shape": (1,), "names": None}
     return {
@@ -327,11 +330,12 @@ def run_attempt(env, plan: RecordPlan, task: str, attempt: int, out_dir: Path, o
         }
         if plan.store_sim_state:
             frame[SIM_STATE_KEY] = np.asarray(raw_obs, dtype=np.float32)
+        raw_obs, reward, _terminated, truncated, info = env._env.step(action)
+        frame[NEXT_REWARD] = np.array([reward], dtype=np.float32)
         if plan.success_only:
             dataset.add_frame(frame)
         else:
             pending.append(frame)
-        raw_obs, _reward, _terminated, truncated, info = env._env.step(action)
         steps += 1
         if success_step is None and bool(info.get("success", 0)):
             success_step = steps

@@ -10,6 +10,9 @@ happens if I execute this chunk": the information a planner needs and the policy
 1 at the start; failed episodes are 1 throughout): with no goal image, a planner prefers chunks whose
 imagined end has the least left to go.
 
+`RewardHead` reads one latent and predicts the environment's reward for the step taken from it: a
+score of imagined outcomes that carries what the demonstrations alone do not (how good a state is).
+
 `OutcomeCritic` reads the current latent and the K frames the dynamics imagine for a chunk, and is
 trained to tell the imagined outcome of the dataset's chunk from those of perturbations of it (a
 softmax over one positive and several negatives): a score that peaks where the demonstrations act,
@@ -27,6 +30,8 @@ from .prophet import Prophet
 
 # World-model choices of a policy: none, or dynamics conditioned on the action chunk.
 DYNAMICS = ("none", "action_conditioned")
+# What a planner scores imagined outcomes by; "auto" takes the first available in this order.
+PLANNER_SCORES = ("auto", "goal", "critic", "reward", "progress")
 
 
 class ActionDynamics(nn.Module):
@@ -86,6 +91,13 @@ class ProgressHead(nn.Module):
         return self.net(latent.to(self.net[1].weight.dtype)).squeeze(-1)
 
 
+class RewardHead(ProgressHead):
+    """Latent [..., D] -> the reward of the step taken from that frame, divided by `reward_scale` (the same
+    MLP as the progress head, trained by regression on the dataset's `next.reward`). Unlike progress, the
+    reward is a function of the scene (e.g. how close the hand is to the object), not of time, so it can
+    say that an imagined outcome is better, not only further along."""
+
+
 def progress_targets(remaining: Tensor, success: Tensor | None = None) -> Tensor:
     """Training targets of the progress head: the remaining fraction, and 1 for frames of failed
     episodes (they never reach success, so no frame of theirs is closer to it)."""
@@ -133,3 +145,8 @@ def critic_loss(logits: Tensor, weight: Tensor | None = None) -> Tensor:
         return per_sample.mean()
     weight = weight.float()
     return (per_sample * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def reward_loss(predicted: Tensor, reward: Tensor, scale: float) -> Tensor:
+    """Mean squared error of the reward head [B] against the dataset's rewards [B] (or [B, 1]) / scale."""
+    return F.mse_loss(predicted.float(), reward.float().reshape(predicted.shape) / scale)

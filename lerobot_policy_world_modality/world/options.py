@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .dynamics import DYNAMICS
+from .dynamics import DYNAMICS, PLANNER_SCORES
 from .fusion import MEMORY_NORMS
 from .memory import MEMORY_MODES, ROLLOUT_MEMORY_MODES, SCHEDULE_SHAPES, WORLD_LOSS_TYPES, WORLD_TARGETS
 from .planner import PLANNERS, PlannerSettings
@@ -173,6 +173,14 @@ class DynamicsOptions:
     lambda_critic: float = 0.1
     # Perturbations of the dataset's chunk per training frame, the critic's negatives (at planner_noise).
     critic_negatives: int = 7
+    # Train a reward head (the step's reward from a latent, from the dataset's next.reward): a planner score.
+    reward_head: bool = False
+    # Weight of the reward head's loss.
+    lambda_reward: float = 0.1
+    # Rewards are divided by this before the reward head's loss (MetaWorld's dense reward lies in [0, 10]).
+    reward_scale: float = 10.0
+    # Planner score: "auto" (goal image, else critic, else reward, else progress), or one of them by name.
+    planner_score: str = "auto"
     # Action loss on failed episodes too; false = imitate successes only (failures still train the world model).
     imitate_failures: bool = True
     # Planner at rollout: "none", "rerank" (best of N perturbations of the policy's chunk) or "cem".
@@ -215,6 +223,20 @@ class DynamicsOptions:
             raise ValueError(
                 "plan_critic=True judges the dynamics' imagined outcomes: set --policy.dynamics=action_conditioned."
             )
+        if self.reward_head and not on:
+            raise ValueError(
+                "reward_head=True scores the dynamics' imagined latents: set --policy.dynamics=action_conditioned."
+            )
+        if not self.reward_scale > 0.0:
+            raise ValueError(f"reward_scale must be > 0, got {self.reward_scale}.")
+        if self.planner_score not in PLANNER_SCORES:
+            raise ValueError(f"planner_score '{self.planner_score}' is not one of {PLANNER_SCORES}.")
+        head = {"critic": ("plan_critic", self.plan_critic), "reward": ("reward_head", self.reward_head),
+                "progress": ("progress_head", self.progress_head)}.get(self.planner_score)  # fmt: skip
+        if head is not None and not head[1]:
+            raise ValueError(
+                f"planner_score='{self.planner_score}' needs the head trained with --policy.{head[0]}=true."
+            )
         if self.critic_negatives < 1:
             raise ValueError(f"critic_negatives must be >= 1 (perturbed chunks per frame), got {self.critic_negatives}.")
         if self.plan_critic and not self.planner_noise > 0.0:
@@ -230,7 +252,7 @@ class DynamicsOptions:
                 raise ValueError(
                     f"planner_horizon must lie in [0, future_frames={self.future_frames}], got {self.planner_horizon}."
                 )
-        for name in ("lambda_dynamics", "lambda_progress", "lambda_critic"):
+        for name in ("lambda_dynamics", "lambda_progress", "lambda_critic", "lambda_reward"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..constants import (
+    NEXT_REWARD,
     OBS_WORLD_FUTURE,
     OBS_WORLD_FUTURE_VALID,
     OBS_WORLD_HISTORY,
@@ -33,10 +34,12 @@ from .dynamics import (
     ActionDynamics,
     OutcomeCritic,
     ProgressHead,
+    RewardHead,
     critic_loss,
     goal_score,
     progress_loss,
     progress_targets,
+    reward_loss,
 )
 from .fusion import GatedCrossAttention
 from .memory import (
@@ -141,7 +144,7 @@ class WorldPath(nn.Module):
         self.fusion = build_fusion(o, hidden_width, latent_dim, dropout) if o.inject_memory else None
         # The world model of `DynamicsOptions`: in the same target space as the Prophet, never read by
         # the action path (only the planner reads it), so it cannot change the policy's own chunk.
-        self.dynamics = self.progress = self.critic = None
+        self.dynamics = self.progress = self.critic = self.reward = None
         if has_dynamics:
             if action_dim is None:
                 raise ValueError("dynamics='action_conditioned' needs the action dimension (action_dim).")
@@ -152,6 +155,8 @@ class WorldPath(nn.Module):
             )  # fmt: skip
             if getattr(o, "progress_head", False):
                 self.progress = ProgressHead(latent_dim, o.prophet_width)
+            if getattr(o, "reward_head", False):
+                self.reward = RewardHead(latent_dim, o.prophet_width)
             if getattr(o, "plan_critic", False):
                 self.critic = OutcomeCritic(latent_dim, o.future_frames, o.prophet_width)
         self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
@@ -254,6 +259,17 @@ class WorldPath(nn.Module):
             prog = progress_loss(self.progress(latent), progress_targets(remaining, success))
             info["progress_loss"] = prog.item()
             loss = loss + o.lambda_progress * prog
+        if self.reward is not None:
+            latent, reward = batch.get(OBS_WORLD_LATENT), batch.get(NEXT_REWARD)
+            if latent is None or reward is None:
+                raise KeyError(
+                    f"The reward head trains on the batch's current latent and '{NEXT_REWARD}' (the step's reward), "
+                    "which this dataset does not carry: record it with lerobot-wm-record-metaworld (every frame gets "
+                    "its reward), or train without --policy.reward_head."
+                )
+            rew = reward_loss(self.reward(latent), reward, o.reward_scale)
+            info["reward_loss"] = rew.item()
+            loss = loss + o.lambda_reward * rew
         if self.critic is not None:
             crit, crit_info = self._critic_loss_terms(history, actions, success)
             info |= crit_info
@@ -283,29 +299,50 @@ class WorldPath(nn.Module):
             top = top.mean() if weight is None else (top * weight).sum() / weight.sum().clamp_min(1.0)
         return loss, {"critic_loss": loss.item(), "critic_top1": top.item()}
 
+    def score_kind(self, goal: Tensor | None) -> str:
+        """Which score the planner uses (`planner_score`; "auto": goal image, else critic, else reward, else
+        progress). Raises, naming the flags, when the chosen one is not available."""
+        kind = getattr(self.options, "planner_score", "auto")
+        if kind == "auto":
+            available = [k for k, ok in (("goal", goal is not None), ("critic", self.critic is not None),
+                                         ("reward", self.reward is not None), ("progress", self.progress is not None)) if ok]  # fmt: skip
+            if not available:
+                raise RuntimeError(
+                    "The planner has no goal to score against (the observation carries no goal image, see "
+                    "constants.goal_image_key) and the policy has no outcome critic, reward head or progress head: "
+                    "train with --policy.plan_critic=true, --policy.reward_head=true or --policy.progress_head=true, "
+                    "or evaluate with goal images."
+                )
+            return available[0]
+        if kind == "goal" and goal is None:
+            raise RuntimeError(
+                "planner_score='goal' but the observation carries no goal image (see constants.goal_image_key): "
+                "evaluate with goal images, or choose another --policy.planner_score."
+            )
+        return kind
+
     @torch.no_grad()
     def score_chunks(self, history: Tensor, chunks: Tensor, goal: Tensor | None, horizon: int) -> Tensor:
-        """Planner scores [B, N] of candidate chunks [B, N, H, A] (higher is better).
+        """Planner scores [B, N] of candidate chunks [B, N, H, A] (higher is better), by `score_kind`.
 
-        Every candidate is rolled through the dynamics in one batch of B x N; the imagined latent at
-        predicted frame `horizon` (1..K) is compared with the goal latent [B, D] when there is one
-        (`goal_score`); else the outcome critic's logit of all K imagined frames when the policy has one;
-        else minus the progress head's remaining fraction.
+        Every candidate is rolled through the dynamics in one batch of B x N. goal: minus the L1 distance
+        of the imagined latent at predicted frame `horizon` (1..K) to the goal latent [B, D] (`goal_score`);
+        critic: the outcome critic's logit of all K imagined frames; reward: the reward head's mean over
+        the imagined frames 1..horizon (a short return); progress: minus the progress head's remaining
+        fraction at frame `horizon`.
         """
+        kind = self.score_kind(goal)
         b, n = chunks.shape[:2]
         hist = history.repeat_interleave(n, dim=0)
         imagined = self.imagine(hist, chunks.flatten(0, 1))
-        if goal is None and self.critic is not None:
+        if kind == "critic":
             return self.critic(hist[:, -1], imagined).view(b, n).float()
-        end = self.to_absolute(imagined, hist[:, -1])[:, horizon - 1]
-        if goal is not None:
+        future = self.to_absolute(imagined, hist[:, -1])
+        if kind == "reward":
+            return self.reward(future[:, :horizon]).float().mean(dim=1).view(b, n)
+        end = future[:, horizon - 1]
+        if kind == "goal":
             return goal_score(end, goal.repeat_interleave(n, dim=0)).view(b, n)
-        if self.progress is None:
-            raise RuntimeError(
-                "The planner has no goal to score against (the observation carries no goal image, see "
-                "constants.goal_image_key) and the policy has neither an outcome critic nor a progress head: "
-                "train with --policy.plan_critic=true or --policy.progress_head=true, or evaluate with goal images."
-            )
         return -torch.sigmoid(self.progress(end)).view(b, n)
 
     def to_target_space(self, future: Tensor, current: Tensor) -> Tensor:
