@@ -2,9 +2,11 @@
 
     python benchmarks/planning_bench.py                      # ~2 min on one CPU thread
     python benchmarks/planning_bench.py --samples 8,16,32 --out outputs/bench/planning.json
+    python benchmarks/planning_bench.py --samples 16 --score critic   # the outcome critic's score (or reward)
 
 One world_f policy (config defaults: width 256, depth 4, Prophet width 128; world model = an
-action-conditioned Prophet of the same size with a progress head) on the `pixels` encoder's latent
+action-conditioned Prophet of the same size with the head `--score` names: progress (default), the
+outcome critic or the reward head) on the `pixels` encoder's latent
 dimension, batch 1, eval mode. For each planner and candidate count N it measures `select_action` on
 a preprocessed observation (the online encoder and the simulator are not included: they cost the same
 with and without planning), alternating with the same policy without planning on every repetition so
@@ -59,12 +61,16 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def build_policy(planner: str, samples: int, iterations: int) -> WorldFPolicy:
-    """world_f (variant F defaults) with an action-conditioned world model, a progress head and `planner`."""
+# The head each planner score needs.
+SCORE_HEADS = {"progress": "progress_head", "critic": "plan_critic", "reward": "reward_head"}
+
+
+def build_policy(planner: str, samples: int, iterations: int, score: str = "progress") -> WorldFPolicy:
+    """world_f (variant F defaults) with an action-conditioned world model, the head of `score` and `planner`."""
     torch.manual_seed(0)
     cfg = WorldFConfig(
-        device="cpu", world_latent_dim=LATENT_DIM, dynamics="action_conditioned", progress_head=True,
-        planner=planner, planner_samples=samples, planner_iterations=iterations,
+        device="cpu", world_latent_dim=LATENT_DIM, dynamics="action_conditioned", **{SCORE_HEADS[score]: True},
+        planner_score=score, planner=planner, planner_samples=samples, planner_iterations=iterations,
         input_features={"observation.state": PolicyFeature(FeatureType.STATE, (4,)),
                         "observation.image": PolicyFeature(FeatureType.VISUAL, (3, 480, 480))},
         output_features={"action": PolicyFeature(FeatureType.ACTION, (4,))},
@@ -110,18 +116,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", default="4,8,16,32", help="candidate counts N, comma-separated")
     p.add_argument("--iterations", type=int, default=3, help="CEM rounds")
     p.add_argument("--repeats", type=int, default=15, help="alternating repetitions per setting (medians)")
+    p.add_argument("--score", default="progress", choices=sorted(SCORE_HEADS), help="what the planner scores by")
     p.add_argument("--out", default="outputs/bench/planning_bench.json")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
-    base = build_policy("none", 16, args.iterations)
+    base = build_policy("none", 16, args.iterations, args.score)
     steps = base.config.n_action_steps
     rows = []
     load_before = os.getloadavg()
     base_counts = counts(base)
     for planner in ("rerank", "cem"):
         for n in [int(x) for x in args.samples.split(",")]:
-            policy = build_policy(planner, n, args.iterations)
+            policy = build_policy(planner, n, args.iterations, args.score)
             policy.load_state_dict(base.state_dict())
             chunk_times(policy, steps), chunk_times(base, steps)  # warm-up
             plan_inf, plan_step, none_inf, none_step = [], [], [], []
@@ -161,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "planning_bench", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "load_before": load_before, "load_after": os.getloadavg()},
-        "latent_dim": LATENT_DIM, "n_action_steps": steps, "none_counts": base_counts, "rows": rows,
+        "latent_dim": LATENT_DIM, "score": args.score, "n_action_steps": steps, "none_counts": base_counts, "rows": rows,
         "target_per_step_ratio_at_16": verdicts,
     })  # fmt: skip
     return 0
