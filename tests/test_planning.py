@@ -504,6 +504,12 @@ def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_
     assert check["dynamics_loss"] > 0 and math.isfinite(check["dynamics_action_sensitivity"])
     assert check["score"] == "critic" and check["planner"] == "rerank" and math.isfinite(check["planned_distance_ratio"])
     assert -1.0 <= check["reward_spearman"] <= 1.0  # the reward head read the recorded next.reward
+    # The same weights checked with another planner and score (rollout-time fields).
+    cem = run([BIN / "lerobot-wm-probe", f"--policy.path={ckpt}", f"--dataset.root={view}", f"--dataset.repo_id={repo}",
+               "--batches=1", "--batch_size=4", "--planner=cem", "--planner_score=reward", f"--out={tmp_path / 'cem.json'}"])  # fmt: skip
+    assert cem.returncode == 0, cem.stdout[-3000:] + cem.stderr[-3000:]
+    other = json.loads((tmp_path / "cem.json").read_text())["planning"]
+    assert (other["planner"], other["score"]) == ("cem", "reward") and math.isfinite(other["planned_distance_ratio"])
     assert "The planner's score (critic) prefers the dataset's chunk" in res.stdout and "knocked-off proposal" in res.stdout
     # 3. Stock lerobot-eval plans with the override; without it the same episode (same env seed) goes otherwise.
     res = run([*capped_eval_cmd(ckpt, tmp_path / "eval_cem", episode_length=6), "--policy.planner=cem",

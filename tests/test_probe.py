@@ -155,3 +155,20 @@ def test_summary_reads_a_falling_loss_as_a_memory_that_hurts():
     assert "2.0% lower: a better Prophet would help" in lines[1]
     r["action_loss_change_vs_pred"]["zero"] = 0.05
     assert "rises by 5.0%" in summarise(r)[0]
+
+
+def test_planner_override_points_the_planning_check_elsewhere_or_names_the_missing_head():
+    """--planner / --planner_score change the rollout-time fields the planning check reads; a score whose
+    head the checkpoint lacks, or a checkpoint without a world model, is refused by flag name."""
+    from lerobot_policy_world_modality.tools.probe import ProbeError, override_planner
+    from lerobot_policy_world_modality.world_f.configuration_world_f import WorldFConfig
+
+    cfg = WorldFConfig(device="cpu", dynamics="action_conditioned", progress_head=True, plan_critic=True)
+    override_planner(cfg, "cem", "progress")
+    assert (cfg.planner, cfg.planner_score) == ("cem", "progress")
+    override_planner(cfg, None, None)
+    assert (cfg.planner, cfg.planner_score) == ("cem", "progress")
+    with pytest.raises(ProbeError, match="reward_head=true"):
+        override_planner(cfg, None, "reward")
+    with pytest.raises(ProbeError, match="dynamics=action_conditioned"):
+        override_planner(WorldFConfig(device="cpu"), "cem", None)

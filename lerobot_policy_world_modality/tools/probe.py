@@ -443,8 +443,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threshold", type=float, default=0.01,
                    help="Relative action-loss change (zero / shuffle vs pred, either way) that counts as reading the memory (default 0.01).")
     p.add_argument("--video_backend", default="pyav", help="Video decoder when probing on a video dataset (default pyav).")
+    p.add_argument("--planner", choices=("rerank", "cem"), default=None,
+                   help="Planner of the planning check (default: the checkpoint's own, rerank when it has none).")
+    p.add_argument("--planner_score", choices=("critic", "reward", "progress"), default=None,
+                   help="Score of the planning check (default: the checkpoint's planner_score, see docs/planning.md).")
     p.add_argument("--out", default=None, help="Also write the result as JSON here (atomically).")
     return p.parse_args(argv)
+
+
+def override_planner(cfg, planner: str | None, score: str | None) -> None:
+    """Point the planning check at another planner or score than the checkpoint's (rollout-time fields,
+    so the same weights); raises ProbeError, naming the flag, when the checkpoint cannot plan that way."""
+    if planner is None and score is None:
+        return
+    if getattr(cfg, "dynamics", "none") == "none":
+        raise ProbeError("--planner / --planner_score need a checkpoint trained with --policy.dynamics=action_conditioned.")
+    if planner is not None:
+        cfg.planner = planner
+    if score is not None:
+        cfg.planner_score = score
+    try:
+        cfg.validate_dynamics()
+    except ValueError as err:
+        raise ProbeError(f"{err} (from --planner / --planner_score)") from None
 
 
 def main(argv=None) -> None:
@@ -464,6 +485,7 @@ def main(argv=None) -> None:
     try:
         cfg, policy, pre = load_checkpoint(args.policy_path)
         check_probe_target(cfg)
+        override_planner(policy.config, args.planner, args.planner_score)
         world_model_only = has_world_model_only(cfg)
         if world_model_only:  # no memory to intervene on: the frames' forward pass gives the world model's scalars
             modes = ("pred",)
