@@ -137,6 +137,14 @@ def test_failing_expert_with_success_only(tmp_path):
     changed = _run("--dataset.repo_id=local/fail", f"--dataset.root={root}", "--env.task=handle-press-v3",
                    "--episodes_per_task=1", "--max_steps=4", "--success_only=true")
     assert changed.returncode == 2 and "max_steps: recorded 3, now 4" in changed.stderr
+    # A staging dir left by a version that recorded no next.reward is refused, not mixed with new episodes.
+    plan_file = staging / "plan.json"
+    old_plan = json.loads(plan_file.read_text())
+    old_plan.pop("store_reward")
+    plan_file.write_text(json.dumps(old_plan))
+    old = _run("--dataset.repo_id=local/fail", f"--dataset.root={root}", "--env.task=handle-press-v3",
+               "--episodes_per_task=1", "--max_steps=3", "--max_attempts_per_task=3", "--success_only=true")
+    assert old.returncode == 2 and "store_reward: recorded False, now True" in old.stderr and "--overwrite" in old.stderr
 
 
 @pytest.mark.slow

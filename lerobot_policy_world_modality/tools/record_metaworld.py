@@ -75,11 +75,14 @@ class RecordPlan:
     store_sim_state: bool = False  # also store MetaWorld's raw 39-d observation as SIM_STATE_KEY
     actions: str = "expert"  # who acts: "expert" (scripted + action_noise), "random" (uniform in [-1, 1]) or "policy"
     policy_path: str | None = None  # checkpoint (pretrained_model dir) that acts when actions == "policy"
+    # Every frame carries next.reward; always on, false only in plans written before it existed, so an
+    # interrupted recording of an older version is refused instead of mixing episodes with and without it.
+    store_reward: bool = True
 
 
 def plan_with_defaults(plan: dict) -> dict:
     """A stored plan with the fields added after it was written set to their defaults (so old recordings match)."""
-    return {"store_sim_state": False, "actions": "expert", "policy_path": None, **plan}
+    return {"store_sim_state": False, "actions": "expert", "policy_path": None, "store_reward": False, **plan}
 
 
 def episode_seed(seed: int, task: str, attempt: int) -> int:
@@ -138,7 +141,9 @@ def resolve_tasks(spec: str) -> list[str]:
     return tasks
 
 
-def dataset_features(use_videos: bool, store_sim_state: bool = False, mark_success: bool = False) -> dict:
+def dataset_features(
+    use_videos: bool, store_sim_state: bool = False, mark_success: bool = False, store_reward: bool = True
+) -> dict:
     """LeRobot feature spec of the recorded dataset (the layout of LeRobot's MetaWorld env and datasets).
 
     mark_success: add EPISODE_SUCCESS (1.0 on every frame of an episode that succeeded, else 0.0), for
@@ -147,7 +152,8 @@ def dataset_features(use_videos: bool, store_sim_state: bool = False, mark_succe
     reward key; a policy's reward head learns from it, see docs/planning.md).
     """
     extra = {SIM_STATE_KEY: {"dtype": "float32", "shape": (39,), "names": None}} if store_sim_state else {}
-    extra[NEXT_REWARD] = {"dtype": "float32", "shape": (1,), "names": None}
+    if store_reward:
+        extra[NEXT_REWARD] = {"dtype": "float32", "shape": (1,), "names": None}
     if mark_success:
         extra[EPISODE_SUCCESS] = {"dtype": "float32", "shape": (1,), "names": None}
     return {
@@ -293,7 +299,8 @@ def run_attempt(env, plan: RecordPlan, task: str, attempt: int, out_dir: Path, o
     dataset = LeRobotDataset.create(
         repo_id=plan.repo_id,
         fps=plan.fps,
-        features=dataset_features(plan.use_videos, plan.store_sim_state, mark_success=not plan.success_only),
+        features=dataset_features(plan.use_videos, plan.store_sim_state, mark_success=not plan.success_only,
+                                  store_reward=plan.store_reward),  # fmt: skip
         root=out_dir,
         robot_type="sawyer",
         use_videos=plan.use_videos,
@@ -331,7 +338,8 @@ def run_attempt(env, plan: RecordPlan, task: str, attempt: int, out_dir: Path, o
         if plan.store_sim_state:
             frame[SIM_STATE_KEY] = np.asarray(raw_obs, dtype=np.float32)
         raw_obs, reward, _terminated, truncated, info = env._env.step(action)
-        frame[NEXT_REWARD] = np.array([reward], dtype=np.float32)
+        if plan.store_reward:
+            frame[NEXT_REWARD] = np.array([reward], dtype=np.float32)
         if plan.success_only:
             dataset.add_frame(frame)
         else:
