@@ -3,6 +3,7 @@ run in subprocesses (MetaWorld) that is killed during training, resumed, and rer
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -163,6 +164,51 @@ def test_encoder_fit_is_a_unit_before_precompute_and_every_arm_reads_it(dataset_
         compare.validate(spec, check_flags=False)
 
 
+def test_named_fits_are_one_unit_and_one_directory_each(dataset_root, tmp_path):
+    """dataset.fits: several encoders fitted with other settings in one experiment (e.g. a longer fit next to
+    the plain one), each arm reading the one it names as fit:<name>."""
+    spec = tiny_spec(dataset_root, tmp_path / "out", arms=[
+        {"name": "A", "encoder": "fit", "flags": ["--policy.variant=A"]},
+        {"name": "A_big", "encoder": "fit:big", "flags": ["--policy.variant=A"]},
+        {"name": "A_px", "encoder": "pixels", "flags": ["--policy.variant=A"]}])  # fmt: skip
+    spec["dataset"] = {**spec["dataset"], "fit": {"steps": 30}, "fits": {"big": {"steps": 90, "seed": 3,
+                                                                              "flags": ["--dim=16"]}}}  # fmt: skip
+    spec["comparisons"] = ["A_big vs A"]
+    plan = compare.validate(spec)
+    units = {u.id: u for u in compare.plan_units(plan)}
+    plain, big = str(tmp_path / "out" / "encoder"), str(tmp_path / "out" / "encoders" / "big")
+    assert plan.arms["A_big"].encoder == big and compare.encoder_label(plan, big) == "fit:big"
+    assert list(units)[:5] == ["fit_encoder", "fit_encoder/big", "precompute/pixels", "precompute/fit",
+                               "precompute/fit-big"]  # fmt: skip
+    assert units["precompute/fit-big"].deps == ["fit_encoder/big", "precompute/fit"]
+    assert units["train/A_big/seed0"].deps == ["precompute/fit-big"]
+    (plain_cmd,), (big_cmd,) = (compare.unit_commands(plan, units[u]) for u in ("fit_encoder", "fit_encoder/big"))
+    assert f"--output_dir={plain}" in plain_cmd and "--steps=30" in plain_cmd and "--dim=16" not in plain_cmd
+    assert f"--output_dir={big}" in big_cmd and "--steps=90" in big_cmd and "--seed=3" in big_cmd
+    assert big_cmd[-1] == "--dim=16"
+    from lerobot_policy_world_modality.tools import fit_encoder
+
+    fit_encoder.build_parser().parse_args(big_cmd[1:])  # exits (fails the test) on an unknown flag
+    assert f"--encoder={big}" in compare.unit_commands(plan, units["precompute/fit-big"])[0]
+    assert f"--policy.encoder={big}" in compare.train_flags(plan, plan.arms["A_big"], 0)
+    md = compare.results_markdown(compare.collect(plan, list(units.values())))
+    assert "| A_big | world_f | fit:big | pred |" in md
+
+    spec["arms"][1]["encoder"] = "fit:bigg"
+    with pytest.raises(SpecError, match=r"Arm 'A_big': encoder 'fit:bigg' names no entry of dataset\.fits .*\['big'\]"):
+        compare.validate(spec, check_flags=False)
+    spec["arms"][1]["encoder"] = "fit"
+    with pytest.raises(SpecError, match=r"dataset\.fits\.big is set but no arm uses encoder 'fit:big'"):
+        compare.validate(spec, check_flags=False)
+    spec["arms"][1]["encoder"] = "fit:big"
+    spec["dataset"]["fits"] = {"big": {"stepz": 1}}
+    with pytest.raises(SpecError, match=r"dataset\.fits\.big has unknown keys \['stepz'\]"):
+        compare.validate(spec, check_flags=False)
+    spec["dataset"]["fits"] = {"a b": {}}
+    with pytest.raises(SpecError, match=r"dataset\.fits must map names"):
+        compare.validate(spec, check_flags=False)
+
+
 def _unit_deps(plan) -> list[tuple[str, list[str]]]:
     return [(u.id, u.deps) for u in compare.plan_units(plan)]
 
@@ -236,6 +282,27 @@ def test_an_unknown_encoder_names_the_arm_and_the_fix(dataset_root, tmp_path):
         compare.validate(unused_fit, check_flags=False)
 
 
+def test_a_done_unit_whose_arm_changed_is_reported_not_silently_reused(dataset_root, tmp_path, capsys):
+    """Editing an arm's flags after it ran keeps its records (nothing is redone), but the rerun names the units
+    and the differing arguments instead of reporting old results as the new arm's."""
+    spec = tiny_spec(dataset_root, tmp_path / "out")
+    plan = compare.validate(spec)
+    units = compare.plan_units(plan)
+    for u in units:  # each unit's record as run_unit writes it: its commands first
+        path = compare.record_path(plan, u.id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"id": u.id, "kind": u.kind,
+                                    "commands": [shlex.join(c) for c in compare.unit_commands(plan, u)]}))
+    assert not any(compare.changed_since_done(plan, u) for u in units)
+    spec["arms"][1]["flags"] = ["--policy.variant=F", "--policy.lambda_world=0.5"]
+    plan = compare.validate(spec)
+    assert compare.execute(plan, compare.plan_units(plan)) == []  # nothing to run: every unit is done
+    out = capsys.readouterr().out
+    assert "WARNING train/F/seed0: done - skipped, but it ran with other arguments" in out
+    assert "'--policy.lambda_world=0.5'" in out and "delete " in out
+    assert "WARNING train/A" not in out and "train/A/seed0: done - skipped" in out
+
+
 def test_evals_last_runs_every_training_and_probe_before_any_evaluation(dataset_root, tmp_path, monkeypatch):
     """Scheduler order only: the units' work is replaced by a stub that records the order."""
     plan = compare.validate(tiny_spec(dataset_root, tmp_path / "out"), check_flags=False)
@@ -280,25 +347,28 @@ def test_metaworld_presets_validate_with_lerobots_parser(name, tmp_path):
     assert all(compare.unit_commands(plan, u) for u in units)
 
 
-@pytest.mark.parametrize(("name", "fit_arm", "fit_flags"), [("metaworld_encoder_fit_vs_pixels", "A_fit", []),
-                                                           ("metaworld_encoder_fit_thumbnail", "A_fit_thumb", ["--thumbnail=16"])])
-def test_encoder_fit_vs_pixels_presets_pair_the_two_encoders(tmp_path, name, fit_arm, fit_flags):
+@pytest.mark.parametrize(("name", "fit_arms", "fit_flags"), [
+    ("metaworld_encoder_fit_vs_pixels", {"A_fit": "fit"}, []),
+    ("metaworld_encoder_fit_thumbnail", {"A_fit_thumb": "fit", "A_fit6000": "fit:steps6000"}, ["--thumbnail=16"])])
+def test_encoder_fit_vs_pixels_presets_pair_the_two_encoders(tmp_path, name, fit_arms, fit_flags):
     """Issue 19's rollout comparisons: A with a fitted encoder vs A with pixels, >= 3 multi-stage tasks and seeds;
     the fit's own flags reach lerobot-wm-fit-encoder and parse there."""
     spec = compare.load_spec(PRESETS / f"{name}.yaml")
     spec["dataset"]["root"] = str(tmp_path / "not_recorded_yet")
     plan = compare.validate(spec, output_dir=str(tmp_path))
     labels = {a.name: compare.encoder_label(plan, a.encoder) for a in plan.arms.values()}
-    assert labels == {"A_pixels": "pixels", fit_arm: "fit"}
+    assert labels == {"A_pixels": "pixels", **fit_arms}
     assert len(plan.seeds) >= 3 and len(plan.tasks) >= 3 and "pick-place-v3" in plan.tasks
-    assert plan.comparisons == [(f"{fit_arm}@pred", "A_pixels@pred")]
+    assert plan.comparisons == [(f"{arm}@pred", "A_pixels@pred") for arm in fit_arms]
     units = compare.plan_units(plan)
-    assert [u.id for u in units[:4]] == ["record", "fit_encoder", "precompute/pixels", "precompute/fit"]
+    fits = [u for u in units if u.kind == "fit_encoder"]
+    assert [u.id for u in units[:2]] == ["record", "fit_encoder"] and len(fits) == len(fit_arms)
     (fit_cmd,) = compare.unit_commands(plan, units[1])
     assert fit_cmd[len(fit_cmd) - len(fit_flags) :] == fit_flags
     from lerobot_policy_world_modality.tools import fit_encoder
 
-    fit_encoder.build_parser().parse_args(fit_cmd[1:])  # exits (fails the test) on an unknown flag
+    for unit in fits:  # exits (fails the test) on an unknown flag
+        fit_encoder.build_parser().parse_args(compare.unit_commands(plan, unit)[0][1:])
 
 
 def test_world_vs_baselines_preset_is_the_issues_grid():

@@ -9,7 +9,8 @@ the env and its tasks, the rollout memory modes of each arm and the comparisons 
 into units, each a subprocess of a stock entry point, its output logged to `<output_dir>/logs/<unit>.log`:
 
     record     lerobot-wm-record-metaworld  (only when the spec says how and the dataset does not exist)
-    fit_encoder lerobot-wm-fit-encoder      (only when an arm's encoder is `fit`; into <output_dir>/encoder)
+    fit_encoder lerobot-wm-fit-encoder      (only when an arm's encoder is `fit`, into <output_dir>/encoder;
+                                            `fit:<name>` is dataset.fits' <name>, into <output_dir>/encoders/<name>)
     precompute lerobot-wm-precompute        (latent cache + latent-only training view), one per encoder
     train      lerobot-train, one per arm and seed (then per-checkpoint metrics for the curves)
     eval       lerobot-eval, one per arm, seed, task and rollout mode (MetaWorld: the capped launcher)
@@ -126,10 +127,19 @@ class Arm:
     # Whether it trains on the latent-only view instead of the dataset itself
     uses_view: bool = False
     # World encoder of its latents (lerobot-wm-precompute --encoder / --policy.encoder): the arm's `encoder`
-    # key, else dataset.encoder; "fit" is resolved to the experiment's fitted encoder directory
+    # key, else dataset.encoder; "fit" / "fit:<name>" are resolved to the experiment's fitted encoder directories
     encoder: str = "pixels"
     # Named rollout variants: mode name -> extra --policy.* flags of its lerobot-eval (e.g. a planner on)
     rollout_flags: dict[str, list[str]] = field(default_factory=dict)
+
+
+def fit_dirs(out: Path, dataset: dict) -> dict[str, Path]:
+    """Where the tool fits each encoder a spec can name.
+
+    "fit" goes to <out>/encoder, "fit:<name>" (an entry of dataset.fits) to <out>/encoders/<name>.
+    """
+    named = dataset.get("fits") or {}
+    return {"fit": out / "encoder", **{f"fit:{n}": out / "encoders" / str(n) for n in named}}
 
 
 @dataclass
@@ -159,7 +169,8 @@ class Plan:
     comparisons: list[tuple[str, str]]
     heldout: list[int] = field(default_factory=list)
     record: dict | None = None
-    fit: dict | None = None  # lerobot-wm-fit-encoder settings when an arm's encoder is "fit"
+    # lerobot-wm-fit-encoder settings of each encoder the tool fits: label ("fit" or "fit:<name>") -> settings
+    fits: dict[str, dict] = field(default_factory=dict)
     probe: dict = field(default_factory=dict)
     alpha: float = 0.05
 
@@ -167,6 +178,17 @@ class Plan:
     def fit_dir(self) -> Path:
         """Where the fit_encoder unit writes the experiment's fitted encoder (the value of encoder "fit")."""
         return self.out / "encoder"
+
+    def fit_dirs(self) -> dict[str, Path]:
+        """Encoder directory of every fit label the spec may name: "fit" and "fit:<name>" for dataset.fits."""
+        return fit_dirs(self.out, self.spec.get("dataset") or {})
+
+    def fit_unit(self, encoder: str) -> str | None:
+        """The fit_encoder unit that writes `encoder`, or None when the tool does not fit it."""
+        for label, path in self.fit_dirs().items():
+            if encoder == str(path):
+                return "fit_encoder" if label == "fit" else f"fit_encoder/{label.partition(':')[2]}"
+        return None
 
     def view_root(self) -> Path:
         """The latent-only training view precompute writes for this dataset."""
@@ -328,7 +350,11 @@ def validate(spec: dict, output_dir: str | None = None, check_flags: bool = True
     episodes = int(_need(ev, "episodes", "eval", "episodes: 10"))
     tasks = [str(t) for t in _need(ev, "tasks", "eval", "tasks: [button-press-v3]")]
     default_encoder = str(ds.get("encoder", "pixels"))
-    encoder = resolve_encoder(default_encoder, "dataset.encoder", out / "encoder")
+    named = ds.get("fits") or {}
+    if not isinstance(named, dict) or any(not re.fullmatch(r"[A-Za-z0-9_.-]+", str(n)) for n in named):
+        raise SpecError("dataset.fits must map names (letters, digits, '_', '.', '-') to lerobot-wm-fit-encoder "
+                        "settings, e.g. {big: {steps: 6000}}; arms read one as encoder: fit:big.")
+    encoder = resolve_encoder(default_encoder, "dataset.encoder", fit_dirs(out, ds))
     plan = Plan(
         spec=spec, out=out, arms={}, repo_id=repo_id, root=root, cameras=cameras,
         encoder=encoder,
@@ -371,7 +397,7 @@ def validate(spec: dict, output_dir: str | None = None, check_flags: bool = True
         modes = raw.get("rollout_modes")
         plan.arms[name] = Arm(name, flags, raw.get("init_from"), [str(m) for m in modes] if modes else [],
                               encoder=resolve_encoder(str(raw.get("encoder") or default_encoder), f"Arm '{name}'",
-                                                      plan.fit_dir),
+                                                      plan.fit_dirs()),
                               rollout_flags=parse_rollout_flags(raw.get("rollout_flags"), name))  # fmt: skip
     # The encoder is the spec's to set (per arm or in dataset.encoder): precompute must use the same one.
     set_directly = [f for f in plan.common_flags + [f for a in plan.arms.values() for f in a.flags]
@@ -380,16 +406,22 @@ def validate(spec: dict, output_dir: str | None = None, check_flags: bool = True
         raise SpecError(f"{set_directly} in train.flags or arms[].flags: the tool sets --policy.encoder from the "
                         "arm's `encoder:` key (default dataset.encoder) and precomputes its latents with it. Move the "
                         "value there.")
-    if any(a.encoder == str(plan.fit_dir) for a in plan.arms.values()):
-        # the tool fits one encoder on the dataset's frames; every arm with encoder "fit" reads it
-        plan.fit = dict(ds.get("fit") or {})
-        unknown = sorted(set(plan.fit) - {"steps", "seed", "flags"})
+    used = {a.encoder for a in plan.arms.values()}
+    for label, path in plan.fit_dirs().items():
+        where = "dataset.fit" if label == "fit" else f"dataset.fits.{label.partition(':')[2]}"
+        settings = ds.get("fit") if label == "fit" else named[label.partition(":")[2]]
+        if str(path) not in used:
+            if settings:
+                raise SpecError(f"{where} is set but no arm uses encoder '{label}': set an arm's (or dataset.) "
+                                f"encoder: {label}, or remove it.")
+            continue
+        # the tool fits this encoder once on the dataset's frames; every arm naming it reads it
+        settings = dict(settings or {})
+        unknown = sorted(set(settings) - {"steps", "seed", "flags"})
         if unknown:
-            raise SpecError(f"dataset.fit has unknown keys {unknown}; it takes steps, seed and flags "
+            raise SpecError(f"{where} has unknown keys {unknown}; it takes steps, seed and flags "
                             "(other lerobot-wm-fit-encoder options, e.g. ['--dim=256']).")
-    elif ds.get("fit"):
-        raise SpecError("dataset.fit is set but no arm uses encoder 'fit': set dataset.encoder: fit (or an arm's "
-                        "encoder: fit), or remove 'fit'.")
+        plan.fits[label] = settings
 
     for x, y in plan.comparisons:
         for name in (x.partition("@")[0], y.partition("@")[0]):
@@ -468,28 +500,35 @@ def parse_rollout_flags(raw, arm: str) -> dict[str, list[str]]:
     return out
 
 
-def resolve_encoder(value: str, where: str, fit_dir: Path) -> str:
-    """The encoder a spec's `encoder` value names: "fit" becomes `fit_dir`; anything unknown is a SpecError.
+def resolve_encoder(value: str, where: str, fit_dirs: dict[str, Path]) -> str:
+    """The encoder a spec's `encoder` value names: "fit" / "fit:<name>" become their directories (`fit_dirs`);
+    anything unknown is a SpecError.
 
-    Accepted: a built-in (`pixels`, `pixels-<side>`), "fit", a local encoder directory, or a Hub id
-    (`owner/name`, not a local path). Checked before anything runs, since precompute would only fail later.
+    Accepted: a built-in (`pixels`, `pixels-<side>`), "fit", "fit:<name>" (a dataset.fits entry), a local encoder
+    directory, or a Hub id (`owner/name`, not a local path). Checked before anything runs, since precompute
+    would only fail later.
     """
-    if value == "fit":
-        return str(fit_dir)
+    if value in fit_dirs:
+        return str(fit_dirs[value])
+    if value.startswith("fit:"):
+        raise SpecError(f"{where}: encoder {value!r} names no entry of dataset.fits (it has "
+                        f"{sorted(k.partition(':')[2] for k in fit_dirs if k != 'fit')}). Add "
+                        f"`fits: {{{value[4:]}: {{steps: ..., flags: [...]}}}}` under dataset, or fix the name.")
     if re.fullmatch(r"pixels(-[1-9][0-9]*)?", value) or Path(value).expanduser().is_dir():
         return value
     # A Hub id looks like a two-part relative path; one whose first part exists here is a missing local folder.
     if re.fullmatch(r"[\w.-]+/[\w.-]+", value) and not Path(value.split("/")[0]).expanduser().exists():
         return value
-    raise SpecError(f"{where}: encoder {value!r} is not a built-in (pixels, pixels-<side>), 'fit' (an encoder the tool "
-                    f"fits on the dataset, settings in dataset.fit), a local encoder directory (there is none at "
-                    f"{Path(value).expanduser().resolve()}), nor a Hub id (owner/name). Fix the value, or fit the "
-                    "encoder first (lerobot-wm-fit-encoder --output_dir=<dir>) and give its directory.")
+    raise SpecError(f"{where}: encoder {value!r} is not a built-in (pixels, pixels-<side>), 'fit' or "
+                    "'fit:<name>' (an encoder the tool fits on the dataset, settings in dataset.fit or dataset.fits), "
+                    f"a local encoder directory (there is none at {Path(value).expanduser().resolve()}), nor a Hub id "
+                    "(owner/name). Fix the value, or fit the encoder first (lerobot-wm-fit-encoder --output_dir=<dir>) "
+                    "and give its directory.")
 
 
 def encoder_label(plan: Plan, encoder: str) -> str:
-    """Short name of an encoder for unit ids and tables: "fit" for the experiment's fitted one, else the value."""
-    return "fit" if encoder == str(plan.fit_dir) else encoder
+    """Short name of an encoder for unit ids and tables: "fit" / "fit:<name>" for the fitted ones, else the value."""
+    return next((label for label, path in plan.fit_dirs().items() if encoder == str(path)), encoder)
 
 
 def _full_entry(plan: Plan, entry: str) -> str:
@@ -566,10 +605,10 @@ def precompute_ids(plan: Plan) -> dict[str, str]:
     """The precompute unit of each encoder the latent-reading arms use: encoder -> unit id.
 
     One encoder keeps the plain id "precompute" (earlier output folders resume); several get
-    "precompute/<label>", the fitted encoder's last (it waits for its fit, the others need not).
+    "precompute/<label>", the fitted encoders' last (they wait for their fits, the others need not).
     """
     encoders = list(dict.fromkeys(a.encoder for a in plan.arms.values() if a.uses_latents))
-    encoders.sort(key=lambda e: e == str(plan.fit_dir))  # stable: otherwise in the arms' order
+    encoders.sort(key=lambda e: plan.fit_unit(e) is not None)  # stable: otherwise in the arms' order
     if len(encoders) <= 1:
         return {e: "precompute" for e in encoders}
     ids: dict[str, str] = {}
@@ -589,11 +628,12 @@ def plan_units(plan: Plan) -> list[Unit]:
         units.append(Unit("record", "record"))
         setup = ["record"]
     pre_ids = precompute_ids(plan)
-    if str(plan.fit_dir) in pre_ids:
-        units.append(Unit("fit_encoder", "fit_encoder", deps=list(setup)))
+    for enc in pre_ids:
+        if plan.fit_unit(enc):
+            units.append(Unit(plan.fit_unit(enc), "fit_encoder", deps=list(setup), encoder=enc))
     previous: list[str] = []
     for enc, uid in pre_ids.items():
-        fit = ["fit_encoder"] if enc == str(plan.fit_dir) else []
+        fit = [plan.fit_unit(enc)] if plan.fit_unit(enc) else []
         # One after another: every precompute (re)writes the same latent-only training view, one rename each.
         units.append(Unit(uid, "precompute", deps=(fit or list(setup)) + previous, encoder=enc))
         previous = [uid]
@@ -723,9 +763,9 @@ def unit_commands(plan: Plan, unit: Unit) -> list[list[str]]:
                  f"--seed={r.get('seed', 0)}", f"--max_steps={r.get('max_steps', 200)}",
                  *[str(f) for f in r.get("flags", [])]]]  # fmt: skip
     if unit.kind == "fit_encoder":  # reruns resume a killed fit from its last save (same flags)
-        f = plan.fit or {}
+        f = plan.fits[encoder_label(plan, unit.encoder)]
         return [[_bin("lerobot-wm-fit-encoder"), f"--dataset.repo_id={plan.repo_id}", f"--dataset.root={plan.root}",
-                 f"--camera={','.join(plan.cameras)}", f"--output_dir={plan.fit_dir}", f"--steps={f.get('steps', 400)}",
+                 f"--camera={','.join(plan.cameras)}", f"--output_dir={unit.encoder}", f"--steps={f.get('steps', 400)}",
                  f"--seed={f.get('seed', 0)}", "--no_progress", *[str(x) for x in f.get("flags", [])]]]  # fmt: skip
     if unit.kind == "precompute":
         return [[_bin("lerobot-wm-precompute"), f"--dataset.repo_id={plan.repo_id}", f"--dataset.root={plan.root}",
@@ -882,6 +922,20 @@ def checkpoint_curves_main() -> None:
     _atomic_write(Path(out), json.dumps(rows, indent=2))
 
 
+def changed_since_done(plan: Plan, unit: Unit) -> list[str]:
+    """Arguments that differ between a done unit's recorded first command and the one the spec gives now.
+
+    Non-empty when the spec changed after the unit ran (an arm's flags edited in place): its results would
+    otherwise be reported as if they came from the new flags. The program path (argv[0]) is not compared, so
+    a rerun from another environment is not flagged.
+    """
+    recorded = json.loads(record_path(plan, unit.id).read_text()).get("commands") or []
+    if not recorded:
+        return []
+    was, now = shlex.split(recorded[0])[1:], unit_commands(plan, unit)[0][1:]
+    return sorted(set(was) ^ set(now)) if was != now else []
+
+
 def execute(plan: Plan, units: list[Unit], jobs: int = 1, num_shards: int = 1, shard_index: int = 0,
             poll_s: float = 5.0, evals_last: bool = False) -> list[str]:
     """Run this shard's unfinished units, `jobs` at a time, in dependency order; returns the failed unit ids.
@@ -894,7 +948,13 @@ def execute(plan: Plan, units: list[Unit], jobs: int = 1, num_shards: int = 1, s
     todo = [u for u in mine if not is_done(plan, u.id)]
     for u in mine:
         if is_done(plan, u.id):
-            _say(f"{u.id}: done - skipped")
+            changed = changed_since_done(plan, u)
+            if changed:
+                _say(f"WARNING {u.id}: done - skipped, but it ran with other arguments than the spec gives now "
+                     f"(differing: {changed}). Its results are kept and reported; to redo it with the new ones, "
+                     f"delete {record_path(plan, u.id)}, or give the changed arm a new name.")
+            else:
+                _say(f"{u.id}: done - skipped")
     if not todo:
         _say("nothing to do: every unit of this shard is done")
         return []
