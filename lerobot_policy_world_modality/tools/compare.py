@@ -174,11 +174,6 @@ class Plan:
     probe: dict = field(default_factory=dict)
     alpha: float = 0.05
 
-    @property
-    def fit_dir(self) -> Path:
-        """Where the fit_encoder unit writes the experiment's fitted encoder (the value of encoder "fit")."""
-        return self.out / "encoder"
-
     def fit_dirs(self) -> dict[str, Path]:
         """Encoder directory of every fit label the spec may name: "fit" and "fit:<name>" for dataset.fits."""
         return fit_dirs(self.out, self.spec.get("dataset") or {})
