@@ -349,7 +349,8 @@ def test_metaworld_presets_validate_with_lerobots_parser(name, tmp_path):
 
 @pytest.mark.parametrize(("name", "fit_arms", "fit_flags"), [
     ("metaworld_encoder_fit_vs_pixels", {"A_fit": "fit"}, []),
-    ("metaworld_encoder_fit_thumbnail", {"A_fit_thumb": "fit", "A_fit6000": "fit:steps6000"}, ["--thumbnail=16"])])
+    ("metaworld_encoder_fit_thumbnail", {"A_fit_thumb": "fit", "A_fit6000": "fit:steps6000",
+                                         "A_fit6000_s1": "fit:steps6000_s1"}, ["--thumbnail=16"])])
 def test_encoder_fit_vs_pixels_presets_pair_the_two_encoders(tmp_path, name, fit_arms, fit_flags):
     """Issue 19's rollout comparisons: A with a fitted encoder vs A with pixels, >= 3 multi-stage tasks and seeds;
     the fit's own flags reach lerobot-wm-fit-encoder and parse there."""
