@@ -3,16 +3,19 @@
     python benchmarks/encoder_bench.py --task=pick-place-v3 --episodes=16 --work_dir=outputs/encoder_bench
     python benchmarks/encoder_bench.py --dataset.root=<dir recorded with --store_sim_state> --encoders=pixels,<dir>
 
-Data: a MetaWorld expert dataset recorded by `lerobot-wm-record-metaworld --store_sim_state` (recorded
-into `<work_dir>/dataset` first when `--dataset.root` is not given), so each frame carries its ground
-truth: hand xyz and gripper opening (`observation.state`) and the first object's xyz (MetaWorld's raw
-observation, entries 4:7). Encoders (`--encoders`, comma-separated): built-in names, encoder
+Data: a MetaWorld dataset recorded by `lerobot-wm-record-metaworld --store_sim_state` (recorded into
+`<work_dir>/dataset` first when `--dataset.root` is not given), so each frame carries its ground truth:
+hand xyz and gripper opening (`observation.state`) and the first object's xyz (MetaWorld's raw
+observation, entries 4:7). A recording without `--store_sim_state` (e.g. the noisy expert's) gets every
+column but the object's. Encoders (`--encoders`, comma-separated): built-in names, encoder
 directories, and `fit`, which runs `lerobot-wm-fit-encoder` on the dataset first (reused on rerun).
 
 For each encoder: latents of every frame through `lerobot-wm-precompute` (the cache training reads),
 ridge probes (`latents.linear_probe.ridge_probe`) fitted on the first 75% of each task's episodes and
 scored on the rest (R^2 per target group, gripper closed/open accuracy, and R^2 of the expert's action: what a
-policy reading only the latent could get linearly), and the wall time of
+policy reading only the latent could get linearly); the latent motion probe (`linear_probe.motion_probe`,
+`--motion_horizon` steps: how much of z_{t+h} - z_t the actions explain beyond z_t, what an
+action-conditioned world model and its planner need); and the wall time of
 `WorldEncoder.encode` on one 480x480 frame (batch 1, as at eval; median of `--timing_reps`, one
 torch thread). Prints a table and writes `--out` JSON.
 """
@@ -36,7 +39,7 @@ from bench_io import write_result  # sibling module: benchmarks run as scripts f
 
 from lerobot_policy_world_modality.latents.cache import DatasetIdentity, LatentCache  # noqa: E402
 from lerobot_policy_world_modality.latents.encoders import load_encoder  # noqa: E402
-from lerobot_policy_world_modality.latents.linear_probe import ridge_probe  # noqa: E402
+from lerobot_policy_world_modality.latents.linear_probe import motion_probe, ridge_probe  # noqa: E402
 from lerobot_policy_world_modality.tools import fit_encoder, precompute  # noqa: E402
 from lerobot_policy_world_modality.tools.record_metaworld import SIM_STATE_KEY  # noqa: E402
 
@@ -58,14 +61,14 @@ def targets(root: Path, repo_id: str) -> dict[str, np.ndarray]:
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     table = LeRobotDataset(repo_id, root=root, video_backend="pyav").hf_dataset.data
-    if SIM_STATE_KEY not in table.column_names:
-        raise SystemExit(
-            f"{root} has no {SIM_STATE_KEY} column (object positions). Record it with "
-            "lerobot-wm-record-metaworld --store_sim_state=true, or let this script record (omit --dataset.root)."
-        )
     state = np.stack(table.column("observation.state").to_numpy(zero_copy_only=False))
-    sim = np.stack(table.column(SIM_STATE_KEY).to_numpy(zero_copy_only=False))
-    return {"hand_xyz": state[:, :3], "gripper": state[:, 3], "object_xyz": sim[:, OBJECT_XYZ],
+    if SIM_STATE_KEY in table.column_names:
+        objects = np.stack(table.column(SIM_STATE_KEY).to_numpy(zero_copy_only=False))[:, OBJECT_XYZ]
+    else:
+        objects = None
+        print(f"{root} has no {SIM_STATE_KEY} column: no object-position probe (record with "
+              "lerobot-wm-record-metaworld --store_sim_state=true for it).")  # fmt: skip
+    return {"hand_xyz": state[:, :3], "gripper": state[:, 3], "object_xyz": objects,
             "action": np.stack(table.column("action").to_numpy(zero_copy_only=False)),
             "episode": np.asarray(table.column("episode_index").to_numpy()),
             "task": np.asarray(table.column("task_index").to_numpy())}  # fmt: skip
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoders", default="pixels,fit", help="comma-separated; 'fit' fits one on the dataset")
     p.add_argument("--fit_arg", action="append", default=[], help="extra lerobot-wm-fit-encoder flag (repeatable)")
     p.add_argument("--work_dir", default="outputs/encoder_bench")
-    p.add_argument("--timing_reps", type=int, default=50)
+    p.add_argument("--timing_reps", type=int, default=50, help="0: no timing (e.g. on a loaded machine)")
+    p.add_argument("--motion_horizon", type=int, default=5, help="steps h of the latent motion probe z_{t+h} - z_t")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "encoder_bench.json"))
     args = p.parse_args(argv)
     work = Path(args.work_dir).expanduser().resolve()
@@ -125,14 +129,18 @@ def main(argv: list[str] | None = None) -> int:
         frame = LeRobotDataset(args.repo_id, root=root, video_backend="pyav")[0][CAMERA]
         ep, task = truth["episode"], truth["task"]
         gripper = ridge_probe(latents, truth["gripper"], ep, binary=True, groups=task)
+        objects = truth["object_xyz"]
+        motion = motion_probe(latents, truth["action"], ep, args.motion_horizon, groups=task)
         rows.append({
             "encoder": label, "dim": enc.identity.dim,
-            "encode_ms_per_frame": round(encode_ms(name, frame, args.timing_reps), 2),
+            "encode_ms_per_frame": round(encode_ms(name, frame, args.timing_reps), 2) if args.timing_reps else None,
             "r2_hand_xyz": round(ridge_probe(latents, truth["hand_xyz"], ep, groups=task)["r2_mean"], 3),
-            "r2_object_xyz": round(ridge_probe(latents, truth["object_xyz"], ep, groups=task)["r2_mean"], 3),
+            "r2_object_xyz": None if objects is None else round(ridge_probe(latents, objects, ep, groups=task)["r2_mean"], 3),
             "r2_gripper": round(gripper["r2_mean"], 3),
             "r2_expert_action": round(ridge_probe(latents, truth["action"], ep, groups=task)["r2_mean"], 3),
             "gripper_accuracy": round(gripper["accuracy"], 3), "gripper_majority": round(gripper["majority_rate"], 3),
+            "r2_motion_state": round(motion["r2_state"], 3), "r2_motion_state_actions": round(motion["r2_state_actions"], 3),
+            "motion_action_gain": round(motion["action_gain"], 3),
         })  # fmt: skip
     import pandas as pd
 
@@ -143,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": 1,
                     "loadavg": [round(x, 2) for x in os.getloadavg()]},
         "dataset": {"root": str(root), "frames": int(len(truth["episode"])), "episodes": int(len(np.unique(truth["episode"]))),
-                    "test_fraction": 0.25},
+                    "test_fraction": 0.25, "motion_horizon": args.motion_horizon},
         "command": " ".join(sys.argv), "rows": rows,
     })  # fmt: skip
     return 0

@@ -19,7 +19,12 @@ from support.datasets import make_synthetic_dataset
 from lerobot_policy_world_modality.latents.cache import DatasetIdentity, LatentCache, LatentCacheError
 from lerobot_policy_world_modality.latents.encoders import load_encoder, resolve_encoder_identity
 from lerobot_policy_world_modality.latents.fitted import MARKER_FILE, STATE_DIR, WEIGHTS_FILE, FittedEncoderError
-from lerobot_policy_world_modality.latents.linear_probe import episode_folds, ridge_probe, split_by_episode
+from lerobot_policy_world_modality.latents.linear_probe import (
+    episode_folds,
+    motion_probe,
+    ridge_probe,
+    split_by_episode,
+)
 from lerobot_policy_world_modality.tools import fit_encoder, precompute
 
 REPO = "local/fit_encoder"
@@ -289,6 +294,39 @@ def test_a_near_constant_latent_dimension_does_not_wreck_the_probe():
     background = 1e-5 * rng.normal(size=len(episodes)) + np.where(episodes == 7, 0.5, 0.0)
     latents = np.stack([signal + 0.1 * rng.normal(size=len(episodes)), background], axis=1)
     assert ridge_probe(latents, signal, episodes, alphas=(1e-2,))["r2_mean"] > 0.9
+
+
+def test_r2_total_weighs_columns_by_their_variance():
+    # One large predictable column and one small unpredictable one: the mean R^2 halves, the total does not.
+    rng = np.random.default_rng(0)
+    episodes = np.repeat(np.arange(8), 25)
+    x = rng.normal(size=(len(episodes), 2))
+    y = np.stack([10 * x[:, 0], 0.01 * rng.normal(size=len(episodes))], axis=1)
+    out = ridge_probe(x, y, episodes, alphas=(1e-2,))
+    assert out["r2_mean"] < 0.6 and out["r2_total"] > 0.99
+
+
+def test_motion_probe_credits_the_actions_only_when_they_move_the_latents():
+    """Latents driven by the actions (z_{t+1} = z_t + B a_t) give a large action gain; latents that drift on
+    their own, with the same actions recorded beside them, give none."""
+    rng = np.random.default_rng(0)
+    n_ep, length, horizon = 12, 30, 3
+    b = rng.normal(size=(2, 6))
+    actions = rng.normal(size=(n_ep * length, 2))
+    episodes = np.repeat(np.arange(n_ep), length)
+    driven, drifting = np.zeros((n_ep * length, 6)), np.zeros((n_ep * length, 6))
+    for i in range(len(episodes)):
+        if i % length:
+            driven[i] = driven[i - 1] + actions[i - 1] @ b
+            drifting[i] = drifting[i - 1] + rng.normal(size=6)
+    by_actions = motion_probe(driven, actions, episodes, horizon)
+    alone = motion_probe(drifting, actions, episodes, horizon)
+    assert by_actions["r2_state_actions"] > 0.99 and by_actions["action_gain"] > 0.9
+    assert abs(alone["action_gain"]) < 0.1
+    # Rows never pair frames of two episodes: each episode loses its last `horizon` frames.
+    assert by_actions["n_test"] == 3 * (length - horizon)
+    with pytest.raises(ValueError, match="horizon"):
+        motion_probe(driven, actions, episodes, 0)
 
 
 @pytest.mark.slow
