@@ -153,9 +153,10 @@ def motion_probe(
     """How much of the latent motion z_{t+h} - z_t the next h actions explain, linearly, on held-out episodes.
 
     Two ridge probes of the motion (`r2_total`, variance-weighted): from z_t alone and from z_t with the
-    actions a_t..a_{t+h-1}. Their difference (`action_gain`) bounds from below what an action-conditioned
-    world model can learn about "what happens if I execute this chunk" in this latent space: near 0, the
-    latents move the same whatever the actions, and a planner has nothing to choose between. Rows are the
+    actions a_t..a_{t+h-1}. Their difference (`action_gain`) is a linear estimate of how much an
+    action-conditioned world model can learn about "what happens if I execute this chunk" in this latent
+    space (a nonlinear model may find more): near 0, the latents move about the same whatever the actions,
+    and a planner has little to choose between. Rows are the
     frames t with t + h in the same episode; frames are the dataset's global order (episodes contiguous).
     """
     z = np.asarray(latents, dtype=np.float64)
