@@ -519,6 +519,17 @@ def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert np.isfinite(avg_reward(tmp_path / "eval_cem"))
     assert avg_reward(tmp_path / "eval_plain") != avg_reward(tmp_path / "eval_cem")
+    # An episode starts from its env seed alone (the launcher seeds MetaWorld's resets): the episode on seed
+    # 1001 is the same whether it is the second of an evaluation from --seed=1000 or the first from 1001.
+    for name, episodes, seed in (("eval_two", 2, 1000), ("eval_one", 1, 1001)):
+        res = run([*capped_eval_cmd(ckpt, tmp_path / name, episode_length=6, episodes=episodes), f"--seed={seed}"])
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+
+    def sum_rewards(name):
+        return json.loads((tmp_path / name / "eval_info.json").read_text())["per_task"][0]["metrics"]["sum_rewards"]
+
+    two, one = sum_rewards("eval_two"), sum_rewards("eval_one")
+    assert two[1] == one[0] and two[0] != two[1]
 
     # 4. The checkpoint's own rollouts become data; the recorded actions are its actions.
     res = record("local/rollouts", tmp_path / "ro", "--episodes_per_task=1", "--max_steps=5", "--actions=policy",
@@ -534,3 +545,51 @@ def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_
     np.testing.assert_allclose(np.clip(action, -1, 1), first["action"].numpy(), atol=1e-5)
     bad = record("local/x", tmp_path / "y", "--actions=policy")
     assert bad.returncode == 2 and "--policy.path" in bad.stderr
+
+    # 5. The score's ranking against the simulator's counterfactual outcomes (lerobot-wm-plan-check).
+    def plan_check(pick, out):
+        return run([BIN / "lerobot-wm-plan-check", f"--policy.path={ckpt}", "--tasks=button-press-v3", "--episodes=1",
+                    "--episode_length=6", f"--pick={pick}", "--planner_samples=4", "--planner_score=reward",
+                    f"--out_dir={out}"])  # fmt: skip
+
+    res = plan_check("true", tmp_path / "pc" / "true")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    episode_file = tmp_path / "pc" / "true" / "episodes" / "button-press-v3__1000.json"
+    ep = json.loads(episode_file.read_text())
+    # Replaying the picked chunk repeats its counterfactual rewards exactly: the saved state is the whole state.
+    assert ep["replay_max_abs_diff"] == 0.0 and ep["steps"] == len(ep["actions"])
+    assert len(ep["decisions"]) == math.ceil(ep["steps"] / 2)  # n_action_steps = 2
+    for d in ep["decisions"]:  # the oracle executes the true best; the model's pick is never better
+        assert d["true_picked"] == d["true_best"] >= d["true_model_pick"] and 0 <= d["model_pick_true_rank"] < 4
+        assert math.isnan(d["spearman"]) or -1.0 <= d["spearman"] <= 1.0
+    summary = json.loads((tmp_path / "pc" / "true" / "summary.json").read_text())
+    assert summary["all"]["episodes"] == 1 and summary["planner_samples"] == 4 and "| button-press-v3 |" in res.stdout
+    mtime = episode_file.stat().st_mtime_ns
+    assert plan_check("true", tmp_path / "pc" / "true").returncode == 0 and episode_file.stat().st_mtime_ns == mtime  # resumed
+    res = plan_check("model", tmp_path / "pc" / "true")
+    assert res.returncode == 2 and "another --out_dir" in res.stderr
+    # pick=model executes exactly what stock rollouts with --policy.planner=rerank execute (same env seed).
+    res = plan_check("model", tmp_path / "pc" / "model")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    executed = json.loads((tmp_path / "pc" / "model" / "episodes" / "button-press-v3__1000.json").read_text())["actions"]
+    from lerobot.envs.metaworld import MetaworldEnv
+
+    actor = CheckpointActor(str(ckpt))
+    actor.policy.config.planner, actor.policy.config.planner_samples = "rerank", 4
+    actor.policy.config.planner_score = "reward"
+    env = MetaworldEnv(task="button-press-v3", obs_type="pixels_agent_pos")
+    np.random.seed(1000)  # the check's episode start (MetaWorld draws it from NumPy's global generator)
+    raw, _ = env._env.reset()
+    actor.reset()
+    for want in executed:
+        action = actor.act(env._format_raw_obs(raw), env.task_description)
+        np.testing.assert_allclose(action, want, atol=1e-5)
+        raw, *_ = env._env.step(action.astype(np.float32))
+    env.close()
+    # The report pairs the picks of the same checkpoint, task and env seed.
+    assert plan_check("proposal", tmp_path / "pc" / "proposal").returncode == 0
+    res = run([BIN / "lerobot-wm-plan-check", f"--report={tmp_path / 'pc'}"])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rep = json.loads((tmp_path / "pc" / "report.json").read_text())
+    assert set(rep["summaries"]) == {"proposal", "model", "true"} and (tmp_path / "pc" / "report_success.png").is_file()
+    assert {(c["x"], c["task"], c["pairs"]) for c in rep["comparisons"]} >= {("true", "all", 1), ("model", "all", 1)}

@@ -250,6 +250,31 @@ def stage_train(args, work: Path, repo_id: str, root: Path, view: Path) -> tuple
     return run_dir, record
 
 
+def seed_metaworld_resets() -> None:
+    """Make `MetaworldEnv.reset(seed=s)` start the episode from a state that depends on `s` alone.
+
+    MetaWorld ignores reset's seed and draws the object and goal positions from NumPy's global generator,
+    which lerobot-eval seeds once (`--seed`). LeRobot's `MetaworldEnv.step` also resets the simulator when
+    the task succeeds, one more draw. So without this, episode i's start depends on how many earlier
+    episodes succeeded, and two arms evaluated "on the same env seeds" start episode i from the same state
+    only until their successes first differ. Seeding the global generator with `s` right before the reset
+    ties the start to the seed (lerobot-eval gives episode i the seed `--seed` + i)."""
+    import numpy as np
+    from lerobot.envs import metaworld
+
+    original = metaworld.MetaworldEnv.reset
+    if getattr(original, "_wm_seeded", False):
+        return
+
+    def reset(self, seed=None, **kwargs):
+        if seed is not None:
+            np.random.seed(seed)
+        return original(self, seed=seed, **kwargs)
+
+    reset._wm_seeded = True
+    metaworld.MetaworldEnv.reset = reset
+
+
 def lerobot_eval_capped() -> None:
     """Run stock `lerobot-eval` (same argv) with MetaWorld episodes capped at `--env.episode_length`.
 
@@ -260,7 +285,11 @@ def lerobot_eval_capped() -> None:
 
     `--max_videos=N` (this launcher's own flag, taken out of argv) caps the episodes rendered to video:
     stock lerobot-eval always renders up to 10, a second render of every step plus video encoding.
+
+    It also makes each MetaWorld episode start from a state set by its env seed alone
+    (`seed_metaworld_resets`), so that paired arms share their starts.
     """
+    seed_metaworld_resets()
     videos = [a for a in sys.argv[1:] if a.startswith("--max_videos=")]
     if videos:
         sys.argv = [a for a in sys.argv if a not in videos]

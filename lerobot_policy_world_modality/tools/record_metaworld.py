@@ -272,16 +272,26 @@ class CheckpointActor:
         """Start an episode."""
         self.policy.reset()
 
-    def act(self, obs: dict, task: str) -> np.ndarray:
-        """The policy's action [A] for one formatted observation ({"pixels", "agent_pos"})."""
-        import torch
+    def batch(self, obs: dict, task: str) -> dict:
+        """The preprocessed policy batch of one formatted observation ({"pixels", "agent_pos"})."""
         from lerobot.envs.utils import preprocess_observation
 
         batch = preprocess_observation({"pixels": obs["pixels"][None], "agent_pos": np.asarray(obs["agent_pos"])[None]})
-        batch = self.pre({**batch, "task": [task]})
+        return self.pre({**batch, "task": [task]})
+
+    def unnormalise(self, actions) -> np.ndarray:
+        """Env actions [..., A] (float64) of normalised policy actions [..., A] (the postprocessor's)."""
+        shape = actions.shape
+        return self.post(actions.reshape(-1, shape[-1])).cpu().numpy().reshape(shape).astype(np.float64)
+
+    def act(self, obs: dict, task: str) -> np.ndarray:
+        """The policy's action [A] for one formatted observation ({"pixels", "agent_pos"})."""
+        import torch
+
+        batch = self.batch(obs, task)
         with torch.inference_mode():
             action = self.policy.select_action(batch)
-        return self.post(action).cpu().numpy()[0].astype(np.float64)
+        return self.unnormalise(action)[0]
 
 
 def run_attempt(env, plan: RecordPlan, task: str, attempt: int, out_dir: Path, on_step=None, actor=None) -> dict:

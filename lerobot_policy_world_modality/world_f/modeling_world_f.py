@@ -138,11 +138,28 @@ class WorldFPolicy(TrunkWorldPolicy):
         The latent history is advanced at every call, including those served from the queue.
         """
         ensure_eval(self)
-        history = self._history.push(latent_from_batch(batch)) if self.reads_history else None
+        history = self.advance_history(batch)
         if len(self._action_queue) == 0:
             actions = self._actions(batch, history)[:, : self.config.n_action_steps]
             self._action_queue.extend(actions.transpose(0, 1))
         return self._action_queue.popleft()
+
+    def advance_history(self, batch: dict[str, Tensor]) -> Tensor | None:
+        """Push the batch's latent onto the episode's history and return it [B, T, D] (None for a policy
+        that reads no history). `select_action` calls it once per environment step."""
+        return self._history.push(latent_from_batch(batch)) if self.reads_history else None
+
+    @torch.no_grad()
+    def propose(self, batch: dict[str, Tensor], history: Tensor | None) -> Tensor:
+        """The policy's own chunk [B, H, A] (normalised actions) before any planning."""
+        return self._run(
+            batch, history, self.config.memory_mode_rollout, oracle=None, oracle_prob=0.0, stats=False
+        )["actions"]
+
+    @property
+    def planner_rng(self) -> torch.Generator:
+        """The planner's generator (re-seeded with `planner_seed` at every `reset`)."""
+        return self._planner_rng
 
     @torch.no_grad()
     def predict_action_chunk(self, batch: dict[str, Tensor], **kwargs) -> Tensor:
@@ -156,16 +173,14 @@ class WorldFPolicy(TrunkWorldPolicy):
         if self.reads_history:
             history = batch.get(OBS_WORLD_HISTORY)
             if history is None:
-                history = self._history.push(latent_from_batch(batch))
+                history = self.advance_history(batch)
         return self._actions(batch, history)
 
     def _actions(self, batch: dict[str, Tensor], history: Tensor | None) -> Tensor:
-        out = self._run(
-            batch, history, self.config.memory_mode_rollout, oracle=None, oracle_prob=0.0, stats=False
-        )
+        proposal = self.propose(batch, history)
         if self.config.planner == "none":
-            return out["actions"]
-        return self.plan(out["actions"], history, batch.get(OBS_WORLD_GOAL))[0]
+            return proposal
+        return self.plan(proposal, history, batch.get(OBS_WORLD_GOAL))[0]
 
     @torch.no_grad()
     def plan(self, proposal: Tensor, history: Tensor, goal: Tensor | None = None) -> tuple[Tensor, dict]:
@@ -179,7 +194,7 @@ class WorldFPolicy(TrunkWorldPolicy):
             settings = dataclasses.replace(settings, kind="rerank")
         return plan_chunk(
             proposal, lambda chunks: self.world.score_chunks(history, chunks, goal, horizon), settings,
-            self._planner_rng,
+            self.planner_rng,
         )  # fmt: skip
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:

@@ -49,11 +49,11 @@ def short_train_flags(out, steps: int, batch_size: int = 4, log_freq: int = 2) -
     ]
 
 
-def capped_eval_cmd(ckpt, out, task: str = "button-press-v3", episode_length: int = 20) -> list[str]:
-    """Stock lerobot-eval of one MetaWorld episode of `episode_length` steps (see `lerobot_eval_capped`)."""
+def capped_eval_cmd(ckpt, out, task: str = "button-press-v3", episode_length: int = 20, episodes: int = 1) -> list[str]:
+    """Stock lerobot-eval of `episodes` MetaWorld episodes of `episode_length` steps (see `lerobot_eval_capped`)."""
     launcher = "from lerobot_policy_world_modality.tools.demo import lerobot_eval_capped as m; m()"
     return [
         sys.executable, "-c", launcher, f"--policy.path={ckpt}", "--policy.device=cpu", "--env.type=metaworld",
-        f"--env.task={task}", f"--env.episode_length={episode_length}", "--eval.n_episodes=1",
+        f"--env.task={task}", f"--env.episode_length={episode_length}", f"--eval.n_episodes={episodes}",
         "--eval.batch_size=1", f"--output_dir={out}",
     ]  # fmt: skip

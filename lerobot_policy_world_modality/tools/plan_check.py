@@ -1,0 +1,430 @@
+"""`lerobot-wm-plan-check`: does the planner's score rank candidate chunks as the simulator does?
+
+    lerobot-wm-plan-check --policy.path=<checkpoint>/pretrained_model --tasks=pick-place-v3,assembly-v3 \
+        --episodes=10 --seed=1000 --pick=model --out_dir=outputs/plan_check/seed0
+
+Runs a world_f checkpoint that has an action-conditioned world model in MetaWorld, episode by episode
+on env seeds seed, seed + 1, ... (episode i starts from the state its seed gives, as in evaluations
+through `lerobot-wm-compare`, see `tools.demo.seed_metaworld_resets`). At every replanning step it draws the candidates the rerank planner draws (the policy's proposal and N - 1
+Gaussian perturbations, from the policy's own planner generator) and gets two scores for each:
+- the checkpoint's: the planner's score (`--planner_score`, default the checkpoint's), exactly what
+  `--policy.planner=rerank` ranks by;
+- the simulator's: the simulator state is saved, the candidate's actions are executed in it, their
+  rewards recorded, and the state restored (counterfactual outcomes, without rendering). The true
+  score is the mean reward at the steps whose rewards the reward head estimates for the imagined frames
+  (step k * future_stride + 1 for k = 1..horizon: the head reads a frame's latent and predicts the
+  reward of the step taken from it).
+
+`--report DIR` compares the checks written under DIR instead (the picks of the same checkpoints,
+paired by checkpoint, task and env seed, McNemar's exact test and a bootstrap interval, as
+`lerobot-wm-compare` reports): `DIR/report.md`, `report.json`, `report_success.png`.
+
+`--pick` chooses which candidate is executed: `proposal` (planning off), `model` (the checkpoint's
+best: the same chunk `--policy.planner=rerank` would execute) or `true` (the simulator's best: rerank
+with a perfect short-horizon score, the most a rerank over these candidates can give). Whatever the
+pick, every decision logs the Spearman correlation of the two scores, how the picked chunk's true score
+compares with the proposal's, and whether replaying the picked chunk reproduced its counterfactual
+rewards (`replay_max_abs_diff`, 0 when the saved state is the whole state).
+
+Each episode is written atomically to `<out_dir>/episodes/<task>__<seed>.json` and skipped on rerun, so
+a killed check resumes; `<out_dir>/summary.json` holds success counts with Wilson 95% intervals and the
+ranking figures per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..fileio import atomic_write_json
+
+PICKS = ("proposal", "model", "true")
+# How reports name each pick.
+PICK_LABELS = {"proposal": "planning off (the proposal)", "model": "rerank by the checkpoint's score",
+               "true": "rerank by the true reward (oracle)"}
+
+
+class PlanCheckError(ValueError):
+    """A checkpoint or setting the check cannot work with; the message says what to do instead."""
+
+
+class SimSnapshot:
+    """The whole state of a MetaWorld env that a step reads or writes: MuJoCo's integration state
+    (positions, velocities, actuator and mocap state, warm start, time) and the env's own plain
+    attributes (step counter, previous observation, task flags some reward functions keep).
+    Restoring it makes the next steps repeat exactly (checked by `replay_max_abs_diff`)."""
+
+    def __init__(self, env):
+        import mujoco
+
+        self._spec = mujoco.mjtState.mjSTATE_INTEGRATION
+        self.physics = np.empty(mujoco.mj_stateSize(env.model, self._spec))
+        mujoco.mj_getState(env.model, env.data, self.physics, self._spec)
+        # Arrays that are views stay out: some alias MuJoCo's data (MetaWorld's `init_left_pad` is a view
+        # of the pads' current position, which its rewards read), so the physics restores them, and a
+        # frozen copy would change the reward function.
+        self.attrs = {k: copy.deepcopy(v) for k, v in vars(env).items()
+                      if isinstance(v, (bool, int, float, np.generic)) or (isinstance(v, np.ndarray) and v.base is None)}  # fmt: skip
+
+    def restore(self, env) -> None:
+        """Put `env` back in the saved state."""
+        import mujoco
+
+        mujoco.mj_setState(env.model, env.data, self.physics, self._spec)
+        mujoco.mj_forward(env.model, env.data)
+        for k, v in self.attrs.items():
+            setattr(env, k, copy.deepcopy(v))
+
+
+def reward_steps(horizon: int, stride: int, length: int) -> list[int]:
+    """0-based indices, into a chunk's executed steps, of the rewards the reward score estimates: the
+    head reads imagined frame k (k * stride steps ahead) and predicts the reward of the step taken from
+    it, the (k * stride + 1)-th. Capped at the `length` actions a chunk has."""
+    return [min(k * stride, length - 1) for k in range(1, horizon + 1)]
+
+
+def outcomes(sim, actions: np.ndarray, steps: int) -> tuple[np.ndarray, bool]:
+    """Rewards [steps] of executing `actions` [>= steps, A] from the env's current state (then restored),
+    and whether the task succeeded on the way. No frame is rendered."""
+    snap = SimSnapshot(sim)
+    rewards = np.zeros(steps)
+    success = False
+    for i in range(steps):
+        _obs, reward, _term, truncated, info = sim.step(actions[i].astype(np.float32))
+        rewards[i] = reward
+        success = success or bool(info.get("success", 0))
+        if truncated:
+            rewards[i + 1 :] = reward
+            break
+    snap.restore(sim)
+    return rewards, success
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan
+    return float(spearmanr(a, b).statistic)
+
+
+def run_episode(actor, env, task: str, seed: int, args, settings, horizon: int, stride: int) -> dict:
+    """One episode; returns its record (success, steps, one entry per replanning decision)."""
+    import torch
+
+    from ..world.planner import plan_chunk
+
+    policy = actor.policy
+    cfg = policy.config
+    sim = env._env
+    # MetaWorld ignores reset's seed and draws the initial positions from NumPy's global generator, so
+    # seeding it here makes an episode's start a function of its seed alone: the same for every --pick,
+    # and after a resume.
+    np.random.seed(seed)
+    raw_obs, _ = sim.reset()
+    actor.reset()
+    chunk_len = cfg.chunk_size
+    look = min(chunk_len, max(cfg.n_action_steps, horizon * stride + 1))
+    idx = reward_steps(horizon, stride, look)
+    queue: list[np.ndarray] = []
+    expected: list[float] = []  # the picked candidate's counterfactual rewards, to check the replay
+    decisions, replay_diffs, executed = [], [], []
+    success, steps, total_reward = False, 0, 0.0
+    while steps < args.episode_length:
+        obs = env._format_raw_obs(raw_obs)
+        batch = actor.batch(obs, env.task_description)
+        with torch.inference_mode():
+            history = policy.advance_history(batch)
+            if not queue:
+                proposal = policy.propose(batch, history)
+                record = {}
+
+                def score(cands, _history=history, _record=record):
+                    model = policy.world.score_chunks(_history, cands, None, horizon)[0].numpy()
+                    env_actions = actor.unnormalise(cands[0, :, :look])
+                    res = [outcomes(sim, a, look) for a in env_actions]
+                    true_rewards = np.stack([r for r, _ in res])
+                    true = true_rewards[:, idx].mean(axis=1)
+                    # What each --pick executes: the argmax (ties go to the lowest index, the proposal's).
+                    wanted = {"model": model, "true": true, "proposal": np.eye(len(model))[0]}[args.pick]
+                    _record.update(model=model, true=true, rewards=true_rewards, wanted=wanted,
+                                   success=np.array([s for _, s in res]))  # fmt: skip
+                    return torch.as_tensor(wanted, dtype=torch.float32)[None]
+
+                chunk, _ = plan_chunk(proposal, score, settings, policy.planner_rng)
+                model, true = record["model"], record["true"]
+                queue = list(actor.unnormalise(chunk[0, : cfg.n_action_steps]))
+                picked = int(np.argmax(record["wanted"]))
+                expected = list(record["rewards"][picked, : cfg.n_action_steps])
+                model_pick = int(np.argmax(model))
+                decisions.append({
+                    "step": steps,
+                    "spearman": _spearman(model, true),
+                    "picked": picked,
+                    "model_pick": model_pick,
+                    "model_pick_true_rank": int((true > true[model_pick]).sum()),  # 0: the true best
+                    "true_picked": float(true[picked]),
+                    "true_proposal": float(true[0]),
+                    "true_model_pick": float(true[model_pick]),
+                    "true_best": float(true.max()),
+                    "true_mean": float(true.mean()),
+                    "true_spread": float(true.max() - true.min()),
+                    "candidate_successes": int(record["success"].sum()),
+                })  # fmt: skip
+        action = queue.pop(0)
+        executed.append([round(float(a), 6) for a in action])
+        raw_obs, reward, _term, truncated, info = sim.step(action.astype(np.float32))
+        if expected:
+            replay_diffs.append(abs(float(reward) - float(expected.pop(0))))
+        total_reward += float(reward)
+        steps += 1
+        if bool(info.get("success", 0)):
+            success = True
+            break
+        if truncated:
+            break
+    return {"task": task, "seed": seed, "pick": args.pick, "success": success, "steps": steps,
+            "sum_reward": total_reward, "replay_max_abs_diff": max(replay_diffs, default=0.0),
+            "decisions": decisions, "actions": executed}  # fmt: skip
+
+
+def summarise(records: list[dict]) -> dict:
+    """Per task and overall: successes with Wilson 95% intervals, and the ranking figures over all
+    decisions (median Spearman of the two scores; how often the model's pick is the true best, chance
+    1 / N; the true-score gain of the model's pick and of the true best over the proposal)."""
+    from .stats import wilson_interval
+
+    def block(recs: list[dict]) -> dict:
+        dec = [d for r in recs for d in r["decisions"]]
+        n, k = len(recs), sum(r["success"] for r in recs)
+        lo, hi = wilson_interval(k, n)
+        rho = np.array([d["spearman"] for d in dec], dtype=float)
+        gain_model = np.array([d["true_model_pick"] - d["true_proposal"] for d in dec])
+        gain_best = np.array([d["true_best"] - d["true_proposal"] for d in dec])
+        return {
+            "episodes": n, "successes": k, "rate": k / n if n else math.nan, "wilson95": [lo, hi],
+            "decisions": len(dec),
+            "spearman_median": float(np.nanmedian(rho)) if np.isfinite(rho).any() else math.nan,
+            "spearman_mean": float(np.nanmean(rho)) if np.isfinite(rho).any() else math.nan,
+            "decisions_with_flat_true_score": int(np.isnan(rho).sum()),
+            "model_pick_is_true_best": float(np.mean([d["model_pick_true_rank"] == 0 for d in dec])) if dec else math.nan,
+            "model_pick_beats_proposal": float(np.mean(gain_model > 0)) if dec else math.nan,
+            "model_pick_worse_than_proposal": float(np.mean(gain_model < 0)) if dec else math.nan,
+            "true_gain_model_pick_mean": float(gain_model.mean()) if dec else math.nan,
+            "true_gain_best_mean": float(gain_best.mean()) if dec else math.nan,
+            # The scale the gains are read against: the true score itself and its spread over the candidates.
+            "true_level_median": float(np.median([d["true_mean"] for d in dec])) if dec else math.nan,
+            "true_spread_median": float(np.median([d["true_spread"] for d in dec])) if dec else math.nan,
+            "replay_max_abs_diff": max((r["replay_max_abs_diff"] for r in recs), default=0.0),
+        }
+
+    tasks = sorted({r["task"] for r in records})
+    return {"all": block(records), "tasks": {t: block([r for r in records if r["task"] == t]) for t in tasks}}
+
+
+def summary_table(summary: dict) -> str:
+    """The summary as a markdown table."""
+    rows = ["| task | success | Wilson 95% | decisions | Spearman (median) | model pick = true best | "
+            "model pick better / worse than proposal | true gain: model pick, best | true score, spread (medians) |",
+            "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, b in [*summary["tasks"].items(), ("all", summary["all"])]:
+        rows.append(
+            f"| {name} | {b['successes']}/{b['episodes']} | {b['wilson95'][0]:.2f}-{b['wilson95'][1]:.2f} | "
+            f"{b['decisions']} | {b['spearman_median']:.2f} | {b['model_pick_is_true_best']:.1%} | "
+            f"{b['model_pick_beats_proposal']:.1%} / {b['model_pick_worse_than_proposal']:.1%} | "
+            f"{b['true_gain_model_pick_mean']:+.3f}, {b['true_gain_best_mean']:+.3f} | "
+            f"{b['true_level_median']:.3f}, {b['true_spread_median']:.3f} |"
+        )
+    return "\n".join(rows)
+
+
+def load_runs(root: Path) -> dict[str, list[dict]]:
+    """Every episode record under `root` (any depth: one folder per checkpoint and pick), grouped by pick."""
+    runs: dict[str, list[dict]] = {}
+    for path in sorted(root.rglob("episodes/*.json")):
+        rec = json.loads(path.read_text())
+        runs.setdefault(rec["pick"], []).append(rec)
+    return runs
+
+
+def report(root: Path) -> dict:
+    """Compare the picks found under `root`, paired: episodes of two picks pair when they share the
+    checkpoint, task and env seed (the same start). Writes `report.json`, `report.md` and
+    `report_success.png` (success per task and pick, Wilson 95%) into `root`; returns the report."""
+    from .plots import grouped_bars_png
+    from .stats import paired_comparison
+
+    runs = load_runs(root)
+    if not runs:
+        raise PlanCheckError(f"No episode records under {root}: run the check with --out_dir inside it first.")
+    picks = [p for p in PICKS if p in runs]
+    summaries = {p: summarise(runs[p]) for p in picks}
+    keyed = {p: {(r["policy_path"], r["task"], r["seed"]): r for r in runs[p]} for p in picks}
+    comparisons = []
+    for x in picks:
+        if x == "proposal" or "proposal" not in picks:
+            continue
+        shared = sorted(set(keyed[x]) & set(keyed["proposal"]))
+        for task in [None, *sorted({k[1] for k in shared})]:
+            keys = [k for k in shared if task is None or k[1] == task]
+            c = paired_comparison(x, "proposal", [keyed[x][k]["success"] for k in keys],
+                                  [keyed["proposal"][k]["success"] for k in keys])  # fmt: skip
+            comparisons.append({"task": task or "all", "checkpoints": len({k[0] for k in keys}), **c})
+    tasks = sorted({r["task"] for p in picks for r in runs[p]})
+    groups = {PICK_LABELS[p]: [(100 * b["rate"], 100 * b["wilson95"][0], 100 * b["wilson95"][1])
+                  for b in (summaries[p]["tasks"].get(t, {"rate": math.nan, "wilson95": [math.nan, math.nan]})
+                            for t in tasks)]
+              for p in picks}  # fmt: skip
+    (root / "report_success.png").write_bytes(
+        grouped_bars_png(tasks, groups, "Success per task (Wilson 95%)"))
+    lines = [f"# lerobot-wm-plan-check report: {root}", ""]
+    for p in picks:
+        lines += [f"## pick = {p}: {PICK_LABELS[p]} ({len({r['policy_path'] for r in runs[p]})} checkpoints)", "", summary_table(summaries[p]), ""]
+    if comparisons:
+        lines += ["## Paired comparisons with the proposal (same checkpoint, task and env seed)", "",
+                  "| pick vs proposal | task | pairs | rates | difference (bootstrap 95%) | only pick / only proposal | McNemar p |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for c in comparisons:
+            lines.append(f"| {c['x']} | {c['task']} | {c['pairs']} | {c['x_rate']:.1%} vs {c['y_rate']:.1%} | "
+                         f"{100 * c['difference']:+.1f} ({100 * c['bootstrap_ci'][0]:+.1f}, {100 * c['bootstrap_ci'][1]:+.1f}) | "
+                         f"{c['x_only']} / {c['y_only']} | {c['p_value']:.3g} |")  # fmt: skip
+    lines += ["", "![Success per task](report_success.png)", ""]
+    out = {"root": str(root), "summaries": summaries, "comparisons": comparisons}
+    atomic_write_json(root / "report.json", out, indent=1)
+    (root / "report.md").write_text("\n".join(lines))
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="lerobot-wm-plan-check", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help="Instead of running: compare the checks written under DIR (paired by checkpoint, task and "
+                        "env seed) into DIR/report.md, report.json and report_success.png")
+    p.add_argument("--policy.path", dest="policy_path", default=None,
+                   help="pretrained_model directory of a world_f checkpoint trained with --policy.dynamics=action_conditioned")
+    p.add_argument("--tasks", default=None, help="Comma-separated MetaWorld tasks, e.g. pick-place-v3,assembly-v3")
+    p.add_argument("--episodes", type=int, default=10, help="Episodes per task (default 10)")
+    p.add_argument("--seed", type=int, default=1000, help="Env seed of the first episode, as lerobot-eval's --seed (default 1000)")
+    p.add_argument("--episode_length", type=int, default=200, help="Steps per episode at most (default 200)")
+    p.add_argument("--pick", choices=PICKS, default="model",
+                   help="Which candidate is executed: proposal (planning off), model (the checkpoint's score, as "
+                        "--policy.planner=rerank) or true (the simulator's short-horizon reward; default model)")
+    p.add_argument("--planner_samples", type=int, default=None, help="Candidates per decision (default: the checkpoint's)")
+    p.add_argument("--planner_noise", type=float, default=None, help="Perturbation scale (default: the checkpoint's)")
+    p.add_argument("--planner_score", choices=("critic", "reward", "progress"), default=None,
+                   help="The checkpoint's score to rank by (default: the checkpoint's planner_score)")
+    p.add_argument("--out_dir", default=None, help="Where episodes and summary.json go (a rerun resumes)")
+    args = p.parse_args(argv)
+    if args.report is None and None in (args.policy_path, args.tasks, args.out_dir):
+        p.error("--policy.path, --tasks and --out_dir are required (or --report DIR to compare finished checks)")
+    return args
+
+
+def main(argv=None) -> int:
+    """Console entry point of lerobot-wm-plan-check."""
+    os.environ.setdefault("MUJOCO_GL", "egl")  # CPU rendering; must be set before mujoco is imported
+    args = parse_args(argv)
+    try:
+        return _main(args)
+    except PlanCheckError as err:
+        print(f"lerobot-wm-plan-check: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _main(args) -> int:
+    import dataclasses
+
+    if args.report is not None:
+        root = Path(args.report)
+        report(root)
+        print((root / "report.md").read_text())
+        return 0
+
+    import torch
+    from tqdm import tqdm
+
+    from .probe import ProbeError, override_planner
+    from .record_metaworld import CheckpointActor
+
+    if not (Path(args.policy_path) / "config.json").is_file():
+        raise PlanCheckError(f"--policy.path {args.policy_path} has no config.json: give a checkpoint's "
+                             "pretrained_model directory.")  # fmt: skip
+    if args.episodes < 1 or args.episode_length < 1:
+        raise PlanCheckError("--episodes and --episode_length must be >= 1.")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
+    actor = CheckpointActor(args.policy_path)
+    policy, cfg = actor.policy, actor.policy.config
+    if getattr(policy, "world", None) is None or getattr(policy.world, "dynamics", None) is None:
+        raise PlanCheckError(f"{args.policy_path} has no action-conditioned world model: the check needs a world_f "
+                             "checkpoint trained with --policy.dynamics=action_conditioned and a head to score with.")  # fmt: skip
+    try:
+        override_planner(cfg, None, args.planner_score)
+        policy.world.score_kind(None)
+    except (ProbeError, RuntimeError) as err:
+        raise PlanCheckError(str(err)) from None
+    settings = dataclasses.replace(cfg.planner_settings(), kind="rerank")
+    if args.planner_samples is not None:
+        settings = dataclasses.replace(settings, samples=args.planner_samples)
+    if args.planner_noise is not None:
+        settings = dataclasses.replace(settings, noise=args.planner_noise)
+    try:
+        settings.validate()
+    except ValueError as err:
+        raise PlanCheckError(str(err)) from None
+    horizon = getattr(cfg, "planner_horizon", 0) or cfg.future_frames
+    stride = getattr(cfg, "future_stride", 1)
+
+    from lerobot.envs.metaworld import MetaworldEnv
+
+    out = Path(args.out_dir)
+    (out / "episodes").mkdir(parents=True, exist_ok=True)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    todo = [(t, args.seed + i) for t in tasks for i in range(args.episodes)]
+    bar = tqdm(total=len(todo), desc="episodes", unit="ep", dynamic_ncols=True)
+    records = []
+    for task in tasks:
+        env = None
+        for i in range(args.episodes):
+            seed = args.seed + i
+            path = out / "episodes" / f"{task}__{seed}.json"
+            if path.is_file():
+                rec = json.loads(path.read_text())
+                if rec.get("pick") != args.pick or rec.get("policy_path") != str(Path(args.policy_path).resolve()):
+                    raise PlanCheckError(f"{path} was written by another check (pick or checkpoint differ): "
+                                         "give another --out_dir.")  # fmt: skip
+            else:
+                if env is None:
+                    env = MetaworldEnv(task=task, obs_type="pixels_agent_pos")
+                t0 = time.time()
+                rec = run_episode(actor, env, task, seed, args, settings, horizon, stride)
+                rec.update(policy_path=str(Path(args.policy_path).resolve()), seconds=round(time.time() - t0, 1),
+                           planner_samples=settings.samples, planner_noise=settings.noise,
+                           planner_score=policy.world.score_kind(None))  # fmt: skip
+                atomic_write_json(path, rec, indent=1)
+            records.append(rec)
+            bar.update(1)
+            bar.set_postfix_str(f"{task} {sum(r['success'] for r in records)}/{len(records)} ok", refresh=False)
+        if env is not None:
+            env.close()
+    bar.close()
+    summary = summarise(records)
+    summary.update(pick=args.pick, policy_path=str(Path(args.policy_path).resolve()), seed=args.seed,
+                   planner_samples=settings.samples, planner_noise=settings.noise, horizon=horizon, stride=stride)  # fmt: skip
+    atomic_write_json(out / "summary.json", summary, indent=1)
+    print(summary_table(summary))
+    print(f"Wrote {out / 'summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
