@@ -153,16 +153,19 @@ def run_episode(actor, env, task: str, seed: int, args, settings, horizon: int, 
                     res = [outcomes(sim, a, look) for a in env_actions]
                     true_rewards = np.stack([r for r, _ in res])
                     true = true_rewards[:, idx].mean(axis=1)
-                    # What each --pick executes: the argmax (ties go to the lowest index, the proposal's).
+                    # What each --pick executes: the planner's argmax (ties go to the lowest index, the
+                    # proposal's). Kept as the very float32 tensor the planner ranks, so `picked` below is
+                    # its choice even where float64 true scores differ by less than float32 resolves.
                     wanted = {"model": model, "true": true, "proposal": np.eye(len(model))[0]}[args.pick]
+                    wanted = torch.as_tensor(wanted, dtype=torch.float32)[None]
                     _record.update(model=model, true=true, rewards=true_rewards, wanted=wanted,
                                    success=np.array([s for _, s in res]))  # fmt: skip
-                    return torch.as_tensor(wanted, dtype=torch.float32)[None]
+                    return wanted
 
                 chunk, _ = plan_chunk(proposal, score, settings, policy.planner_rng)
                 model, true = record["model"], record["true"]
                 queue = list(actor.unnormalise(chunk[0, : cfg.n_action_steps]))
-                picked = int(np.argmax(record["wanted"]))
+                picked = int(record["wanted"].argmax(dim=1))
                 expected = list(record["rewards"][picked, : cfg.n_action_steps])
                 model_pick = int(np.argmax(model))
                 decisions.append({
