@@ -547,10 +547,10 @@ def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_
     assert bad.returncode == 2 and "--policy.path" in bad.stderr
 
     # 5. The score's ranking against the simulator's counterfactual outcomes (lerobot-wm-plan-check).
-    def plan_check(pick, out):
-        return run([BIN / "lerobot-wm-plan-check", f"--policy.path={ckpt}", "--tasks=button-press-v3", "--episodes=1",
-                    "--episode_length=6", f"--pick={pick}", "--planner_samples=4", "--planner_score=reward",
-                    f"--out_dir={out}"])  # fmt: skip
+    def plan_check(pick, out, *flags, path=ckpt, score="reward", episodes=1):
+        return run([BIN / "lerobot-wm-plan-check", f"--policy.path={path}", "--tasks=button-press-v3",
+                    f"--episodes={episodes}", "--episode_length=6", f"--pick={pick}", "--planner_samples=4",
+                    f"--planner_score={score}", f"--out_dir={out}", *flags])  # fmt: skip
 
     res = plan_check("true", tmp_path / "pc" / "true")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -593,3 +593,43 @@ def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_
     rep = json.loads((tmp_path / "pc" / "report.json").read_text())
     assert set(rep["summaries"]) == {"proposal", "model", "true"} and (tmp_path / "pc" / "report_success.png").is_file()
     assert {(c["x"], c["task"], c["pairs"]) for c in rep["comparisons"]} >= {("true", "all", 1), ("model", "all", 1)}
+
+    # 6. A score fitted to the counterfactual outcomes of saved candidates (lerobot-wm-fit-plan-score).
+    res = plan_check("proposal", tmp_path / "collect", "--save_candidates", episodes=3)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    saved = np.load(tmp_path / "collect" / "candidates" / "button-press-v3__1001.npz")
+    ep = json.loads((tmp_path / "collect" / "episodes" / "button-press-v3__1001.json").read_text())
+    m = len(ep["decisions"])
+    assert saved["history"].shape == (m, 3, 768) and saved["candidates"].shape == (m, 4, 4, 4)  # T=3, N=4, H=4, A=4
+    np.testing.assert_allclose(saved["true"][:, 0], [d["true_proposal"] for d in ep["decisions"]], rtol=1e-6)
+    np.testing.assert_allclose(saved["true"].max(axis=1), [d["true_best"] for d in ep["decisions"]], rtol=1e-6)
+    # An episode whose candidates were lost is run again, not skipped.
+    (tmp_path / "collect" / "candidates" / "button-press-v3__1001.npz").unlink()
+    assert plan_check("proposal", tmp_path / "collect", "--save_candidates", episodes=3).returncode == 0
+    assert (tmp_path / "collect" / "candidates" / "button-press-v3__1001.npz").is_file()
+    res = run([BIN / "lerobot-wm-fit-plan-score", f"--policy.path={ckpt}", "--candidates", tmp_path / "collect",
+               "--output_dir", tmp_path / "fit", "--steps=30", "--holdout=0.4"])  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    fitted = tmp_path / "fit" / "pretrained_model"
+    fit = json.loads((tmp_path / "fit" / "fit.json").read_text())
+    assert fit["source"] == str(ckpt) and (tmp_path / "fit" / "fit.png").is_file()
+    assert set(fit["figures"]["held_out"]) == {"world model", "control: actions", "checkpoint's score"}
+    assert sum(len(v) for v in fit["episodes"].values()) == 3 and fit["episodes"]["held_out"]
+    assert json.loads((fitted / "config.json").read_text())["planner_score"] == "critic"
+    # Only the critic changed: the policy and its world model are the source's.
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as a, safe_open(str(fitted / "model.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        changed = {k for k in a.keys() if not torch.equal(a.get_tensor(k), b.get_tensor(k))}
+    assert changed and all(k.startswith("world.critic.") for k in changed)
+    # The fitted checkpoint plans with its critic under stock lerobot-eval, and the check pairs its episodes
+    # with the source checkpoint's proposals.
+    res = run([*capped_eval_cmd(fitted, tmp_path / "eval_fit", episode_length=4), "--policy.planner=rerank"])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    res = plan_check("model", tmp_path / "pc" / "fitted", path=fitted, score="critic")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rec = json.loads((tmp_path / "pc" / "fitted" / "episodes" / "button-press-v3__1000.json").read_text())
+    assert rec["planner_score"] == "critic" and rec["policy_key"] == str(ckpt)
+    res = run([BIN / "lerobot-wm-plan-check", f"--report={tmp_path / 'pc'}"])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rep = json.loads((tmp_path / "pc" / "report.json").read_text())
+    assert ("model_fit", "all", 1) in {(c["x"], c["task"], c["pairs"]) for c in rep["comparisons"]}

@@ -49,7 +49,12 @@ from ..fileio import atomic_write_json
 PICKS = ("proposal", "model", "true")
 # How reports name each pick.
 PICK_LABELS = {"proposal": "planning off (the proposal)", "model": "rerank by the checkpoint's score",
-               "true": "rerank by the true reward (oracle)"}
+               "true": "rerank by the true reward (oracle)",
+               "model_fit": "rerank by a score fitted to counterfactual outcomes"}
+
+
+# The file `lerobot-wm-fit-plan-score` writes into a checkpoint it fitted (source checkpoint, data, figures).
+FIT_RECORD = "plan_score_fit.json"
 
 
 class PlanCheckError(ValueError):
@@ -108,6 +113,22 @@ def outcomes(sim, actions: np.ndarray, steps: int) -> tuple[np.ndarray, bool]:
     return rewards, success
 
 
+def save_candidates(path: Path, saved: dict[str, list], task: str, seed: int, idx: list[int]) -> None:
+    """Write one episode's decisions (atomically) as an .npz that `lerobot-wm-fit-plan-score` trains on:
+    `history` [M, T, D] (the raw latent history the world model reads), `candidates` [M, N, H, A] (the
+    rerank candidates in normalised action units, the proposal first), `true` [M, N] (their true
+    scores), `rewards` [M, N, L] (the rewards of their first L steps), `model` [M, N] (the checkpoint's
+    scores), and `reward_steps` (which of the L rewards `true` averages), `task`, `seed`."""
+    import io
+
+    from ..fileio import atomic_write_bytes
+
+    arrays = {k: np.stack(v) for k, v in saved.items()}
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays, reward_steps=np.asarray(idx), task=np.asarray(task), seed=np.asarray(seed))
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     from scipy.stats import spearmanr
 
@@ -116,8 +137,11 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-def run_episode(actor, env, task: str, seed: int, args, settings, horizon: int, stride: int) -> dict:
-    """One episode; returns its record (success, steps, one entry per replanning decision)."""
+def run_episode(actor, env, task: str, seed: int, args, settings, horizon: int, stride: int,
+                saved_candidates: Path | None = None) -> dict:
+    """One episode; returns its record (success, steps, one entry per replanning decision).
+
+    saved_candidates: an .npz path to write every decision's inputs and outcomes to (`save_candidates`)."""
     import torch
 
     from ..world.planner import plan_chunk
@@ -137,6 +161,7 @@ def run_episode(actor, env, task: str, seed: int, args, settings, horizon: int, 
     queue: list[np.ndarray] = []
     expected: list[float] = []  # the picked candidate's counterfactual rewards, to check the replay
     decisions, replay_diffs, executed = [], [], []
+    saved: dict[str, list] = {"history": [], "candidates": [], "true": [], "rewards": [], "model": []}
     success, steps, total_reward = False, 0, 0.0
     while steps < args.episode_length:
         obs = env._format_raw_obs(raw_obs)
@@ -159,7 +184,7 @@ def run_episode(actor, env, task: str, seed: int, args, settings, horizon: int, 
                     wanted = {"model": model, "true": true, "proposal": np.eye(len(model))[0]}[args.pick]
                     wanted = torch.as_tensor(wanted, dtype=torch.float32)[None]
                     _record.update(model=model, true=true, rewards=true_rewards, wanted=wanted,
-                                   success=np.array([s for _, s in res]))  # fmt: skip
+                                   success=np.array([s for _, s in res]), history=_history[0], candidates=cands[0])  # fmt: skip
                     return wanted
 
                 chunk, _ = plan_chunk(proposal, score, settings, policy.planner_rng)
@@ -168,6 +193,11 @@ def run_episode(actor, env, task: str, seed: int, args, settings, horizon: int, 
                 picked = int(record["wanted"].argmax(dim=1))
                 expected = list(record["rewards"][picked, : cfg.n_action_steps])
                 model_pick = int(np.argmax(model))
+                if saved_candidates is not None:
+                    for key in ("history", "candidates"):
+                        saved[key].append(record[key].float().numpy())
+                    for key in ("true", "rewards", "model"):
+                        saved[key].append(np.asarray(record[key], dtype=np.float32))
                 decisions.append({
                     "step": steps,
                     "spearman": _spearman(model, true),
@@ -194,9 +224,21 @@ def run_episode(actor, env, task: str, seed: int, args, settings, horizon: int, 
             break
         if truncated:
             break
+    if saved_candidates is not None:
+        save_candidates(saved_candidates, saved, task=task, seed=seed, idx=idx)
     return {"task": task, "seed": seed, "pick": args.pick, "success": success, "steps": steps,
             "sum_reward": total_reward, "replay_max_abs_diff": max(replay_diffs, default=0.0),
             "decisions": decisions, "actions": executed}  # fmt: skip
+
+
+def pairing_key(policy_path: str) -> str:
+    """The checkpoint whose proposals an episode executes, which `--report` pairs episodes by: the
+    checkpoint itself, or for one written by `lerobot-wm-fit-plan-score` (which changes only the
+    planner's score) the checkpoint it was fitted from, so a fitted score pairs with its source's runs."""
+    fit = Path(policy_path) / FIT_RECORD
+    if fit.is_file():
+        return str(Path(json.loads(fit.read_text())["source"]).resolve())
+    return str(Path(policy_path).resolve())
 
 
 def summarise(records: list[dict]) -> dict:
@@ -250,11 +292,14 @@ def summary_table(summary: dict) -> str:
 
 
 def load_runs(root: Path) -> dict[str, list[dict]]:
-    """Every episode record under `root` (any depth: one folder per checkpoint and pick), grouped by pick."""
+    """Every episode record under `root` (any depth: one folder per checkpoint and pick), grouped by pick;
+    pick=model runs of a checkpoint written by `lerobot-wm-fit-plan-score` form their own group,
+    "model_fit", paired with the proposals of the checkpoint it was fitted from."""
     runs: dict[str, list[dict]] = {}
     for path in sorted(root.rglob("episodes/*.json")):
         rec = json.loads(path.read_text())
-        runs.setdefault(rec["pick"], []).append(rec)
+        fitted = rec["pick"] == "model" and rec.get("policy_key", rec["policy_path"]) != rec["policy_path"]
+        runs.setdefault("model_fit" if fitted else rec["pick"], []).append(rec)
     return runs
 
 
@@ -268,9 +313,9 @@ def report(root: Path) -> dict:
     runs = load_runs(root)
     if not runs:
         raise PlanCheckError(f"No episode records under {root}: run the check with --out_dir inside it first.")
-    picks = [p for p in PICKS if p in runs]
+    picks = [p for p in PICK_LABELS if p in runs]
     summaries = {p: summarise(runs[p]) for p in picks}
-    keyed = {p: {(r["policy_path"], r["task"], r["seed"]): r for r in runs[p]} for p in picks}
+    keyed = {p: {(r.get("policy_key", r["policy_path"]), r["task"], r["seed"]): r for r in runs[p]} for p in picks}
     comparisons = []
     for x in picks:
         if x == "proposal" or "proposal" not in picks:
@@ -327,6 +372,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--planner_score", choices=("critic", "reward", "progress"), default=None,
                    help="The checkpoint's score to rank by (default: the checkpoint's planner_score)")
     p.add_argument("--out_dir", default=None, help="Where episodes and summary.json go (a rerun resumes)")
+    p.add_argument("--save_candidates", action="store_true",
+                   help="Also write every decision's latent history, candidates and true outcomes to "
+                        "<out_dir>/candidates/<task>__<seed>.npz, the training data of lerobot-wm-fit-plan-score")
     args = p.parse_args(argv)
     if args.report is None and None in (args.policy_path, args.tasks, args.out_dir):
         p.error("--policy.path, --tasks and --out_dir are required (or --report DIR to compare finished checks)")
@@ -391,6 +439,8 @@ def _main(args) -> int:
 
     out = Path(args.out_dir)
     (out / "episodes").mkdir(parents=True, exist_ok=True)
+    if args.save_candidates:
+        (out / "candidates").mkdir(exist_ok=True)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     todo = [(t, args.seed + i) for t in tasks for i in range(args.episodes)]
     bar = tqdm(total=len(todo), desc="episodes", unit="ep", dynamic_ncols=True)
@@ -400,6 +450,11 @@ def _main(args) -> int:
         for i in range(args.episodes):
             seed = args.seed + i
             path = out / "episodes" / f"{task}__{seed}.json"
+            cand_path = out / "candidates" / f"{task}__{seed}.npz" if args.save_candidates else None
+            # With --save_candidates an episode is done only once its candidates are written too (they
+            # are written first, so a kill between the two files reruns the episode).
+            if path.is_file() and cand_path is not None and not cand_path.is_file():
+                path.unlink()
             if path.is_file():
                 rec = json.loads(path.read_text())
                 if rec.get("pick") != args.pick or rec.get("policy_path") != str(Path(args.policy_path).resolve()):
@@ -409,8 +464,8 @@ def _main(args) -> int:
                 if env is None:
                     env = MetaworldEnv(task=task, obs_type="pixels_agent_pos")
                 t0 = time.time()
-                rec = run_episode(actor, env, task, seed, args, settings, horizon, stride)
-                rec.update(policy_path=str(Path(args.policy_path).resolve()), seconds=round(time.time() - t0, 1),
+                rec = run_episode(actor, env, task, seed, args, settings, horizon, stride, cand_path)
+                rec.update(policy_path=str(Path(args.policy_path).resolve()), policy_key=pairing_key(args.policy_path), seconds=round(time.time() - t0, 1),
                            planner_samples=settings.samples, planner_noise=settings.noise,
                            planner_score=policy.world.score_kind(None))  # fmt: skip
                 atomic_write_json(path, rec, indent=1)

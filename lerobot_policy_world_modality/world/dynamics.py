@@ -123,11 +123,14 @@ class OutcomeCritic(nn.Module):
     imagined outcome looks like that of a demonstrated chunk. Both inputs are layer-normalised, so the
     critic judges the shape of the imagined change, not the encoder's scale."""
 
-    def __init__(self, latent_dim: int, num_future: int, width: int = 128):
+    def __init__(self, latent_dim: int, num_future: int, width: int = 128, outcome_dim: int | None = None):
         super().__init__()
+        # outcome_dim: width of the flattened second input when it is not K imagined frames (e.g. a
+        # control that reads the candidate's actions instead of their imagined outcome).
+        outcome_dim = outcome_dim or latent_dim * num_future
         self.current = nn.LayerNorm(latent_dim)
-        self.imagined = nn.LayerNorm(latent_dim * num_future)
-        self.net = nn.Sequential(nn.Linear(latent_dim * (1 + num_future), width), nn.GELU(), nn.Linear(width, 1))
+        self.imagined = nn.LayerNorm(outcome_dim)
+        self.net = nn.Sequential(nn.Linear(latent_dim + outcome_dim, width), nn.GELU(), nn.Linear(width, 1))
 
     def forward(self, current: Tensor, imagined: Tensor) -> Tensor:
         """Logits [N]; higher = more like a demonstration's outcome."""
@@ -150,3 +153,13 @@ def critic_loss(logits: Tensor, weight: Tensor | None = None) -> Tensor:
 def reward_loss(predicted: Tensor, reward: Tensor, scale: float) -> Tensor:
     """Mean squared error of the reward head [B] against the dataset's rewards [B] (or [B, 1]) / scale."""
     return F.mse_loss(predicted.float(), reward.float().reshape(predicted.shape) / scale)
+
+
+def ranking_loss(scores: Tensor, truth: Tensor) -> Tensor:
+    """Pairwise logistic (RankNet) loss of scores [B, N] against true outcomes [B, N] of the same N
+    candidates per row: for every pair the truth orders, softplus of minus the score margin in that
+    order. Only the order of the truth counts, so rows whose candidates differ by 1e-4 teach as much as
+    rows that differ by 1; rows with a flat truth add nothing."""
+    diff = scores.float().unsqueeze(2) - scores.float().unsqueeze(1)  # [B, N, N]: s_i - s_j
+    ordered = (truth.unsqueeze(2) > truth.unsqueeze(1)).float()  # i truly better than j
+    return (F.softplus(-diff) * ordered).sum() / ordered.sum().clamp_min(1.0)

@@ -1,0 +1,348 @@
+"""`lerobot-wm-fit-plan-score`: fit the planner's score to counterfactual outcomes from the simulator.
+
+    lerobot-wm-plan-check --policy.path=<ckpt> --tasks=pick-place-v3,assembly-v3 --seed=2000 \
+        --pick=proposal --save_candidates --out_dir=outputs/plan_score/collect/seed0
+    lerobot-wm-fit-plan-score --policy.path=<ckpt> --candidates=outputs/plan_score/collect/seed0 \
+        --output_dir=outputs/plan_score/fit/seed0
+
+A reward or progress head learns from the frames of recorded episodes, which differ from each other
+far more than the candidates a rerank planner compares from one state do; such a head can order frames
+well and candidates at chance. This tool trains the score on the comparison the planner makes: the
+candidates `lerobot-wm-plan-check --save_candidates` drew at each decision, with the true outcome of
+each (its mean reward at the steps the world model imagines, executed in the simulator from the same
+state).
+
+The score is an outcome critic (`world.dynamics.OutcomeCritic`) on the checkpoint's own world model:
+it reads the current latent and the K frames the action-conditioned dynamics imagine for a candidate,
+never the actions themselves, so it can rank candidates only as well as the world model tells them
+apart. It is trained with a pairwise ranking loss (`world.dynamics.ranking_loss`) while the world model
+stays frozen. A control critic of the same shape reads the actions the dynamics read instead of their
+imagined outcome: when it ranks better than the world-model critic, the world model loses what the
+ranking needs.
+
+Held-out episodes (`--holdout`, whole episodes, chosen by a hash of their name) measure both, next to
+the checkpoint's own score, by:
+- the median Spearman correlation with the true outcomes over decisions;
+- how often the pick is the true best (chance 1 / N);
+- the share of the oracle's gain the pick captures: mean(true[pick] - true[proposal]) over
+  mean(true[best] - true[proposal]) (1 for an oracle, about 0 at chance, negative when worse than
+  planning off).
+
+`<output_dir>/pretrained_model` is the checkpoint with the fitted critic and `planner_score="critic"`
+(its policy is unchanged; `--policy.planner=rerank` uses the fitted score). `<output_dir>/fit.json`
+(also `pretrained_model/plan_score_fit.json`, which makes `lerobot-wm-plan-check --report` pair its
+episodes with the source checkpoint's) holds the figures; `fit.png` plots them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..fileio import atomic_write_bytes, atomic_write_json
+from .plan_check import FIT_RECORD
+
+# Files of a checkpoint the fit writes itself; every other file (processors, train_config) is copied.
+WRITTEN = ("config.json", "model.safetensors", "README.md", FIT_RECORD)
+
+
+class FitPlanScoreError(ValueError):
+    """Candidate data or a checkpoint the fit cannot use; the message says what to do instead."""
+
+
+def load_candidates(roots: list[Path]) -> list[dict]:
+    """Every `candidates/*.npz` under `roots` (any depth), one dict of arrays per episode, with `name`."""
+    episodes = []
+    for root in roots:
+        paths = sorted(root.rglob("candidates/*.npz")) if root.is_dir() else []
+        if not paths:
+            raise FitPlanScoreError(f"No candidates/*.npz under {root}: run lerobot-wm-plan-check with "
+                                    f"--save_candidates --out_dir inside it first.")  # fmt: skip
+        for path in paths:
+            with np.load(path) as data:
+                ep = {k: data[k] for k in data.files}
+            ep["name"] = f"{ep['task']}__{int(ep['seed'])}"
+            episodes.append(ep)
+    return episodes
+
+
+def is_holdout(name: str, fraction: float) -> bool:
+    """Whether an episode is held out: a hash of its name, so the split never depends on file order."""
+    h = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return h < fraction
+
+
+def stack(episodes: list[dict]) -> dict[str, np.ndarray]:
+    """Decisions of several episodes in one array per field, with `task` per decision."""
+    out = {k: np.concatenate([ep[k] for ep in episodes]) for k in ("history", "candidates", "true", "model")}
+    out["task"] = np.concatenate([[str(ep["task"])] * len(ep["true"]) for ep in episodes])
+    return out
+
+
+def ranking_figures(scores: np.ndarray, true: np.ndarray) -> dict:
+    """How scores [M, N] rank the candidates whose true outcomes are true [M, N] (the proposal is
+    column 0): median Spearman, pick = true best, the pick's true gain over the proposal and the share of
+    the oracle's gain it captures. Decisions with a flat truth are left out."""
+    from scipy.stats import spearmanr
+
+    keep = np.ptp(true, axis=1) > 0
+    scores, true = scores[keep], true[keep]
+    if not len(true):
+        return {"decisions": 0}
+    rho = np.array([spearmanr(s, t).statistic if np.ptp(s) > 0 else 0.0 for s, t in zip(scores, true)])
+    rows = np.arange(len(true))
+    pick = scores.argmax(axis=1)
+    gain = true[rows, pick] - true[:, 0]
+    best = true.max(axis=1) - true[:, 0]
+    return {
+        "decisions": int(len(true)),
+        "spearman_median": float(np.median(rho)),
+        "spearman_mean": float(np.mean(rho)),
+        "pick_is_true_best": float(np.mean(true[rows, pick] == true.max(axis=1))),
+        "pick_beats_proposal": float(np.mean(gain > 0)),
+        "pick_worse_than_proposal": float(np.mean(gain < 0)),
+        "true_gain_mean": float(gain.mean()),
+        "oracle_gain_mean": float(best.mean()),
+        "share_of_oracle_gain": float(gain.mean() / best.mean()) if best.mean() > 0 else math.nan,
+    }
+
+
+def imagine_all(world, history: np.ndarray, candidates: np.ndarray, batch: int = 512):
+    """The world model's imagined frames [M, N, K, D] (target space) and current latents [M, D]."""
+    import torch
+
+    m, n = candidates.shape[:2]
+    hist = torch.as_tensor(history).float()
+    cands = torch.as_tensor(candidates).float()
+    out = []
+    with torch.no_grad():
+        for i in range(0, m, max(1, batch // n)):
+            h = hist[i : i + batch // n]
+            c = cands[i : i + batch // n]
+            imagined = world.imagine(h.repeat_interleave(n, dim=0), c.flatten(0, 1))
+            out.append(imagined.view(len(h), n, *imagined.shape[1:]))
+    return torch.cat(out), hist[:, -1]
+
+
+def train_critic(critic, current, outcome, true, steps: int, lr: float, batch: int, seed: int) -> list[float]:
+    """Train `critic` (current [M, D], outcome [M, N, ...]) -> [M, N] scores with `ranking_loss`
+    against true [M, N]; returns the loss every 50 steps. Decisions are drawn by a generator seeded
+    with `seed`, so a fit repeats exactly."""
+    import torch
+
+    from ..world.dynamics import ranking_loss
+
+    g = torch.Generator().manual_seed(seed)
+    true = torch.as_tensor(true).float()
+    keep = torch.nonzero(true.amax(dim=1) > true.amin(dim=1)).squeeze(1)
+    if len(keep) == 0:
+        raise FitPlanScoreError("Every decision's candidates have the same true outcome: nothing to rank.")
+    opt = torch.optim.AdamW(critic.parameters(), lr=lr, weight_decay=1e-4)
+    n = outcome.shape[1]
+    losses = []
+    critic.train()
+    for step in range(steps):
+        idx = keep[torch.randint(len(keep), (batch,), generator=g)]
+        cur = current[idx].repeat_interleave(n, dim=0)
+        logits = critic(cur, outcome[idx].flatten(0, 1)).view(len(idx), n)
+        loss = ranking_loss(logits, true[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            losses.append(loss.item())
+    critic.eval()
+    return losses
+
+
+def critic_scores(critic, current, outcome) -> np.ndarray:
+    """Scores [M, N] of a trained critic."""
+    import torch
+
+    n = outcome.shape[1]
+    with torch.no_grad():
+        return critic(current.repeat_interleave(n, dim=0), outcome.flatten(0, 1)).view(-1, n).numpy()
+
+
+def export(actor, source: Path, critic, out: Path, record: dict) -> Path:
+    """Write `<out>/pretrained_model`: the source checkpoint with `critic` as its outcome critic and
+    `planner_score="critic"`; the processors and train config are copied unchanged."""
+    model_dir = out / "pretrained_model"
+    tmp = out / "pretrained_model.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    policy = actor.policy
+    policy.config.plan_critic = True
+    policy.config.planner_score = "critic"
+    policy.world.critic = critic
+    policy.save_pretrained(tmp)
+    for f in source.iterdir():
+        if f.is_file() and f.name not in WRITTEN:
+            shutil.copy2(f, tmp / f.name)
+    atomic_write_json(tmp / FIT_RECORD, record, indent=1)
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    tmp.rename(model_dir)
+    return model_dir
+
+
+def fit_figure(figures: dict) -> bytes:
+    """Held-out median Spearman with the true outcome and share of the oracle's gain, per score and task
+    (two panels, PNG bytes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .plots import PALETTE, _png
+
+    tasks = sorted({t for f in figures.values() for t in f["tasks"]}) + ["all"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    width = 0.8 / max(1, len(figures))
+    for ax, key, title in ((axes[0], "spearman_median", "median Spearman with the true outcome"),
+                           (axes[1], "share_of_oracle_gain", "share of the oracle's gain")):  # fmt: skip
+        for j, (name, f) in enumerate(figures.items()):
+            vals = [(f["all"] if t == "all" else f["tasks"].get(t, {})).get(key, math.nan) for t in tasks]
+            xs = [i - 0.4 + width * (j + 0.5) for i in range(len(tasks))]
+            ax.bar(xs, [v if math.isfinite(v) else 0.0 for v in vals], width=width * 0.9, color=PALETTE[j], label=name)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(tasks)), tasks, fontsize=8)
+        ax.set_title(f"held out: {title}", fontsize=9)
+    axes[1].axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return _png(fig)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="lerobot-wm-fit-plan-score", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--policy.path", dest="policy_path", required=True,
+                   help="pretrained_model directory of a world_f checkpoint trained with --policy.dynamics=action_conditioned")
+    p.add_argument("--candidates", required=True, nargs="+",
+                   help="Folders written by lerobot-wm-plan-check --save_candidates (searched for candidates/*.npz)")
+    p.add_argument("--output_dir", required=True, help="Where pretrained_model/, fit.json and fit.png go")
+    p.add_argument("--holdout", type=float, default=0.25, help="Fraction of episodes held out to measure the fit (default 0.25)")
+    p.add_argument("--steps", type=int, default=1500, help="Training steps (default 1500)")
+    p.add_argument("--batch_size", type=int, default=32, help="Decisions per step (default 32)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the critic's initialisation and batches (default 0)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    """Console entry point of lerobot-wm-fit-plan-score."""
+    args = parse_args(argv)
+    try:
+        return _main(args)
+    except FitPlanScoreError as err:
+        print(f"lerobot-wm-fit-plan-score: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _main(args) -> int:
+    import os
+
+    import torch
+
+    from ..world.dynamics import OutcomeCritic
+    from .plots import grouped_bars_png  # noqa: F401  (fail before the fit when plotting is unavailable)
+    from .record_metaworld import CheckpointActor
+
+    source = Path(args.policy_path)
+    if not (source / "config.json").is_file():
+        raise FitPlanScoreError(f"--policy.path {source} has no config.json: give a checkpoint's pretrained_model directory.")
+    if not 0.0 < args.holdout < 1.0:
+        raise FitPlanScoreError(f"--holdout must lie in (0, 1), got {args.holdout}.")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
+    episodes = load_candidates([Path(c) for c in args.candidates])
+    held = [ep for ep in episodes if is_holdout(ep["name"], args.holdout)]
+    train = [ep for ep in episodes if not is_holdout(ep["name"], args.holdout)]
+    if not held or not train:
+        raise FitPlanScoreError(f"{len(episodes)} episodes cannot be split into training and held-out ones at "
+                                f"--holdout {args.holdout}: record more episodes or change --holdout.")  # fmt: skip
+    actor = CheckpointActor(str(source))
+    policy, cfg = actor.policy, actor.policy.config
+    world = getattr(policy, "world", None)
+    if world is None or getattr(world, "dynamics", None) is None:
+        raise FitPlanScoreError(f"{source} has no action-conditioned world model: the fitted score reads its "
+                                "imagined outcomes (train with --policy.dynamics=action_conditioned).")  # fmt: skip
+    d, t_len, a_len = int(cfg.world_latent_dim), cfg.history_frames, world.dynamics.action_len
+    hist_shape, cand_shape = episodes[0]["history"].shape[1:], episodes[0]["candidates"].shape[1:]
+    if hist_shape != (t_len, d) or cand_shape[1] < a_len or cand_shape[2] != policy.action_dim:
+        raise FitPlanScoreError(
+            f"The candidates hold latent histories {hist_shape} and chunks {cand_shape}, but {source} reads histories "
+            f"({t_len}, {d}) and chunks of >= {a_len} actions of dimension {policy.action_dim}: record them with "
+            "a checkpoint of the same encoder, history and action space."
+        )
+    data = {"train": stack(train), "held_out": stack(held)}
+    torch.manual_seed(args.seed)
+    k = cfg.future_frames
+    critics = {"world model": OutcomeCritic(d, k, cfg.prophet_width),
+               "control: actions": OutcomeCritic(d, k, cfg.prophet_width, outcome_dim=a_len * policy.action_dim)}  # fmt: skip
+    inputs = {}
+    for split, arr in data.items():
+        imagined, current = imagine_all(world, arr["history"], arr["candidates"])
+        actions = torch.as_tensor(arr["candidates"][:, :, :a_len]).float()
+        inputs[split] = {"current": current, "world model": imagined, "control: actions": actions}
+    losses, scores = {}, {}
+    for name, critic in critics.items():
+        x = inputs["train"]
+        losses[name] = train_critic(critic, x["current"], x[name], data["train"]["true"], args.steps, args.lr,
+                                    args.batch_size, args.seed)  # fmt: skip
+        scores[name] = {s: critic_scores(critic, inputs[s]["current"], inputs[s][name]) for s in data}
+    scores["checkpoint's score"] = {s: data[s]["model"] for s in data}
+
+    def per_task(s: np.ndarray, split: str) -> dict:
+        arr = data[split]
+        return {"all": ranking_figures(s, arr["true"]),
+                "tasks": {t: ranking_figures(s[arr["task"] == t], arr["true"][arr["task"] == t])
+                          for t in sorted(set(arr["task"]))}}  # fmt: skip
+
+    figures = {split: {name: per_task(sc[split], split) for name, sc in scores.items()} for split in data}
+    record = {
+        "source": str(source.resolve()),
+        "candidates": [str(Path(c).resolve()) for c in args.candidates],
+        "episodes": {"train": [ep["name"] for ep in train], "held_out": [ep["name"] for ep in held]},
+        "decisions": {s: int(len(data[s]["true"])) for s in data},
+        "candidates_per_decision": int(cand_shape[0]),
+        "settings": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                     "holdout": args.holdout},  # fmt: skip
+        "losses": losses,
+        "figures": figures,
+    }
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = export(actor, source, critics["world model"], out, record)
+    atomic_write_json(out / "fit.json", record, indent=1)
+    atomic_write_bytes(out / "fit.png", fit_figure(figures["held_out"]))
+    print(figures_table(figures))
+    print(f"Wrote {model_dir} (planner_score='critic') and {out / 'fit.json'}")
+    return 0
+
+
+def figures_table(figures: dict) -> str:
+    """The fit's figures as a markdown table (per split, score and task)."""
+    rows = ["| split | score | task | decisions | Spearman (median) | pick = true best | pick better / worse than proposal | share of oracle gain |",
+            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for split, per_score in figures.items():
+        for name, f in per_score.items():
+            for task, b in [*f["tasks"].items(), ("all", f["all"])]:
+                if not b.get("decisions"):
+                    continue
+                rows.append(f"| {split} | {name} | {task} | {b['decisions']} | {b['spearman_median']:.2f} | "
+                            f"{b['pick_is_true_best']:.1%} | {b['pick_beats_proposal']:.1%} / {b['pick_worse_than_proposal']:.1%} | "
+                            f"{b['share_of_oracle_gain']:+.2f} |")  # fmt: skip
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
