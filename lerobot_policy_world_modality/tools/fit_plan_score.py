@@ -121,10 +121,11 @@ def imagine_all(world, history: np.ndarray, candidates: np.ndarray, batch: int =
     hist = torch.as_tensor(history).float()
     cands = torch.as_tensor(candidates).float()
     out = []
+    step = max(1, batch // n)  # decisions per call (at least one, however many candidates it has)
     with torch.no_grad():
-        for i in range(0, m, max(1, batch // n)):
-            h = hist[i : i + batch // n]
-            c = cands[i : i + batch // n]
+        for i in range(0, m, step):
+            h = hist[i : i + step]
+            c = cands[i : i + step]
             imagined = world.imagine(h.repeat_interleave(n, dim=0), c.flatten(0, 1))
             out.append(imagined.view(len(h), n, *imagined.shape[1:]))
     return torch.cat(out), hist[:, -1]
@@ -254,7 +255,6 @@ def _main(args) -> int:
     import torch
 
     from ..world.dynamics import OutcomeCritic
-    from .plots import grouped_bars_png  # noqa: F401  (fail before the fit when plotting is unavailable)
     from .record_metaworld import CheckpointActor
 
     source = Path(args.policy_path)
