@@ -89,4 +89,7 @@ def test_missing_candidates_and_checkpoints_are_refused_by_name(tmp_path, capsys
     assert rc == 2 and "--save_candidates" in capsys.readouterr().err
     rc = main(["--policy.path", str(tmp_path), "--candidates", str(tmp_path), "--output_dir", str(tmp_path / "o")])
     assert rc == 2 and "has no config.json" in capsys.readouterr().err
+    rc = main(["--policy.path", str(tmp_path / "ckpt"), "--candidates", str(tmp_path), "--output_dir", str(tmp_path / "o"),
+               "--label", "round 2"])  # fmt: skip
+    assert rc == 2 and "--label 'round 2'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

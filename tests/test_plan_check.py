@@ -143,5 +143,36 @@ def test_report_pairs_picks_by_checkpoint_task_and_seed(tmp_path):
     assert "| true | all | 6 |" in (tmp_path / "report.md").read_text()
 
 
+def test_report_keeps_fits_of_one_checkpoint_apart_by_label_and_pairs_them_with_its_source(tmp_path):
+    from lerobot_policy_world_modality.fileio import atomic_write_json
+    from lerobot_policy_world_modality.tools.plan_check import FIT_RECORD, fit_label, pairing_key, report
+
+    # A refit of a fitted checkpoint still pairs with the first source's proposals.
+    src, fit1, fit2 = (tmp_path / n for n in ("src", "fit1", "fit2"))
+    for d in (src, fit1, fit2):
+        d.mkdir()
+    atomic_write_json(fit1 / FIT_RECORD, {"source": str(src)})
+    atomic_write_json(fit2 / FIT_RECORD, {"source": str(fit1), "label": "round2"})
+    assert pairing_key(str(fit2)) == pairing_key(str(fit1)) == pairing_key(str(src)) == str(src.resolve())
+    assert (fit_label(str(src)), fit_label(str(fit1)), fit_label(str(fit2))) == (None, "fit", "round2")
+
+    def write(folder, pick, ckpt, seed, success):
+        rec = {"policy_path": str(ckpt.resolve()), "policy_key": pairing_key(str(ckpt)), "fit_label": fit_label(str(ckpt)),
+               "pick": pick, "task": "t", "seed": seed, "success": success, "replay_max_abs_diff": 0.0, "decisions": []}  # fmt: skip
+        (tmp_path / "runs" / folder / "episodes").mkdir(parents=True, exist_ok=True)
+        atomic_write_json(tmp_path / "runs" / folder / "episodes" / f"t__{seed}.json", rec)
+
+    for seed in range(4):
+        write("off", "proposal", src, seed, success=False)
+        write("model", "model", src, seed, success=False)
+        write("fit1", "model", fit1, seed, success=seed == 0)
+        write("fit2", "model", fit2, seed, success=seed < 3)
+    out = report(tmp_path / "runs")
+    assert list(out["summaries"]) == ["proposal", "model", "model_fit", "model_fit:round2"]
+    wins = {c["x"]: (c["pairs"], c["x_only"]) for c in out["comparisons"] if c["task"] == "all"}
+    assert wins == {"model": (4, 0), "model_fit": (4, 1), "model_fit:round2": (4, 3)}
+    assert "(round2)" in (tmp_path / "runs" / "report.md").read_text()
+
+
 def test_report_of_an_empty_directory_says_what_to_run(tmp_path):
     assert main([f"--report={tmp_path}"]) == 2

@@ -607,13 +607,20 @@ def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_
     (tmp_path / "collect" / "candidates" / "button-press-v3__1001.npz").unlink()
     assert plan_check("proposal", tmp_path / "collect", "--save_candidates", episodes=3).returncode == 0
     assert (tmp_path / "collect" / "candidates" / "button-press-v3__1001.npz").is_file()
+    # Two folders of candidates (as a planning-off collection and a second round would be): the fit reads
+    # both and reports how each is ranked.
+    (tmp_path / "round2" / "candidates").mkdir(parents=True)
+    (tmp_path / "collect" / "candidates" / "button-press-v3__1002.npz").rename(tmp_path / "round2" / "candidates" / "button-press-v3__1002.npz")
     res = run([BIN / "lerobot-wm-fit-plan-score", f"--policy.path={ckpt}", "--candidates", tmp_path / "collect",
-               "--output_dir", tmp_path / "fit", "--steps=30", "--holdout=0.4"])  # fmt: skip
+               tmp_path / "round2", "--output_dir", tmp_path / "fit", "--steps=30", "--holdout=0.4", "--label=r2"])  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     fitted = tmp_path / "fit" / "pretrained_model"
     fit = json.loads((tmp_path / "fit" / "fit.json").read_text())
-    assert fit["source"] == str(ckpt) and (tmp_path / "fit" / "fit.png").is_file()
+    assert fit["source"] == str(ckpt) and (tmp_path / "fit" / "fit.png").is_file() and fit["label"] == "r2"
     assert set(fit["figures"]["held_out"]) == {"world model", "control: actions", "checkpoint's score"}
+    by_source = {src: b["decisions"] for split in ("train", "held_out")
+                 for src, b in fit["figures"][split]["world model"]["sources"].items()}  # fmt: skip
+    assert set(by_source) == {str(tmp_path / "collect"), str(tmp_path / "round2")} and all(by_source.values())
     assert sum(len(v) for v in fit["episodes"].values()) == 3 and fit["episodes"]["held_out"]
     assert json.loads((fitted / "config.json").read_text())["planner_score"] == "critic"
     # Only the critic changed: the policy and its world model are the source's.
@@ -632,4 +639,4 @@ def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_
     res = run([BIN / "lerobot-wm-plan-check", f"--report={tmp_path / 'pc'}"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rep = json.loads((tmp_path / "pc" / "report.json").read_text())
-    assert ("model_fit", "all", 1) in {(c["x"], c["task"], c["pairs"]) for c in rep["comparisons"]}
+    assert ("model_fit:r2", "all", 1) in {(c["x"], c["task"], c["pairs"]) for c in rep["comparisons"]}

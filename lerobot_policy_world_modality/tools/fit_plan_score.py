@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from ..fileio import atomic_write_bytes, atomic_write_json
-from .plan_check import FIT_RECORD
+from .plan_check import DEFAULT_FIT_LABEL, FIT_RECORD
 
 # Files of a checkpoint the fit writes itself; every other file (processors, train_config) is copied.
 WRITTEN = ("config.json", "model.safetensors", "README.md", FIT_RECORD)
@@ -57,7 +57,8 @@ class FitPlanScoreError(ValueError):
 
 
 def load_candidates(roots: list[Path]) -> list[dict]:
-    """Every `candidates/*.npz` under `roots` (any depth), one dict of arrays per episode, with `name`."""
+    """Every `candidates/*.npz` under `roots` (any depth), one dict of arrays per episode, with `name`
+    (task and env seed, which decides the holdout split) and `source` (the root it came from)."""
     episodes = []
     for root in roots:
         paths = sorted(root.rglob("candidates/*.npz")) if root.is_dir() else []
@@ -68,6 +69,7 @@ def load_candidates(roots: list[Path]) -> list[dict]:
             with np.load(path) as data:
                 ep = {k: data[k] for k in data.files}
             ep["name"] = f"{ep['task']}__{int(ep['seed'])}"
+            ep["source"] = str(root)
             episodes.append(ep)
     return episodes
 
@@ -79,9 +81,10 @@ def is_holdout(name: str, fraction: float) -> bool:
 
 
 def stack(episodes: list[dict]) -> dict[str, np.ndarray]:
-    """Decisions of several episodes in one array per field, with `task` per decision."""
+    """Decisions of several episodes in one array per field, with `task` and `source` per decision."""
     out = {k: np.concatenate([ep[k] for ep in episodes]) for k in ("history", "candidates", "true", "model")}
-    out["task"] = np.concatenate([[str(ep["task"])] * len(ep["true"]) for ep in episodes])
+    for key, field in (("task", "task"), ("source", "source")):
+        out[key] = np.concatenate([[str(ep[field])] * len(ep["true"]) for ep in episodes])
     return out
 
 
@@ -202,7 +205,7 @@ def fit_figure(figures: dict) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .plots import PALETTE, _png
+    from .plots import PALETTE, figure_png
 
     tasks = sorted({t for f in figures.values() for t in f["tasks"]}) + ["all"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
@@ -219,7 +222,7 @@ def fit_figure(figures: dict) -> bytes:
     axes[1].axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -236,6 +239,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=32, help="Decisions per step (default 32)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     p.add_argument("--seed", type=int, default=0, help="Seed of the critic's initialisation and batches (default 0)")
+    p.add_argument("--label", default=DEFAULT_FIT_LABEL,
+                   help="Name of this fit in lerobot-wm-plan-check --report: its --pick=model runs form the group "
+                        f"model_fit:<label> (default {DEFAULT_FIT_LABEL!r}: the group model_fit), so several fits of one "
+                        "checkpoint (e.g. successive collection rounds) compare side by side")
     return p.parse_args(argv)
 
 
@@ -260,6 +267,8 @@ def _main(args) -> int:
     source = Path(args.policy_path)
     if not (source / "config.json").is_file():
         raise FitPlanScoreError(f"--policy.path {source} has no config.json: give a checkpoint's pretrained_model directory.")
+    if not args.label or not all(ch.isalnum() or ch in "-_." for ch in args.label):
+        raise FitPlanScoreError(f"--label {args.label!r} must be a non-empty name of letters, digits, '-', '_' or '.'.")
     if not 0.0 < args.holdout < 1.0:
         raise FitPlanScoreError(f"--holdout must lie in (0, 1), got {args.holdout}.")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
@@ -303,13 +312,20 @@ def _main(args) -> int:
 
     def per_task(s: np.ndarray, split: str) -> dict:
         arr = data[split]
-        return {"all": ranking_figures(s, arr["true"]),
-                "tasks": {t: ranking_figures(s[arr["task"] == t], arr["true"][arr["task"] == t])
-                          for t in sorted(set(arr["task"]))}}  # fmt: skip
+        out = {"all": ranking_figures(s, arr["true"]),
+               "tasks": {t: ranking_figures(s[arr["task"] == t], arr["true"][arr["task"] == t])
+                         for t in sorted(set(arr["task"]))}}  # fmt: skip
+        # With several --candidates folders (e.g. planning-off states and a fitted planner's own states),
+        # how the score ranks each: a score can rank one distribution of states and not the other.
+        if len(args.candidates) > 1:
+            out["sources"] = {src: ranking_figures(s[arr["source"] == src], arr["true"][arr["source"] == src])
+                              for src in sorted(set(arr["source"]))}  # fmt: skip
+        return out
 
     figures = {split: {name: per_task(sc[split], split) for name, sc in scores.items()} for split in data}
     record = {
         "source": str(source.resolve()),
+        "label": args.label,
         "candidates": [str(Path(c).resolve()) for c in args.candidates],
         "episodes": {"train": [ep["name"] for ep in train], "held_out": [ep["name"] for ep in held]},
         "decisions": {s: int(len(data[s]["true"])) for s in data},
@@ -335,7 +351,8 @@ def figures_table(figures: dict) -> str:
             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for split, per_score in figures.items():
         for name, f in per_score.items():
-            for task, b in [*f["tasks"].items(), ("all", f["all"])]:
+            sources = [(f"source {src}", b) for src, b in f.get("sources", {}).items()]
+            for task, b in [*f["tasks"].items(), *sources, ("all", f["all"])]:
                 if not b.get("decisions"):
                     continue
                 rows.append(f"| {split} | {name} | {task} | {b['decisions']} | {b['spearman_median']:.2f} | "

@@ -55,6 +55,8 @@ PICK_LABELS = {"proposal": "planning off (the proposal)", "model": "rerank by th
 
 # The file `lerobot-wm-fit-plan-score` writes into a checkpoint it fitted (source checkpoint, data, figures).
 FIT_RECORD = "plan_score_fit.json"
+# The label of a fit given no `--label`; its runs form the report group "model_fit".
+DEFAULT_FIT_LABEL = "fit"
 
 
 class PlanCheckError(ValueError):
@@ -234,11 +236,43 @@ def run_episode(actor, env, task: str, seed: int, args, settings, horizon: int, 
 def pairing_key(policy_path: str) -> str:
     """The checkpoint whose proposals an episode executes, which `--report` pairs episodes by: the
     checkpoint itself, or for one written by `lerobot-wm-fit-plan-score` (which changes only the
-    planner's score) the checkpoint it was fitted from, so a fitted score pairs with its source's runs."""
+    planner's score) the checkpoint it was fitted from, followed back through refits, so a fitted score
+    pairs with its source's runs."""
+    path, seen = Path(policy_path).resolve(), set()
+    while (path / FIT_RECORD).is_file() and path not in seen:
+        seen.add(path)
+        path = Path(json.loads((path / FIT_RECORD).read_text())["source"]).resolve()
+    return str(path)
+
+
+def fit_label(policy_path: str) -> str | None:
+    """The `--label` of the fit that wrote a checkpoint (None for one no fit wrote)."""
     fit = Path(policy_path) / FIT_RECORD
-    if fit.is_file():
-        return str(Path(json.loads(fit.read_text())["source"]).resolve())
-    return str(Path(policy_path).resolve())
+    return json.loads(fit.read_text()).get("label", DEFAULT_FIT_LABEL) if fit.is_file() else None
+
+
+def pick_group(rec: dict) -> str:
+    """The report group of an episode record: its pick, or for pick=model runs of a fitted checkpoint
+    "model_fit" (the default label) or "model_fit:<label>", so two fits of one source compare side by side."""
+    fitted = rec["pick"] == "model" and rec.get("policy_key", rec["policy_path"]) != rec["policy_path"]
+    if not fitted:
+        return rec["pick"]
+    label = rec.get("fit_label") or DEFAULT_FIT_LABEL
+    return "model_fit" if label == DEFAULT_FIT_LABEL else f"model_fit:{label}"
+
+
+def pick_title(group: str) -> str:
+    """How reports name a group of `pick_group`."""
+    if group in PICK_LABELS:
+        return PICK_LABELS[group]
+    return f"{PICK_LABELS['model_fit']} ({group.split(':', 1)[1]})"
+
+
+def group_order(groups) -> list[str]:
+    """Report order: planning off, the checkpoint's score, the fitted scores (default label first, then
+    by label), the oracle."""
+    rank = {"proposal": 0, "model": 1, "model_fit": 2, "true": 4}
+    return sorted(groups, key=lambda g: (rank.get(g, 3), g))
 
 
 def summarise(records: list[dict]) -> dict:
@@ -292,14 +326,13 @@ def summary_table(summary: dict) -> str:
 
 
 def load_runs(root: Path) -> dict[str, list[dict]]:
-    """Every episode record under `root` (any depth: one folder per checkpoint and pick), grouped by pick;
-    pick=model runs of a checkpoint written by `lerobot-wm-fit-plan-score` form their own group,
-    "model_fit", paired with the proposals of the checkpoint it was fitted from."""
+    """Every episode record under `root` (any depth: one folder per checkpoint and pick), grouped by
+    `pick_group`: pick=model runs of a checkpoint written by `lerobot-wm-fit-plan-score` form their own
+    group per fit label, paired with the proposals of the checkpoint it was fitted from."""
     runs: dict[str, list[dict]] = {}
     for path in sorted(root.rglob("episodes/*.json")):
         rec = json.loads(path.read_text())
-        fitted = rec["pick"] == "model" and rec.get("policy_key", rec["policy_path"]) != rec["policy_path"]
-        runs.setdefault("model_fit" if fitted else rec["pick"], []).append(rec)
+        runs.setdefault(pick_group(rec), []).append(rec)
     return runs
 
 
@@ -313,7 +346,7 @@ def report(root: Path) -> dict:
     runs = load_runs(root)
     if not runs:
         raise PlanCheckError(f"No episode records under {root}: run the check with --out_dir inside it first.")
-    picks = [p for p in PICK_LABELS if p in runs]
+    picks = group_order(runs)
     summaries = {p: summarise(runs[p]) for p in picks}
     keyed = {p: {(r.get("policy_key", r["policy_path"]), r["task"], r["seed"]): r for r in runs[p]} for p in picks}
     comparisons = []
@@ -327,7 +360,7 @@ def report(root: Path) -> dict:
                                   [keyed["proposal"][k]["success"] for k in keys])  # fmt: skip
             comparisons.append({"task": task or "all", "checkpoints": len({k[0] for k in keys}), **c})
     tasks = sorted({r["task"] for p in picks for r in runs[p]})
-    groups = {PICK_LABELS[p]: [(100 * b["rate"], 100 * b["wilson95"][0], 100 * b["wilson95"][1])
+    groups = {pick_title(p): [(100 * b["rate"], 100 * b["wilson95"][0], 100 * b["wilson95"][1])
                   for b in (summaries[p]["tasks"].get(t, {"rate": math.nan, "wilson95": [math.nan, math.nan]})
                             for t in tasks)]
               for p in picks}  # fmt: skip
@@ -335,7 +368,7 @@ def report(root: Path) -> dict:
         grouped_bars_png(tasks, groups, "Success per task (Wilson 95%)"))
     lines = [f"# lerobot-wm-plan-check report: {root}", ""]
     for p in picks:
-        lines += [f"## pick = {p}: {PICK_LABELS[p]} ({len({r['policy_path'] for r in runs[p]})} checkpoints)", "", summary_table(summaries[p]), ""]
+        lines += [f"## pick = {p}: {pick_title(p)} ({len({r['policy_path'] for r in runs[p]})} checkpoints)", "", summary_table(summaries[p]), ""]
     if comparisons:
         lines += ["## Paired comparisons with the proposal (same checkpoint, task and env seed)", "",
                   "| pick vs proposal | task | pairs | rates | difference (bootstrap 95%) | only pick / only proposal | McNemar p |",
@@ -465,7 +498,8 @@ def _main(args) -> int:
                     env = MetaworldEnv(task=task, obs_type="pixels_agent_pos")
                 t0 = time.time()
                 rec = run_episode(actor, env, task, seed, args, settings, horizon, stride, cand_path)
-                rec.update(policy_path=str(Path(args.policy_path).resolve()), policy_key=pairing_key(args.policy_path), seconds=round(time.time() - t0, 1),
+                rec.update(policy_path=str(Path(args.policy_path).resolve()), policy_key=pairing_key(args.policy_path),
+                           fit_label=fit_label(args.policy_path), seconds=round(time.time() - t0, 1),
                            planner_samples=settings.samples, planner_noise=settings.noise,
                            planner_score=policy.world.score_kind(None))  # fmt: skip
                 atomic_write_json(path, rec, indent=1)

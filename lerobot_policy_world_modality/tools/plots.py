@@ -32,7 +32,8 @@ def _figure(title: str, xlabel: str, ylabel: str, width: float = 5.4, height: fl
     return fig, ax
 
 
-def _png(fig) -> bytes:
+def figure_png(fig) -> bytes:
+    """A finished matplotlib figure as PNG bytes; the figure is closed."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -74,7 +75,7 @@ def line_chart(
             ax.set_ylim(lo - pad, hi + pad)
     else:
         ax.text(0.5, 0.5, "no data", ha="center", va="center", color="#888", transform=ax.transAxes)
-    return img_tag(_png(fig), f"{title}: {', '.join(drawn) or 'no data'}")
+    return img_tag(figure_png(fig), f"{title}: {', '.join(drawn) or 'no data'}")
 
 
 def bar_chart(
@@ -100,7 +101,7 @@ def bar_chart(
     ax.set_xticks(xs, labels, rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center",
                   fontsize=8)  # fmt: skip
     ax.set_ylim(0, y_max * 1.12)
-    return img_tag(_png(fig), f"{title}: {', '.join(labels)}")
+    return img_tag(figure_png(fig), f"{title}: {', '.join(labels)}")
 
 
 def grouped_bars_png(
@@ -133,4 +134,4 @@ def grouped_bars_png(
     ax.set_xticks(range(len(categories)), categories, fontsize=8)
     ax.set_ylim(0, y_max * 1.05)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    return _png(fig)
+    return figure_png(fig)
