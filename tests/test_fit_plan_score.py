@@ -16,7 +16,7 @@ from lerobot_policy_world_modality.tools.fit_plan_score import (
     ranking_figures,
     train_critic,
 )
-from lerobot_policy_world_modality.world.dynamics import OutcomeCritic, ranking_loss
+from lerobot_policy_world_modality.world.dynamics import OutcomeCritic, listwise_loss, ranking_loss
 
 
 def test_ranking_loss_rewards_the_true_order_and_ignores_flat_rows():
@@ -28,6 +28,36 @@ def test_ranking_loss_rewards_the_true_order_and_ignores_flat_rows():
     flat = torch.tensor([[5.0, 5.0, 5.0]])
     both = ranking_loss(torch.cat([good[:1], torch.randn(1, 3)]), torch.cat([truth[:1], flat]))
     assert both == pytest.approx(float(ranking_loss(good[:1], truth[:1])))  # the flat row adds no pair
+
+
+def test_listwise_loss_follows_the_true_order_weights_the_top_and_ignores_flat_rows():
+    truth = torch.tensor([[3.0, 2.0, 1.0, 0.0], [4e-4, 3e-4, 2e-4, 1e-4]])
+    good = torch.tensor([[1.0, 0.0, -1.0, -2.0]] * 2)
+    assert listwise_loss(good, truth) < listwise_loss(-good, truth)
+    # Only the order counts, as in the pairwise loss.
+    assert listwise_loss(good[1:], truth[1:]) == pytest.approx(float(listwise_loss(good[:1], truth[:1])))
+    # Top-weighted: swapping the two best candidates costs more than swapping the two worst.
+    top_swapped = torch.tensor([[0.0, 1.0, -1.0, -2.0]])
+    bottom_swapped = torch.tensor([[1.0, 0.0, -2.0, -1.0]])
+    assert listwise_loss(top_swapped, truth[:1]) > listwise_loss(bottom_swapped, truth[:1])
+    flat = torch.tensor([[5.0, 5.0, 5.0, 5.0]])
+    both = listwise_loss(torch.cat([good[:1], torch.randn(1, 4)]), torch.cat([truth[:1], flat]))
+    assert both == pytest.approx(float(listwise_loss(good[:1], truth[:1])))
+
+
+def test_ranking_figures_tell_how_much_of_the_gain_few_decisions_hold():
+    # 20 decisions: two with a large gain to be had (the top decile), 18 with a small one.
+    true = np.zeros((20, 3))
+    true[:2, 2] = 1.0
+    true[2:, 1] = 0.01
+    picks_small = np.zeros((20, 3))
+    picks_small[2:, 1] = 1.0  # gets every small gain, misses both large ones
+    f = ranking_figures(picks_small, true)
+    assert f["oracle_gain_in_top_decile"] == pytest.approx(2.0 / 2.18)
+    assert f["share_of_oracle_gain_top_decile"] == 0.0 and f["share_of_oracle_gain"] == pytest.approx(0.18 / 2.18)
+    picks_large = np.zeros((20, 3))
+    picks_large[:2, 2] = 1.0
+    assert ranking_figures(picks_large, true)["share_of_oracle_gain_top_decile"] == pytest.approx(1.0)
 
 
 def test_ranking_figures_place_a_score_between_chance_and_the_oracle():
@@ -66,14 +96,24 @@ def test_the_critic_learns_a_ranking_the_outcomes_carry_and_none_they_do_not(inf
         assert abs(held["spearman_median"]) < 0.25 and held["pick_is_true_best"] < 0.35
 
 
-def test_a_fit_repeats_with_its_seed():
+@pytest.mark.parametrize("loss", ["ranknet", "listwise"])
+def test_a_fit_repeats_with_its_seed(loss):
     cur, out, true = _synthetic(50, True, seed=3)
     runs = []
     for _ in range(2):
         torch.manual_seed(0)
         critic = OutcomeCritic(8, 2, width=16)
-        runs.append(train_critic(critic, cur, out, true, steps=20, lr=1e-3, batch=8, seed=5))
+        runs.append(train_critic(critic, cur, out, true, steps=20, lr=1e-3, batch=8, seed=5, loss=loss))
     assert runs[0] == runs[1]
+
+
+def test_the_listwise_critic_learns_a_ranking_the_outcomes_carry():
+    torch.manual_seed(0)
+    critic = OutcomeCritic(8, 2, width=32)
+    cur, out, true = _synthetic(400, True, seed=1)
+    train_critic(critic, cur, out, true, steps=300, lr=3e-3, batch=32, seed=0, loss="listwise")
+    hcur, hout, htrue = _synthetic(200, True, seed=2)
+    assert ranking_figures(critic_scores(critic, hcur, hout), htrue)["spearman_median"] > 0.6
 
 
 def test_the_holdout_split_depends_on_the_episode_alone():

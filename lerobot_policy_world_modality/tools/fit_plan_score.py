@@ -15,7 +15,8 @@ state).
 The score is an outcome critic (`world.dynamics.OutcomeCritic`) on the checkpoint's own world model:
 it reads the current latent and the K frames the action-conditioned dynamics imagine for a candidate,
 never the actions themselves, so it can rank candidates only as well as the world model tells them
-apart. It is trained with a pairwise ranking loss (`world.dynamics.ranking_loss`) while the world model
+apart. It is trained with a pairwise ranking loss (`world.dynamics.ranking_loss`; `--loss listwise` for
+`world.dynamics.listwise_loss`, weighted toward the best candidates) while the world model
 stays frozen. A control critic of the same shape reads the actions the dynamics read instead of their
 imagined outcome: when it ranks better than the world-model critic, the world model loses what the
 ranking needs.
@@ -48,6 +49,9 @@ import numpy as np
 from ..fileio import atomic_write_bytes, atomic_write_json
 from .plan_check import DEFAULT_FIT_LABEL, FIT_RECORD
 
+# Training losses: pairwise (RankNet, `world.dynamics.ranking_loss`) or listwise with a top-weighted
+# target (`world.dynamics.listwise_loss`).
+LOSSES = ("ranknet", "listwise")
 # Files of a checkpoint the fit writes itself; every other file (processors, train_config) is copied.
 WRITTEN = ("config.json", "model.safetensors", "README.md", FIT_RECORD)
 
@@ -91,7 +95,8 @@ def stack(episodes: list[dict]) -> dict[str, np.ndarray]:
 def ranking_figures(scores: np.ndarray, true: np.ndarray) -> dict:
     """How scores [M, N] rank the candidates whose true outcomes are true [M, N] (the proposal is
     column 0): median Spearman, pick = true best, the pick's true gain over the proposal and the share of
-    the oracle's gain it captures. Decisions with a flat truth are left out."""
+    the oracle's gain it captures, overall and in the tenth of decisions with the most to gain (with the
+    fraction of the oracle's gain that tenth holds). Decisions with a flat truth are left out."""
     from scipy.stats import spearmanr
 
     keep = np.ptp(true, axis=1) > 0
@@ -103,6 +108,9 @@ def ranking_figures(scores: np.ndarray, true: np.ndarray) -> dict:
     pick = scores.argmax(axis=1)
     gain = true[rows, pick] - true[:, 0]
     best = true.max(axis=1) - true[:, 0]
+    # The decile of decisions with the most to gain: when it holds most of the oracle's gain, the share
+    # below measures those decisions (and their tasks) and says little about the rest.
+    top = np.argsort(-best, kind="stable")[: max(1, len(best) // 10)]
     return {
         "decisions": int(len(true)),
         "spearman_median": float(np.median(rho)),
@@ -113,6 +121,8 @@ def ranking_figures(scores: np.ndarray, true: np.ndarray) -> dict:
         "true_gain_mean": float(gain.mean()),
         "oracle_gain_mean": float(best.mean()),
         "share_of_oracle_gain": float(gain.mean() / best.mean()) if best.mean() > 0 else math.nan,
+        "oracle_gain_in_top_decile": float(best[top].sum() / best.sum()) if best.sum() > 0 else math.nan,
+        "share_of_oracle_gain_top_decile": float(gain[top].sum() / best[top].sum()) if best[top].sum() > 0 else math.nan,
     }
 
 
@@ -134,13 +144,18 @@ def imagine_all(world, history: np.ndarray, candidates: np.ndarray, batch: int =
     return torch.cat(out), hist[:, -1]
 
 
-def train_critic(critic, current, outcome, true, steps: int, lr: float, batch: int, seed: int) -> list[float]:
-    """Train `critic` (current [M, D], outcome [M, N, ...]) -> [M, N] scores with `ranking_loss`
-    against true [M, N]; returns the loss every 50 steps. Decisions are drawn by a generator seeded
+def train_critic(critic, current, outcome, true, steps: int, lr: float, batch: int, seed: int,
+                 loss: str = "ranknet") -> list[float]:  # fmt: skip
+    """Train `critic` (current [M, D], outcome [M, N, ...]) -> [M, N] scores against true [M, N] with
+    `loss` (one of `LOSSES`); returns the loss every 50 steps. Decisions are drawn by a generator seeded
     with `seed`, so a fit repeats exactly."""
     import torch
 
-    from ..world.dynamics import ranking_loss
+    from ..world.dynamics import listwise_loss, ranking_loss
+
+    if loss not in LOSSES:
+        raise FitPlanScoreError(f"--loss {loss!r} is not one of {', '.join(LOSSES)}.")
+    loss_fn = ranking_loss if loss == "ranknet" else listwise_loss
 
     g = torch.Generator().manual_seed(seed)
     true = torch.as_tensor(true).float()
@@ -155,12 +170,12 @@ def train_critic(critic, current, outcome, true, steps: int, lr: float, batch: i
         idx = keep[torch.randint(len(keep), (batch,), generator=g)]
         cur = current[idx].repeat_interleave(n, dim=0)
         logits = critic(cur, outcome[idx].flatten(0, 1)).view(len(idx), n)
-        loss = ranking_loss(logits, true[idx])
+        value = loss_fn(logits, true[idx])
         opt.zero_grad()
-        loss.backward()
+        value.backward()
         opt.step()
         if step % 50 == 0 or step == steps - 1:
-            losses.append(loss.item())
+            losses.append(value.item())
     critic.eval()
     return losses
 
@@ -239,6 +254,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=32, help="Decisions per step (default 32)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     p.add_argument("--seed", type=int, default=0, help="Seed of the critic's initialisation and batches (default 0)")
+    p.add_argument("--loss", choices=LOSSES, default="ranknet",
+                   help="ranknet: every pair the truth orders counts alike (default); listwise: softmax cross-entropy "
+                        "against the candidates' true ranks, weighted toward the best")
     p.add_argument("--label", default=DEFAULT_FIT_LABEL,
                    help="Name of this fit in lerobot-wm-plan-check --report: its --pick=model runs form the group "
                         f"model_fit:<label> (default {DEFAULT_FIT_LABEL!r}: the group model_fit), so several fits of one "
@@ -306,7 +324,7 @@ def _main(args) -> int:
     for name, critic in critics.items():
         x = inputs["train"]
         losses[name] = train_critic(critic, x["current"], x[name], data["train"]["true"], args.steps, args.lr,
-                                    args.batch_size, args.seed)  # fmt: skip
+                                    args.batch_size, args.seed, args.loss)  # fmt: skip
         scores[name] = {s: critic_scores(critic, inputs[s]["current"], inputs[s][name]) for s in data}
     scores["checkpoint's score"] = {s: data[s]["model"] for s in data}
 
@@ -331,7 +349,7 @@ def _main(args) -> int:
         "decisions": {s: int(len(data[s]["true"])) for s in data},
         "candidates_per_decision": int(cand_shape[0]),
         "settings": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                     "holdout": args.holdout},  # fmt: skip
+                     "holdout": args.holdout, "loss": args.loss},  # fmt: skip
         "losses": losses,
         "figures": figures,
     }
@@ -347,8 +365,8 @@ def _main(args) -> int:
 
 def figures_table(figures: dict) -> str:
     """The fit's figures as a markdown table (per split, score and task)."""
-    rows = ["| split | score | task | decisions | Spearman (median) | pick = true best | pick better / worse than proposal | share of oracle gain |",
-            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    rows = ["| split | score | task | decisions | Spearman (median) | pick = true best | pick better / worse than proposal | share of oracle gain | top decile: oracle gain held, share |",
+            "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for split, per_score in figures.items():
         for name, f in per_score.items():
             sources = [(f"source {src}", b) for src, b in f.get("sources", {}).items()]
@@ -357,7 +375,8 @@ def figures_table(figures: dict) -> str:
                     continue
                 rows.append(f"| {split} | {name} | {task} | {b['decisions']} | {b['spearman_median']:.2f} | "
                             f"{b['pick_is_true_best']:.1%} | {b['pick_beats_proposal']:.1%} / {b['pick_worse_than_proposal']:.1%} | "
-                            f"{b['share_of_oracle_gain']:+.2f} |")  # fmt: skip
+                            f"{b['share_of_oracle_gain']:+.2f} | {b['oracle_gain_in_top_decile']:.0%}, "
+                            f"{b['share_of_oracle_gain_top_decile']:+.2f} |")  # fmt: skip
     return "\n".join(rows)
 
 

@@ -163,3 +163,16 @@ def ranking_loss(scores: Tensor, truth: Tensor) -> Tensor:
     diff = scores.float().unsqueeze(2) - scores.float().unsqueeze(1)  # [B, N, N]: s_i - s_j
     ordered = (truth.unsqueeze(2) > truth.unsqueeze(1)).float()  # i truly better than j
     return (F.softplus(-diff) * ordered).sum() / ordered.sum().clamp_min(1.0)
+
+
+def listwise_loss(scores: Tensor, truth: Tensor, temperature: float = 0.5) -> Tensor:
+    """Listwise (softmax cross-entropy) loss of scores [B, N] against true outcomes [B, N]: the target is
+    a softmax of each row's standardised true ranks over `temperature`, so the best candidates weigh
+    most and, as in `ranking_loss`, only the order of the truth counts. Rows with a flat truth add
+    nothing."""
+    t = truth.float()
+    ranks = t.argsort(dim=1).argsort(dim=1).float()
+    z = (ranks - ranks.mean(1, keepdim=True)) / ranks.std(1, keepdim=True).clamp_min(1e-8)
+    keep = (t.amax(1) > t.amin(1)).float()
+    loss = -(torch.softmax(z / temperature, dim=1) * F.log_softmax(scores.float(), dim=1)).sum(1)
+    return (loss * keep).sum() / keep.sum().clamp_min(1.0)
