@@ -40,6 +40,9 @@ def test_listwise_loss_follows_the_true_order_weights_the_top_and_ignores_flat_r
     top_swapped = torch.tensor([[0.0, 1.0, -1.0, -2.0]])
     bottom_swapped = torch.tensor([[1.0, 0.0, -2.0, -1.0]])
     assert listwise_loss(top_swapped, truth[:1]) > listwise_loss(bottom_swapped, truth[:1])
+    # Tied candidates weigh alike: with the two best tied, their scores' order costs nothing.
+    tied = torch.tensor([[3.0, 3.0, 1.0, 0.0]])
+    assert listwise_loss(good[:1], tied) == pytest.approx(float(listwise_loss(top_swapped, tied)))
     flat = torch.tensor([[5.0, 5.0, 5.0, 5.0]])
     both = listwise_loss(torch.cat([good[:1], torch.randn(1, 4)]), torch.cat([truth[:1], flat]))
     assert both == pytest.approx(float(listwise_loss(good[:1], truth[:1])))

@@ -87,8 +87,8 @@ def is_holdout(name: str, fraction: float) -> bool:
 def stack(episodes: list[dict]) -> dict[str, np.ndarray]:
     """Decisions of several episodes in one array per field, with `task` and `source` per decision."""
     out = {k: np.concatenate([ep[k] for ep in episodes]) for k in ("history", "candidates", "true", "model")}
-    for key, field in (("task", "task"), ("source", "source")):
-        out[key] = np.concatenate([[str(ep[field])] * len(ep["true"]) for ep in episodes])
+    for key in ("task", "source"):
+        out[key] = np.concatenate([[str(ep[key])] * len(ep["true"]) for ep in episodes])
     return out
 
 
@@ -236,8 +236,7 @@ def fit_figure(figures: dict) -> bytes:
         ax.set_title(f"held out: {title}", fontsize=9)
     axes[1].axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    return figure_png(fig)
+    return figure_png(fig)  # lays the figure out tight
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -168,10 +168,12 @@ def ranking_loss(scores: Tensor, truth: Tensor) -> Tensor:
 def listwise_loss(scores: Tensor, truth: Tensor, temperature: float = 0.5) -> Tensor:
     """Listwise (softmax cross-entropy) loss of scores [B, N] against true outcomes [B, N]: the target is
     a softmax of each row's standardised true ranks over `temperature`, so the best candidates weigh
-    most and, as in `ranking_loss`, only the order of the truth counts. Rows with a flat truth add
-    nothing."""
+    most and, as in `ranking_loss`, only the order of the truth counts: tied candidates share their mean
+    rank, as `ranking_loss` orders no tied pair. Rows with a flat truth add nothing."""
     t = truth.float()
-    ranks = t.argsort(dim=1).argsort(dim=1).float()
+    below = (t.unsqueeze(2) > t.unsqueeze(1)).float().sum(2)  # candidates each one truly beats
+    ties = (t.unsqueeze(2) == t.unsqueeze(1)).float().sum(2) - 1.0
+    ranks = below + 0.5 * ties
     z = (ranks - ranks.mean(1, keepdim=True)) / ranks.std(1, keepdim=True).clamp_min(1e-8)
     keep = (t.amax(1) > t.amin(1)).float()
     loss = -(torch.softmax(z / temperature, dim=1) * F.log_softmax(scores.float(), dim=1)).sum(1)
