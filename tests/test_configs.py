@@ -254,7 +254,7 @@ GROUPS = {
     ],
     "World model and planning (see docs/planning.md)": [
         "dynamics", "lambda_dynamics", "progress_head", "lambda_progress", "plan_critic", "lambda_critic",
-        "critic_negatives", "reward_head", "lambda_reward", "reward_scale", "planner_score", "imitate_failures",
+        "critic_negatives", "critic_input", "reward_head", "lambda_reward", "reward_scale", "planner_score", "imitate_failures",
         "planner", "planner_samples",
         "planner_iterations", "planner_elite_frac", "planner_noise", "planner_horizon", "planner_seed",
     ],

@@ -14,6 +14,7 @@ from lerobot_policy_world_modality.tools.fit_plan_score import (
     is_holdout,
     main,
     ranking_figures,
+    shuffle_candidates,
     train_critic,
 )
 from lerobot_policy_world_modality.world.dynamics import OutcomeCritic, listwise_loss, ranking_loss
@@ -117,6 +118,65 @@ def test_the_listwise_critic_learns_a_ranking_the_outcomes_carry():
     train_critic(critic, cur, out, true, steps=300, lr=3e-3, batch=32, seed=0, loss="listwise")
     hcur, hout, htrue = _synthetic(200, True, seed=2)
     assert ranking_figures(critic_scores(critic, hcur, hout), htrue)["spearman_median"] > 0.6
+
+
+def _two_inputs(m: int, driver: str, seed: int):
+    """Candidates whose imagined frames and actions are independent, and a truth (differences of 1e-3)
+    driven by one of them."""
+    g = torch.Generator().manual_seed(seed)
+    current = torch.randn(m, 8, generator=g)
+    imagined = torch.randn(m, 6, 2, 8, generator=g)
+    chunks = torch.randn(m, 6, 5, 3, generator=g)
+    by_world = imagined[:, :, 1, :3].sum(-1) - imagined[:, :, 0, 5]
+    by_actions = chunks[:, :, 0, 0] - chunks[:, :, 3, :2].sum(-1)  # the critic reads the first 4 actions
+    return current, imagined, chunks, (1e-3 * (by_world if driver == "imagined" else by_actions)).numpy()
+
+
+@pytest.mark.parametrize("driver", ["imagined", "actions"])
+def test_shuffling_the_imagined_frames_shows_whether_a_critic_that_reads_both_uses_them(driver):
+    """The intervention fit-plan-score reports for the `both` critic: each decision's imagined frames
+    permuted among its candidates, the actions kept. Its ranking must fall when the truth lies in the
+    imagined frames and hold when it lies in the actions; each single-input critic ranks only its own."""
+    cur, img, chunks, true = _two_inputs(400, driver, seed=1)
+    hcur, himg, hchunks, htrue = _two_inputs(200, driver, seed=2)
+    held = {}
+    for reads in ("imagined", "actions", "both"):
+        torch.manual_seed(0)
+        critic = OutcomeCritic(8, 2, 32, reads, action_dim=3, action_len=4)
+        train_critic(critic, cur, img if reads != "actions" else None, true, steps=300, lr=3e-3, batch=32, seed=0,
+                     chunks=chunks if reads != "imagined" else None)  # fmt: skip
+        held[reads] = ranking_figures(critic_scores(critic, hcur, himg if reads != "actions" else None,
+                                                    hchunks if reads != "imagined" else None), htrue)["spearman_median"]  # fmt: skip
+        if reads == "both":
+            shuffled = critic_scores(critic, hcur, shuffle_candidates(himg, seed=0), hchunks)
+            held["shuffled"] = ranking_figures(shuffled, htrue)["spearman_median"]
+    other = "actions" if driver == "imagined" else "imagined"
+    assert held[driver] > 0.6 and held["both"] > 0.6 and abs(held[other]) < 0.25, held
+    if driver == "imagined":
+        assert abs(held["shuffled"]) < 0.25, held
+    else:
+        assert held["shuffled"] > 0.6, held
+
+
+def test_shuffle_candidates_permutes_within_each_decision_only():
+    x = torch.arange(3 * 5 * 2, dtype=torch.float32).view(3, 5, 2)
+    y = shuffle_candidates(x, seed=0)
+    assert not torch.equal(x, y) and torch.equal(shuffle_candidates(x, seed=0), y)
+    for row in range(3):  # the same candidates (as whole [2] entries), in another order
+        assert sorted(map(tuple, x[row].tolist())) == sorted(map(tuple, y[row].tolist()))
+
+
+def test_an_outcome_critic_names_the_input_it_lacks():
+    with pytest.raises(ValueError, match="critic_input 'frames'"):
+        OutcomeCritic(8, 2, reads="frames")
+    with pytest.raises(ValueError, match="action_dim and action_len"):
+        OutcomeCritic(8, 2, reads="both")
+    critic = OutcomeCritic(8, 2, 16, "both", action_dim=3, action_len=4)
+    with pytest.raises(ValueError, match="first 4 actions"):
+        critic(torch.zeros(5, 8), torch.zeros(5, 2, 8), torch.zeros(5, 3, 3))
+    with pytest.raises(ValueError, match="reads the imagined frames"):
+        critic(torch.zeros(5, 8), None, torch.zeros(5, 4, 3))
+    assert critic(torch.zeros(5, 8), torch.zeros(5, 2, 8), torch.zeros(5, 6, 3)).shape == (5,)
 
 
 def test_the_holdout_split_depends_on_the_episode_alone():

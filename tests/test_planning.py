@@ -297,6 +297,31 @@ def test_outcome_critic_peaks_at_the_demonstrated_chunk_on_unseen_states():
     assert ratio.median() < random_pick.median() - 0.1, (ratio.median(), random_pick.median())
 
 
+@pytest.mark.parametrize("reads", ["actions", "both"])
+def test_a_critic_that_reads_the_actions_scores_through_the_world_model_only_when_it_reads_both(reads):
+    """critic_input="actions" (the control without the world model) scores chunks without imagining them:
+    scrambling the dynamics leaves its scores unchanged; "both" reads the imagined frames too, so the same
+    scramble changes them. Both train with the policy's critic loss."""
+    torch.manual_seed(0)
+    policy = WorldFPolicy(make_config(variant="A", dynamics="action_conditioned", plan_critic=True,
+                                      critic_input=reads, planner="rerank", planner_samples=4))  # fmt: skip
+    history, actions, future = expert_world(0, 8)
+    batch = {OBS_WORLD_LATENT: history[:, -1], "observation.world.history": history,
+             "observation.world.future": future, "observation.world.future_valid": torch.ones(8, K, dtype=torch.bool),
+             "observation.state": torch.zeros(8, 4), "action": actions, "action_is_pad": torch.zeros(8, H, dtype=torch.bool)}  # fmt: skip
+    loss, info = policy.forward(batch)
+    loss.backward()
+    assert "critic_loss" in info and policy.world.critic.actions.weight.grad is not None
+    policy.eval()
+    chunks = actions.unsqueeze(1) + 0.3 * torch.randn(8, 4, H, A)
+    before = policy.world.score_chunks(history, chunks, None, K)
+    with torch.no_grad():
+        for param in policy.world.dynamics.parameters():
+            param.add_(torch.randn_like(param))
+    after = policy.world.score_chunks(history, chunks, None, K)
+    assert torch.equal(before, after) == (reads == "actions")
+
+
 def rewarded_world(seed, n):
     """Random actions (exploration data) in z_{t+k} = z_t + (sum of the first k actions) M, and a reward
     that depends on the scene only: R(z) = -|z P|^2 (P: a fixed projection to 2 dimensions)."""
@@ -410,6 +435,7 @@ def test_planner_without_goal_or_progress_head_says_what_to_do():
         (dict(plan_critic=True, dynamics="none", planner="none", progress_head=False), "plan_critic"),
         (dict(plan_critic=True, critic_negatives=0), "critic_negatives"),
         (dict(lambda_critic=-1.0), "lambda_critic"),
+        (dict(plan_critic=True, critic_input="frames"), "critic_input 'frames'"),
         (dict(reward_head=True, dynamics="none", planner="none", progress_head=False), "reward_head"),
         (dict(planner_score="reward"), "reward_head=true"),
         (dict(planner_score="value"), "planner_score 'value'"),
@@ -617,7 +643,9 @@ def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_
     fitted = tmp_path / "fit" / "pretrained_model"
     fit = json.loads((tmp_path / "fit" / "fit.json").read_text())
     assert fit["source"] == str(ckpt) and (tmp_path / "fit" / "fit.png").is_file() and fit["label"] == "r2"
-    assert set(fit["figures"]["held_out"]) == {"world model", "control: actions", "checkpoint's score"}
+    assert set(fit["figures"]["held_out"]) == {"world model", "world model + actions", "control: actions",
+                                               "world model + actions, imagined shuffled", "checkpoint's score"}  # fmt: skip
+    assert fit["exported"] == "world model"
     by_source = {src: b["decisions"] for split in ("train", "held_out")
                  for src, b in fit["figures"][split]["world model"]["sources"].items()}  # fmt: skip
     assert set(by_source) == {str(tmp_path / "collect"), str(tmp_path / "round2")} and all(by_source.values())
@@ -640,3 +668,14 @@ def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rep = json.loads((tmp_path / "pc" / "report.json").read_text())
     assert ("model_fit:r2", "all", 1) in {(c["x"], c["task"], c["pairs"]) for c in rep["comparisons"]}
+    # The critic that reads the imagined frames and the actions, exported instead: its extra input layer is
+    # saved, and stock lerobot-eval rebuilds it from the config and plans with it.
+    res = run([BIN / "lerobot-wm-fit-plan-score", f"--policy.path={ckpt}", "--candidates", tmp_path / "collect",
+               "--output_dir", tmp_path / "fit_both", "--steps=30", "--holdout=0.4", "--critic_input=both"])  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    both = tmp_path / "fit_both" / "pretrained_model"
+    assert json.loads((both / "config.json").read_text())["critic_input"] == "both"
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as a, safe_open(str(both / "model.safetensors"), "pt") as b:
+        assert set(b.keys()) - set(a.keys()) == {"world.critic.actions.weight", "world.critic.actions.bias"}
+    res = run([*capped_eval_cmd(both, tmp_path / "eval_both", episode_length=4), "--policy.planner=rerank"])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]

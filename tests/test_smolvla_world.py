@@ -379,14 +379,14 @@ def test_init_from_names_the_weights_whose_shapes_do_not_fit(tiny_vlm, tmp_path)
 
 
 def test_world_model_trains_and_the_planner_picks_among_flow_samples(tiny_vlm, tmp_path):
-    """dynamics, progress head and outcome critic train next to SmolVLA's loss; planner=rerank executes one of N flow samples,
+    """dynamics, progress head and outcome critic (reading the imagined frames and the chunk) train next to SmolVLA's loss; planner=rerank executes one of N flow samples,
     the same one after reset (seeded) and after save/load; planner=none is SmolVLA's own chunk."""
     from lerobot_policy_world_modality.constants import NEXT_REWARD, OBS_WORLD_REMAINING
 
     torch.manual_seed(0)
     policy = SmolVLAWorldPolicy(make_config(tiny_vlm, use_prophet=False, inject_memory=False,
                                             dynamics="action_conditioned", progress_head=True,
-                                            plan_critic=True, reward_head=True))  # fmt: skip
+                                            plan_critic=True, critic_input="both", reward_head=True))  # fmt: skip
     dim = policy.config.world_latent_dim
     train = batch(tiny_vlm, dim) | {OBS_WORLD_REMAINING: torch.tensor([0.5, 0.0]), NEXT_REWARD: torch.tensor([[1.0], [4.0]])}
     policy.train()
@@ -394,6 +394,7 @@ def test_world_model_trains_and_the_planner_picks_among_flow_samples(tiny_vlm, t
     assert {"dyn_loss", "dyn_cos_h1", "progress_loss", "critic_loss", "critic_top1", "reward_loss"} <= set(info)
     loss.backward()
     assert policy.world.dynamics.net.context_type.grad is not None and policy.world.critic.net[0].weight.grad is not None
+    assert policy.world.critic.actions.weight.grad is not None  # critic_input="both": it reads the chunk too
 
     obs = {k: v for k, v in train.items() if k not in ("action", OBS_WORLD_HISTORY, OBS_WORLD_REMAINING, NEXT_REWARD)}
     policy.eval()

@@ -12,14 +12,20 @@ candidates `lerobot-wm-plan-check --save_candidates` drew at each decision, with
 each (its mean reward at the steps the world model imagines, executed in the simulator from the same
 state).
 
-The score is an outcome critic (`world.dynamics.OutcomeCritic`) on the checkpoint's own world model:
-it reads the current latent and the K frames the action-conditioned dynamics imagine for a candidate,
-never the actions themselves, so it can rank candidates only as well as the world model tells them
-apart. It is trained with a pairwise ranking loss (`world.dynamics.ranking_loss`; `--loss listwise` for
-`world.dynamics.listwise_loss`, weighted toward the best candidates) while the world model
-stays frozen. A control critic of the same shape reads the actions the dynamics read instead of their
-imagined outcome: when it ranks better than the world-model critic, the world model loses what the
-ranking needs.
+The score is an outcome critic (`world.dynamics.OutcomeCritic`) on the checkpoint's own world model.
+Three critics of the same shape are fitted side by side, and `--critic_input` picks the one exported:
+- `imagined` (default): the current latent and the K frames the action-conditioned dynamics imagine for a
+  candidate, never the actions themselves, so it ranks candidates only as well as the world model tells
+  them apart;
+- `actions`: the actions the dynamics read instead of their imagined outcome, a control without the
+  world model. When it ranks better than the `imagined` critic, the world model loses what the ranking
+  needs;
+- `both`: the imagined frames and the actions. Whether it uses the world model is measured by an
+  intervention: its held-out ranking with each decision's imagined frames shuffled among its candidates
+  (the actions kept). If the ranking does not fall, the world model adds nothing the actions lack.
+
+Each is trained with a pairwise ranking loss (`world.dynamics.ranking_loss`; `--loss listwise` for
+`world.dynamics.listwise_loss`, weighted toward the best candidates) while the world model stays frozen.
 
 Held-out episodes (`--holdout`, whole episodes, chosen by a hash of their name) measure both, next to
 the checkpoint's own score, by:
@@ -52,6 +58,10 @@ from .plan_check import DEFAULT_FIT_LABEL, FIT_RECORD
 # Training losses: pairwise (RankNet, `world.dynamics.ranking_loss`) or listwise with a top-weighted
 # target (`world.dynamics.listwise_loss`).
 LOSSES = ("ranknet", "listwise")
+# The critics fitted side by side, by `--critic_input` (`world.dynamics.CRITIC_INPUTS`), as the figures name them.
+CRITIC_NAMES = {"imagined": "world model", "both": "world model + actions", "actions": "control: actions"}
+# The intervention on the `both` critic: its imagined frames shuffled among each decision's candidates.
+SHUFFLED = "world model + actions, imagined shuffled"
 # Files of a checkpoint the fit writes itself; every other file (processors, train_config) is copied.
 WRITTEN = ("config.json", "model.safetensors", "README.md", FIT_RECORD)
 
@@ -144,11 +154,12 @@ def imagine_all(world, history: np.ndarray, candidates: np.ndarray, batch: int =
     return torch.cat(out), hist[:, -1]
 
 
-def train_critic(critic, current, outcome, true, steps: int, lr: float, batch: int, seed: int,
-                 loss: str = "ranknet") -> list[float]:  # fmt: skip
-    """Train `critic` (current [M, D], outcome [M, N, ...]) -> [M, N] scores against true [M, N] with
-    `loss` (one of `LOSSES`); returns the loss every 50 steps. Decisions are drawn by a generator seeded
-    with `seed`, so a fit repeats exactly."""
+def train_critic(critic, current, imagined, true, steps: int, lr: float, batch: int, seed: int,
+                 loss: str = "ranknet", chunks=None) -> list[float]:  # fmt: skip
+    """Train `critic` (current [M, D], imagined [M, N, K, D], chunks [M, N, H, A]; either may be None
+    when the critic does not read it) -> [M, N] scores against true [M, N] with `loss` (one of
+    `LOSSES`); returns the loss every 50 steps. Decisions are drawn by a generator seeded with `seed`,
+    so a fit repeats exactly."""
     import torch
 
     from ..world.dynamics import listwise_loss, ranking_loss
@@ -163,13 +174,13 @@ def train_critic(critic, current, outcome, true, steps: int, lr: float, batch: i
     if len(keep) == 0:
         raise FitPlanScoreError("Every decision's candidates have the same true outcome: nothing to rank.")
     opt = torch.optim.AdamW(critic.parameters(), lr=lr, weight_decay=1e-4)
-    n = outcome.shape[1]
+    n = true.shape[1]
     losses = []
     critic.train()
     for step in range(steps):
         idx = keep[torch.randint(len(keep), (batch,), generator=g)]
         cur = current[idx].repeat_interleave(n, dim=0)
-        logits = critic(cur, outcome[idx].flatten(0, 1)).view(len(idx), n)
+        logits = critic(cur, *_flat(idx, imagined, chunks)).view(len(idx), n)
         value = loss_fn(logits, true[idx])
         opt.zero_grad()
         value.backward()
@@ -180,18 +191,34 @@ def train_critic(critic, current, outcome, true, steps: int, lr: float, batch: i
     return losses
 
 
-def critic_scores(critic, current, outcome) -> np.ndarray:
-    """Scores [M, N] of a trained critic."""
+def _flat(idx, *per_candidate):
+    """Rows `idx` of each [M, N, ...] tensor (None passes through), candidates flattened into the batch."""
+    return [None if x is None else x[idx].flatten(0, 1) for x in per_candidate]
+
+
+def critic_scores(critic, current, imagined, chunks=None) -> np.ndarray:
+    """Scores [M, N] of a trained critic (inputs as `train_critic`'s)."""
     import torch
 
-    n = outcome.shape[1]
+    n = (imagined if imagined is not None else chunks).shape[1]
     with torch.no_grad():
-        return critic(current.repeat_interleave(n, dim=0), outcome.flatten(0, 1)).view(-1, n).numpy()
+        return critic(current.repeat_interleave(n, dim=0), *_flat(slice(None), imagined, chunks)).view(-1, n).numpy()
+
+
+def shuffle_candidates(x, seed: int):
+    """x [M, N, ...] with each decision's N entries permuted at random (seeded): the intervention that
+    detaches each candidate from its own imagined outcome while keeping the outcomes' distribution."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.argsort(torch.rand(x.shape[:2], generator=g), dim=1)
+    return x.gather(1, perm.view(*perm.shape, *[1] * (x.ndim - 2)).expand_as(x))
 
 
 def export(actor, source: Path, critic, out: Path, record: dict) -> Path:
-    """Write `<out>/pretrained_model`: the source checkpoint with `critic` as its outcome critic and
-    `planner_score="critic"`; the processors and train config are copied unchanged."""
+    """Write `<out>/pretrained_model`: the source checkpoint with `critic` as its outcome critic,
+    `critic_input` set to what it reads and `planner_score="critic"`; the processors and train config are
+    copied unchanged."""
     model_dir = out / "pretrained_model"
     tmp = out / "pretrained_model.partial"
     if tmp.exists():
@@ -200,6 +227,7 @@ def export(actor, source: Path, critic, out: Path, record: dict) -> Path:
     policy = actor.policy
     policy.config.plan_critic = True
     policy.config.planner_score = "critic"
+    policy.config.critic_input = critic.reads
     policy.world.critic = critic
     policy.save_pretrained(tmp)
     for f in source.iterdir():
@@ -256,6 +284,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loss", choices=LOSSES, default="ranknet",
                    help="ranknet: every pair the truth orders counts alike (default); listwise: softmax cross-entropy "
                         "against the candidates' true ranks, weighted toward the best")
+    p.add_argument("--critic_input", choices=tuple(CRITIC_NAMES), default="imagined",
+                   help="Which fitted critic the exported checkpoint plans with: imagined (the world model's imagined "
+                        "frames; default), both (imagined frames and actions) or actions (the control without the world model)")
     p.add_argument("--label", default=DEFAULT_FIT_LABEL,
                    help="Name of this fit in lerobot-wm-plan-check --report: its --pick=model runs form the group "
                         f"model_fit:<label> (default {DEFAULT_FIT_LABEL!r}: the group model_fit), so several fits of one "
@@ -312,19 +343,30 @@ def _main(args) -> int:
     data = {"train": stack(train), "held_out": stack(held)}
     torch.manual_seed(args.seed)
     k = cfg.future_frames
-    critics = {"world model": OutcomeCritic(d, k, cfg.prophet_width),
-               "control: actions": OutcomeCritic(d, k, cfg.prophet_width, outcome_dim=a_len * policy.action_dim)}  # fmt: skip
+    critics = {reads: OutcomeCritic(d, k, cfg.prophet_width, reads, policy.action_dim, a_len) for reads in CRITIC_NAMES}
     inputs = {}
     for split, arr in data.items():
         imagined, current = imagine_all(world, arr["history"], arr["candidates"])
-        actions = torch.as_tensor(arr["candidates"][:, :, :a_len]).float()
-        inputs[split] = {"current": current, "world model": imagined, "control: actions": actions}
+        chunks = torch.as_tensor(arr["candidates"]).float()
+        inputs[split] = {"current": current, "imagined": imagined, "chunks": chunks}
+
+    def critic_inputs(critic, x: dict, imagined=None) -> tuple:
+        # What `critic` reads of split `x` (None for an input it does not read); `imagined` replaces x's.
+        imagined = x["imagined"] if imagined is None else imagined
+        return (x["current"], imagined if critic.reads_imagined else None,
+                x["chunks"] if critic.reads != "imagined" else None)  # fmt: skip
+
     losses, scores = {}, {}
-    for name, critic in critics.items():
-        x = inputs["train"]
-        losses[name] = train_critic(critic, x["current"], x[name], data["train"]["true"], args.steps, args.lr,
-                                    args.batch_size, args.seed, args.loss)  # fmt: skip
-        scores[name] = {s: critic_scores(critic, inputs[s]["current"], inputs[s][name]) for s in data}
+    for reads, critic in critics.items():
+        name = CRITIC_NAMES[reads]
+        cur, imagined, chunks = critic_inputs(critic, inputs["train"])
+        losses[name] = train_critic(critic, cur, imagined, data["train"]["true"], args.steps, args.lr,
+                                    args.batch_size, args.seed, args.loss, chunks=chunks)  # fmt: skip
+        scores[name] = {s: critic_scores(critic, *critic_inputs(critic, inputs[s])) for s in data}
+    both, scores[SHUFFLED] = critics["both"], {}
+    for split in data:
+        shuffled = shuffle_candidates(inputs[split]["imagined"], args.seed)
+        scores[SHUFFLED][split] = critic_scores(both, *critic_inputs(both, inputs[split], shuffled))
     scores["checkpoint's score"] = {s: data[s]["model"] for s in data}
 
     def per_task(s: np.ndarray, split: str) -> dict:
@@ -348,17 +390,18 @@ def _main(args) -> int:
         "decisions": {s: int(len(data[s]["true"])) for s in data},
         "candidates_per_decision": int(cand_shape[0]),
         "settings": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                     "holdout": args.holdout, "loss": args.loss},  # fmt: skip
+                     "holdout": args.holdout, "loss": args.loss, "critic_input": args.critic_input},  # fmt: skip
+        "exported": CRITIC_NAMES[args.critic_input],
         "losses": losses,
         "figures": figures,
     }
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = export(actor, source, critics["world model"], out, record)
+    model_dir = export(actor, source, critics[args.critic_input], out, record)
     atomic_write_json(out / "fit.json", record, indent=1)
     atomic_write_bytes(out / "fit.png", fit_figure(figures["held_out"]))
     print(figures_table(figures))
-    print(f"Wrote {model_dir} (planner_score='critic') and {out / 'fit.json'}")
+    print(f"Wrote {model_dir} (planner_score='critic', critic_input={args.critic_input!r}) and {out / 'fit.json'}")
     return 0
 
 

@@ -17,7 +17,8 @@ score of imagined outcomes that carries what the demonstrations alone do not (ho
 trained to tell the imagined outcome of the dataset's chunk from those of perturbations of it (a
 softmax over one positive and several negatives): a score that peaks where the demonstrations act,
 judged through the world model, instead of a progress slope that rises without bound along some
-direction of the actions.
+direction of the actions. It may read the chunk's actions as well (`critic_input="both"`), or only them
+(`"actions"`: a control that judges candidates without the world model).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from .prophet import Prophet
 DYNAMICS = ("none", "action_conditioned")
 # What a planner scores imagined outcomes by; "auto" takes the first available in this order.
 PLANNER_SCORES = ("auto", "goal", "critic", "reward", "progress")
+# What the outcome critic reads beside the current latent: the K imagined frames, the actions the dynamics
+# read, or both.
+CRITIC_INPUTS = ("imagined", "actions", "both")
 
 
 class ActionDynamics(nn.Module):
@@ -119,24 +123,51 @@ def goal_score(final: Tensor, goal: Tensor) -> Tensor:
 
 
 class OutcomeCritic(nn.Module):
-    """(current latent [N, D], imagined frames [N, K, D] in target space) -> logit [N]: how much the
-    imagined outcome looks like that of a demonstrated chunk. Both inputs are layer-normalised, so the
-    critic judges the shape of the imagined change, not the encoder's scale."""
+    """(current latent [N, D], imagined frames [N, K, D] in target space, chunk [N, H, A]) -> logit [N]:
+    how good a candidate's outcome looks. `reads` picks the inputs beside the current latent
+    (`CRITIC_INPUTS`): the imagined frames, the first `action_len` actions of the chunk, or both. Each
+    input is layer-normalised on its own, so the critic judges the shape of the imagined change and of
+    the actions, not their scales, and neither swamps the other."""
 
-    def __init__(self, latent_dim: int, num_future: int, width: int = 128, outcome_dim: int | None = None):
+    def __init__(self, latent_dim: int, num_future: int, width: int = 128, reads: str = "imagined",
+                 action_dim: int = 0, action_len: int = 0):  # fmt: skip
         super().__init__()
-        # outcome_dim: width of the flattened second input when it is not K imagined frames (e.g. a
-        # control that reads the candidate's actions instead of their imagined outcome).
-        outcome_dim = outcome_dim or latent_dim * num_future
+        if reads not in CRITIC_INPUTS:
+            raise ValueError(f"critic_input '{reads}' is not one of {CRITIC_INPUTS}.")
+        if reads != "imagined" and action_dim * action_len < 1:
+            raise ValueError(f"critic_input '{reads}' reads the actions: action_dim and action_len must be >= 1.")
+        self.reads, self.action_len = reads, action_len
         self.current = nn.LayerNorm(latent_dim)
-        self.imagined = nn.LayerNorm(outcome_dim)
-        self.net = nn.Sequential(nn.Linear(latent_dim + outcome_dim, width), nn.GELU(), nn.Linear(width, 1))
+        in_width = latent_dim
+        # The imagined input keeps its name, so checkpoints of imagined-only critics load unchanged.
+        if reads in ("imagined", "both"):
+            self.imagined = nn.LayerNorm(latent_dim * num_future)
+            in_width += latent_dim * num_future
+        if reads in ("actions", "both"):
+            self.actions = nn.LayerNorm(action_len * action_dim)
+            in_width += action_len * action_dim
+        self.net = nn.Sequential(nn.Linear(in_width, width), nn.GELU(), nn.Linear(width, 1))
 
-    def forward(self, current: Tensor, imagined: Tensor) -> Tensor:
-        """Logits [N]; higher = more like a demonstration's outcome."""
+    @property
+    def reads_imagined(self) -> bool:
+        """Whether the critic needs the dynamics' imagined frames (an actions-only critic does not)."""
+        return self.reads != "actions"
+
+    def forward(self, current: Tensor, imagined: Tensor | None = None, chunk: Tensor | None = None) -> Tensor:
+        """Logits [N]; higher = a better outcome. `imagined` [N, K, D] and `chunk` [N, H >= action_len, A]
+        are needed only when the critic reads them."""
         dtype = self.net[0].weight.dtype
-        x = torch.cat([self.current(current.to(dtype)), self.imagined(imagined.flatten(1).to(dtype))], dim=-1)
-        return self.net(x).squeeze(-1)
+        parts = [self.current(current.to(dtype))]
+        if self.reads_imagined:
+            if imagined is None:
+                raise ValueError(f"This outcome critic (critic_input '{self.reads}') reads the imagined frames.")
+            parts.append(self.imagined(imagined.flatten(1).to(dtype)))
+        if self.reads != "imagined":
+            if chunk is None or chunk.shape[1] < self.action_len:
+                raise ValueError(f"This outcome critic (critic_input '{self.reads}') reads the first "
+                                 f"{self.action_len} actions of each chunk [N, H, A].")  # fmt: skip
+            parts.append(self.actions(chunk[:, : self.action_len].flatten(1).to(dtype)))
+        return self.net(torch.cat(parts, dim=-1)).squeeze(-1)
 
 
 def critic_loss(logits: Tensor, weight: Tensor | None = None) -> Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .dynamics import DYNAMICS, PLANNER_SCORES
+from .dynamics import CRITIC_INPUTS, DYNAMICS, PLANNER_SCORES
 from .fusion import MEMORY_NORMS
 from .memory import MEMORY_MODES, ROLLOUT_MEMORY_MODES, SCHEDULE_SHAPES, WORLD_LOSS_TYPES, WORLD_TARGETS
 from .planner import PLANNERS, PlannerSettings
@@ -173,6 +173,8 @@ class DynamicsOptions:
     lambda_critic: float = 0.1
     # Perturbations of the dataset's chunk per training frame, the critic's negatives (at planner_noise).
     critic_negatives: int = 7
+    # What the critic reads beside the current latent: "imagined" frames, the "actions" (a control), or "both".
+    critic_input: str = "imagined"
     # Train a reward head (the step's reward from a latent, from the dataset's next.reward): a planner score.
     reward_head: bool = False
     # Weight of the reward head's loss.
@@ -237,6 +239,8 @@ class DynamicsOptions:
             raise ValueError(
                 f"planner_score='{self.planner_score}' needs the head trained with --policy.{head[0]}=true."
             )
+        if self.critic_input not in CRITIC_INPUTS:
+            raise ValueError(f"critic_input '{self.critic_input}' is not one of {CRITIC_INPUTS}.")
         if self.critic_negatives < 1:
             raise ValueError(f"critic_negatives must be >= 1 (perturbed chunks per frame), got {self.critic_negatives}.")
         if self.plan_critic and not self.planner_noise > 0.0:

@@ -158,7 +158,10 @@ class WorldPath(nn.Module):
             if getattr(o, "reward_head", False):
                 self.reward = RewardHead(latent_dim, o.prophet_width)
             if getattr(o, "plan_critic", False):
-                self.critic = OutcomeCritic(latent_dim, o.future_frames, o.prophet_width)
+                self.critic = OutcomeCritic(
+                    latent_dim, o.future_frames, o.prophet_width, getattr(o, "critic_input", "imagined"),
+                    action_dim, self.dynamics.action_len,
+                )  # fmt: skip
         self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
 
     def set_target_stats(self, stats: dict[str, Tensor]) -> None:
@@ -291,7 +294,7 @@ class WorldPath(nn.Module):
             chunks = torch.cat([actions.unsqueeze(1), actions.unsqueeze(1) + noise], dim=1)
             hist = history.repeat_interleave(1 + m, dim=0)
             imagined = self.imagine(hist, chunks.flatten(0, 1))
-        logits = self.critic(hist[:, -1], imagined).view(b, 1 + m)
+        logits = self.critic(hist[:, -1], imagined, chunks.flatten(0, 1)).view(b, 1 + m)
         weight = None if success is None else success.to(torch.bool).reshape(b).float()
         loss = critic_loss(logits, weight)
         with torch.no_grad():  # how often the dataset's chunk is the critic's top pick (chance 1 / (1 + M))
@@ -327,16 +330,20 @@ class WorldPath(nn.Module):
 
         Every candidate is rolled through the dynamics in one batch of B x N. goal: minus the L1 distance
         of the imagined latent at predicted frame `horizon` (1..K) to the goal latent [B, D] (`goal_score`);
-        critic: the outcome critic's logit of all K imagined frames; reward: the reward head's mean over
+        critic: the outcome critic's logit of all K imagined frames (and / or the chunk, by
+        `critic_input`); reward: the reward head's mean over
         the imagined frames 1..horizon (a short return); progress: minus the progress head's remaining
         fraction at frame `horizon`.
         """
         kind = self.score_kind(goal)
         b, n = chunks.shape[:2]
         hist = history.repeat_interleave(n, dim=0)
-        imagined = self.imagine(hist, chunks.flatten(0, 1))
+        flat = chunks.flatten(0, 1)
+        if kind == "critic" and not self.critic.reads_imagined:  # the actions-only control imagines nothing
+            return self.critic(hist[:, -1], None, flat).view(b, n).float()
+        imagined = self.imagine(hist, flat)
         if kind == "critic":
-            return self.critic(hist[:, -1], imagined).view(b, n).float()
+            return self.critic(hist[:, -1], imagined, flat).view(b, n).float()
         future = self.to_absolute(imagined, hist[:, -1])
         if kind == "reward":
             return self.reward(future[:, :horizon]).float().mean(dim=1).view(b, n)
