@@ -350,23 +350,19 @@ def _main(args) -> int:
         chunks = torch.as_tensor(arr["candidates"]).float()
         inputs[split] = {"current": current, "imagined": imagined, "chunks": chunks}
 
-    def critic_inputs(critic, x: dict, imagined=None) -> tuple:
-        # What `critic` reads of split `x` (None for an input it does not read); `imagined` replaces x's.
-        imagined = x["imagined"] if imagined is None else imagined
-        return (x["current"], imagined if critic.reads_imagined else None,
-                x["chunks"] if critic.reads != "imagined" else None)  # fmt: skip
-
     losses, scores = {}, {}
     for reads, critic in critics.items():
         name = CRITIC_NAMES[reads]
-        cur, imagined, chunks = critic_inputs(critic, inputs["train"])
-        losses[name] = train_critic(critic, cur, imagined, data["train"]["true"], args.steps, args.lr,
-                                    args.batch_size, args.seed, args.loss, chunks=chunks)  # fmt: skip
-        scores[name] = {s: critic_scores(critic, *critic_inputs(critic, inputs[s])) for s in data}
+        # Every critic gets both inputs and reads only its own (`OutcomeCritic.reads`).
+        x = inputs["train"]
+        losses[name] = train_critic(critic, x["current"], x["imagined"], data["train"]["true"], args.steps, args.lr,
+                                    args.batch_size, args.seed, args.loss, chunks=x["chunks"])  # fmt: skip
+        scores[name] = {s: critic_scores(critic, inputs[s]["current"], inputs[s]["imagined"], inputs[s]["chunks"])
+                        for s in data}  # fmt: skip
     both, scores[SHUFFLED] = critics["both"], {}
     for split in data:
         shuffled = shuffle_candidates(inputs[split]["imagined"], args.seed)
-        scores[SHUFFLED][split] = critic_scores(both, *critic_inputs(both, inputs[split], shuffled))
+        scores[SHUFFLED][split] = critic_scores(both, inputs[split]["current"], shuffled, inputs[split]["chunks"])
     scores["checkpoint's score"] = {s: data[s]["model"] for s in data}
 
     def per_task(s: np.ndarray, split: str) -> dict:

@@ -293,7 +293,8 @@ class WorldPath(nn.Module):
             noise = scale.to(actions.dtype) * torch.randn((b, m, *actions.shape[1:]), device=actions.device, dtype=actions.dtype)
             chunks = torch.cat([actions.unsqueeze(1), actions.unsqueeze(1) + noise], dim=1)
             hist = history.repeat_interleave(1 + m, dim=0)
-            imagined = self.imagine(hist, chunks.flatten(0, 1))
+            # The actions-only control reads no imagined frames: skip the rollout.
+            imagined = self.imagine(hist, chunks.flatten(0, 1)) if self.critic.reads_imagined else None
         logits = self.critic(hist[:, -1], imagined, chunks.flatten(0, 1)).view(b, 1 + m)
         weight = None if success is None else success.to(torch.bool).reshape(b).float()
         loss = critic_loss(logits, weight)
@@ -339,9 +340,8 @@ class WorldPath(nn.Module):
         b, n = chunks.shape[:2]
         hist = history.repeat_interleave(n, dim=0)
         flat = chunks.flatten(0, 1)
-        if kind == "critic" and not self.critic.reads_imagined:  # the actions-only control imagines nothing
-            return self.critic(hist[:, -1], None, flat).view(b, n).float()
-        imagined = self.imagine(hist, flat)
+        # The actions-only control reads no imagined frames: skip the rollout.
+        imagined = None if kind == "critic" and not self.critic.reads_imagined else self.imagine(hist, flat)
         if kind == "critic":
             return self.critic(hist[:, -1], imagined, flat).view(b, n).float()
         future = self.to_absolute(imagined, hist[:, -1])
