@@ -3,6 +3,7 @@ run in subprocesses (MetaWorld) that is killed during training, resumed, and rer
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -555,8 +556,16 @@ def test_end_to_end_arms_with_their_own_encoders(dataset_root, tmp_path):
     spec["eval"] = {**spec["eval"], "episodes": 1, "episode_length": 5, "videos": 0}
     spec_path = tmp_path / "two_encoders.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
+    # --no_evals: the trainings (and the precomputes they need) run, no evaluation does; the report says so.
+    res = _compare(spec_path, "--no_evals")
+    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
+    assert sorted(p.name for p in (out / "units").glob("train__*")) == ["train__P16__seed0.json", "train__P8__seed0.json"]
+    assert not list((out / "units").glob("eval__*")) and not re.search(r"eval/\S+: started", res.stdout)
+    assert not json.loads((out / "report.json").read_text())["complete"]
+    # The same command without it adds the evaluations and nothing else.
     res = _compare(spec_path)
     assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
+    assert res.stdout.count(": started") == 2 and "eval/P16/seed0" in res.stdout and "train/P16/seed0: done - skipped" in res.stdout
     for arm, encoder, dim in (("P16", "pixels", 16), ("P8", "pixels-8", 8)):
         model = out / "train" / arm / "seed0/checkpoints/last/pretrained_model"
         assert json.loads((model / "train_config.json").read_text())["policy"]["encoder"] == encoder

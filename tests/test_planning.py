@@ -668,14 +668,19 @@ def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rep = json.loads((tmp_path / "pc" / "report.json").read_text())
     assert ("model_fit:r2", "all", 1) in {(c["x"], c["task"], c["pairs"]) for c in rep["comparisons"]}
-    # The critic that reads the imagined frames and the actions, exported instead: its extra input layer is
-    # saved, and stock lerobot-eval rebuilds it from the config and plans with it.
+    # The critic that reads the imagined frames and the actions, each projected on its own, exported
+    # instead: its other layers are saved, and stock lerobot-eval rebuilds it from the config and plans with it.
     res = run([BIN / "lerobot-wm-fit-plan-score", f"--policy.path={ckpt}", "--candidates", tmp_path / "collect",
-               "--output_dir", tmp_path / "fit_both", "--steps=30", "--holdout=0.4", "--critic_input=both"])  # fmt: skip
+               "--output_dir", tmp_path / "fit_both", "--steps=30", "--holdout=0.4", "--critic_input=both_projected"])  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     both = tmp_path / "fit_both" / "pretrained_model"
-    assert json.loads((both / "config.json").read_text())["critic_input"] == "both"
+    assert json.loads((both / "config.json").read_text())["critic_input"] == "both_projected"
     with safe_open(str(ckpt / "model.safetensors"), "pt") as a, safe_open(str(both / "model.safetensors"), "pt") as b:
-        assert set(b.keys()) - set(a.keys()) == {"world.critic.actions.weight", "world.critic.actions.bias"}
+        added, removed = set(b.keys()) - set(a.keys()), set(a.keys()) - set(b.keys())
+    wb = ("weight", "bias")
+    assert added == {f"world.critic.actions.{p}" for p in wb} | {
+        f"world.critic.project.{i}.{j}.{p}" for i in ("current", "imagined", "actions") for j in (0, 1) for p in wb
+    } | {f"world.critic.net.{j}.{p}" for j in (1, 3) for p in wb}, sorted(added)
+    assert removed == {f"world.critic.net.{j}.{p}" for j in (0, 2) for p in wb}, sorted(removed)
     res = run([*capped_eval_cmd(both, tmp_path / "eval_both", episode_length=4), "--policy.planner=rerank"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]

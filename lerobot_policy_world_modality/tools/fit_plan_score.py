@@ -13,7 +13,7 @@ each (its mean reward at the steps the world model imagines, executed in the sim
 state).
 
 The score is an outcome critic (`world.dynamics.OutcomeCritic`) on the checkpoint's own world model.
-Three critics of the same shape are fitted side by side, and `--critic_input` picks the one exported:
+Four critics are fitted side by side, and `--critic_input` picks the one exported:
 - `imagined` (default): the current latent and the K frames the action-conditioned dynamics imagine for a
   candidate, never the actions themselves, so it ranks candidates only as well as the world model tells
   them apart;
@@ -22,7 +22,10 @@ Three critics of the same shape are fitted side by side, and `--critic_input` pi
   needs;
 - `both`: the imagined frames and the actions. Whether it uses the world model is measured by an
   intervention: its held-out ranking with each decision's imagined frames shuffled among its candidates
-  (the actions kept). If the ranking does not fall, the world model adds nothing the actions lack.
+  (the actions kept). If the ranking does not fall, the world model adds nothing the actions lack;
+- `both_projected`: the same two inputs, each projected and normalised on its own before they are mixed,
+  so the actions' few numbers weigh as much as the thousands of imagined ones. Measured by the same
+  shuffle: with the actions given their weight, it says whether the imagined frames add to them.
 
 Each is trained with a pairwise ranking loss (`world.dynamics.ranking_loss`; `--loss listwise` for
 `world.dynamics.listwise_loss`, weighted toward the best candidates) while the world model stays frozen.
@@ -59,9 +62,14 @@ from .plan_check import DEFAULT_FIT_LABEL, FIT_RECORD
 # target (`world.dynamics.listwise_loss`).
 LOSSES = ("ranknet", "listwise")
 # The critics fitted side by side, by `--critic_input` (`world.dynamics.CRITIC_INPUTS`), as the figures name them.
-CRITIC_NAMES = {"imagined": "world model", "both": "world model + actions", "actions": "control: actions"}
-# The intervention on the `both` critic: its imagined frames shuffled among each decision's candidates.
-SHUFFLED = "world model + actions, imagined shuffled"
+# New critics go last: each is built from the seeded generator in this order, so the earlier ones keep
+# their initial weights (a refit reproduces an earlier fit's critic).
+CRITIC_NAMES = {"imagined": "world model", "both": "world model + actions", "actions": "control: actions",
+                "both_projected": "world model + actions, projected"}  # fmt: skip
+# The intervention on the critics that read both inputs: their imagined frames shuffled among each
+# decision's candidates, the actions kept.
+SHUFFLED = {"both": "world model + actions, imagined shuffled",
+            "both_projected": "world model + actions, projected, imagined shuffled"}  # fmt: skip
 # Files of a checkpoint the fit writes itself; every other file (processors, train_config) is copied.
 WRITTEN = ("config.json", "model.safetensors", "README.md", FIT_RECORD)
 
@@ -286,7 +294,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "against the candidates' true ranks, weighted toward the best")
     p.add_argument("--critic_input", choices=tuple(CRITIC_NAMES), default="imagined",
                    help="Which fitted critic the exported checkpoint plans with: imagined (the world model's imagined "
-                        "frames; default), both (imagined frames and actions) or actions (the control without the world model)")
+                        "frames; default), both (imagined frames and actions), both_projected (the same, each input "
+                        "projected on its own before they are mixed) or actions (the control without the world model)")
     p.add_argument("--label", default=DEFAULT_FIT_LABEL,
                    help="Name of this fit in lerobot-wm-plan-check --report: its --pick=model runs form the group "
                         f"model_fit:<label> (default {DEFAULT_FIT_LABEL!r}: the group model_fit), so several fits of one "
@@ -359,10 +368,12 @@ def _main(args) -> int:
                                     args.batch_size, args.seed, args.loss, chunks=x["chunks"])  # fmt: skip
         scores[name] = {s: critic_scores(critic, inputs[s]["current"], inputs[s]["imagined"], inputs[s]["chunks"])
                         for s in data}  # fmt: skip
-    both, scores[SHUFFLED] = critics["both"], {}
-    for split in data:
-        shuffled = shuffle_candidates(inputs[split]["imagined"], args.seed)
-        scores[SHUFFLED][split] = critic_scores(both, inputs[split]["current"], shuffled, inputs[split]["chunks"])
+    for reads, name in SHUFFLED.items():
+        scores[name] = {}
+        for split in data:
+            shuffled = shuffle_candidates(inputs[split]["imagined"], args.seed)
+            scores[name][split] = critic_scores(critics[reads], inputs[split]["current"], shuffled,
+                                                inputs[split]["chunks"])  # fmt: skip
     scores["checkpoint's score"] = {s: data[s]["model"] for s in data}
 
     def per_task(s: np.ndarray, split: str) -> dict:

@@ -17,8 +17,9 @@ score of imagined outcomes that carries what the demonstrations alone do not (ho
 trained to tell the imagined outcome of the dataset's chunk from those of perturbations of it (a
 softmax over one positive and several negatives): a score that peaks where the demonstrations act,
 judged through the world model, instead of a progress slope that rises without bound along some
-direction of the actions. It may read the chunk's actions as well (`critic_input="both"`), or only them
-(`"actions"`: a control that judges candidates without the world model).
+direction of the actions. It may read the chunk's actions as well (`critic_input="both"` or
+`"both_projected"`), or only them (`"actions"`: a control that judges candidates without the world
+model).
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ DYNAMICS = ("none", "action_conditioned")
 # What a planner scores imagined outcomes by; "auto" takes the first available in this order.
 PLANNER_SCORES = ("auto", "goal", "critic", "reward", "progress")
 # What the outcome critic reads beside the current latent: the K imagined frames, the actions the dynamics
-# read, or both.
-CRITIC_INPUTS = ("imagined", "actions", "both")
+# read, or both; "both_projected" reads both, each projected on its own before they are mixed.
+CRITIC_INPUTS = ("imagined", "actions", "both", "both_projected")
 
 
 class ActionDynamics(nn.Module):
@@ -127,7 +128,12 @@ class OutcomeCritic(nn.Module):
     how good a candidate's outcome looks. `reads` picks the inputs beside the current latent
     (`CRITIC_INPUTS`): the imagined frames, the first `action_len` actions of the chunk, or both. Each
     input is layer-normalised on its own, so the critic judges the shape of the imagined change and of
-    the actions, not their scales, and neither swamps the other."""
+    the actions, not their scales.
+
+    "both" concatenates the normalised inputs into one MLP, where the K x D imagined numbers outnumber
+    the actions' few hundredfold. "both_projected" first projects each input to `width` and
+    layer-normalises the projection, so every input enters the mix with the same weight whatever its
+    size."""
 
     def __init__(self, latent_dim: int, num_future: int, width: int = 128, reads: str = "imagined",
                  action_dim: int = 0, action_len: int = 0):  # fmt: skip
@@ -138,36 +144,49 @@ class OutcomeCritic(nn.Module):
             raise ValueError(f"critic_input '{reads}' reads the actions: action_dim and action_len must be >= 1.")
         self.reads, self.action_len = reads, action_len
         self.current = nn.LayerNorm(latent_dim)
-        in_width = latent_dim
+        widths = {"current": latent_dim}
         # The imagined input keeps its name, so checkpoints of imagined-only critics load unchanged.
-        if reads in ("imagined", "both"):
+        if self.reads_imagined:
             self.imagined = nn.LayerNorm(latent_dim * num_future)
-            in_width += latent_dim * num_future
-        if reads in ("actions", "both"):
+            widths["imagined"] = latent_dim * num_future
+        if self.reads_actions:
             self.actions = nn.LayerNorm(action_len * action_dim)
-            in_width += action_len * action_dim
-        self.net = nn.Sequential(nn.Linear(in_width, width), nn.GELU(), nn.Linear(width, 1))
+            widths["actions"] = action_len * action_dim
+        if reads == "both_projected":
+            self.project = nn.ModuleDict({k: nn.Sequential(nn.Linear(w, width), nn.LayerNorm(width))
+                                          for k, w in widths.items()})  # fmt: skip
+            self.net = nn.Sequential(nn.GELU(), nn.Linear(width * len(widths), width), nn.GELU(), nn.Linear(width, 1))
+        else:
+            self.project = None
+            self.net = nn.Sequential(nn.Linear(sum(widths.values()), width), nn.GELU(), nn.Linear(width, 1))
 
     @property
     def reads_imagined(self) -> bool:
         """Whether the critic needs the dynamics' imagined frames (an actions-only critic does not)."""
         return self.reads != "actions"
 
+    @property
+    def reads_actions(self) -> bool:
+        """Whether the critic reads the chunk's first `action_len` actions."""
+        return self.reads != "imagined"
+
     def forward(self, current: Tensor, imagined: Tensor | None = None, chunk: Tensor | None = None) -> Tensor:
         """Logits [N]; higher = a better outcome. `imagined` [N, K, D] and `chunk` [N, H >= action_len, A]
         are needed only when the critic reads them."""
-        dtype = self.net[0].weight.dtype
-        parts = [self.current(current.to(dtype))]
+        dtype = self.current.weight.dtype
+        parts = {"current": self.current(current.to(dtype))}
         if self.reads_imagined:
             if imagined is None:
                 raise ValueError(f"This outcome critic (critic_input '{self.reads}') reads the imagined frames.")
-            parts.append(self.imagined(imagined.flatten(1).to(dtype)))
-        if self.reads != "imagined":
+            parts["imagined"] = self.imagined(imagined.flatten(1).to(dtype))
+        if self.reads_actions:
             if chunk is None or chunk.shape[1] < self.action_len:
                 raise ValueError(f"This outcome critic (critic_input '{self.reads}') reads the first "
                                  f"{self.action_len} actions of each chunk [N, H, A].")  # fmt: skip
-            parts.append(self.actions(chunk[:, : self.action_len].flatten(1).to(dtype)))
-        return self.net(torch.cat(parts, dim=-1)).squeeze(-1)
+            parts["actions"] = self.actions(chunk[:, : self.action_len].flatten(1).to(dtype))
+        if self.project is not None:
+            parts = {k: self.project[k](x) for k, x in parts.items()}
+        return self.net(torch.cat(list(parts.values()), dim=-1)).squeeze(-1)
 
 
 def critic_loss(logits: Tensor, weight: Tensor | None = None) -> Tensor:
