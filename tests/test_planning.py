@@ -644,7 +644,9 @@ def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_
     fit = json.loads((tmp_path / "fit" / "fit.json").read_text())
     assert fit["source"] == str(ckpt) and (tmp_path / "fit" / "fit.png").is_file() and fit["label"] == "r2"
     assert set(fit["figures"]["held_out"]) == {"world model", "world model + actions", "control: actions",
-                                               "world model + actions, imagined shuffled", "checkpoint's score"}  # fmt: skip
+                                               "world model + actions, projected", "checkpoint's score",
+                                               "world model + actions, imagined shuffled",
+                                               "world model + actions, projected, imagined shuffled"}  # fmt: skip
     assert fit["exported"] == "world model"
     by_source = {src: b["decisions"] for split in ("train", "held_out")
                  for src, b in fit["figures"][split]["world model"]["sources"].items()}  # fmt: skip
