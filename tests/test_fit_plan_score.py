@@ -137,23 +137,24 @@ def _two_inputs(m: int, driver: str, seed: int):
 def test_shuffling_the_imagined_frames_shows_whether_a_critic_that_reads_both_uses_them(driver, both):
     """The intervention fit-plan-score reports for the critics that read both inputs: each decision's
     imagined frames permuted among its candidates, the actions kept. Its ranking must fall when the truth
-    lies in the imagined frames and hold when it lies in the actions; each single-input critic ranks only
-    its own."""
+    lies in the imagined frames and hold when it lies in the actions; each single-input critic of the same
+    architecture (plain or projected) ranks only its own."""
     cur, img, chunks, true = _two_inputs(400, driver, seed=1)
     hcur, himg, hchunks, htrue = _two_inputs(200, driver, seed=2)
     held = {}
-    for reads in ("imagined", "actions", both):
+    suffix = both.removeprefix("both")  # the single-input critics of the same architecture
+    for reads in ("imagined" + suffix, "actions" + suffix, both):
         torch.manual_seed(0)
         critic = OutcomeCritic(8, 2, 32, reads, action_dim=3, action_len=4)
-        train_critic(critic, cur, img if reads != "actions" else None, true, steps=300, lr=3e-3, batch=32, seed=0,
-                     chunks=chunks if reads != "imagined" else None)  # fmt: skip
-        held[reads] = ranking_figures(critic_scores(critic, hcur, himg if reads != "actions" else None,
-                                                    hchunks if reads != "imagined" else None), htrue)["spearman_median"]  # fmt: skip
+        train_critic(critic, cur, img if critic.reads_imagined else None, true, steps=300, lr=3e-3, batch=32, seed=0,
+                     chunks=chunks if critic.reads_actions else None)  # fmt: skip
+        held[reads.removesuffix(suffix)] = ranking_figures(critic_scores(
+            critic, hcur, himg if critic.reads_imagined else None, hchunks if critic.reads_actions else None), htrue)["spearman_median"]  # fmt: skip
         if reads == both:
             shuffled = critic_scores(critic, hcur, shuffle_candidates(himg, seed=0), hchunks)
             held["shuffled"] = ranking_figures(shuffled, htrue)["spearman_median"]
     other = "actions" if driver == "imagined" else "imagined"
-    assert held[driver] > 0.6 and held[both] > 0.6 and abs(held[other]) < 0.25, held
+    assert held[driver] > 0.6 and held["both"] > 0.6 and abs(held[other]) < 0.25, held
     if driver == "imagined":
         assert abs(held["shuffled"]) < 0.25, held
     else:
@@ -197,4 +198,7 @@ def test_missing_candidates_and_checkpoints_are_refused_by_name(tmp_path, capsys
     rc = main(["--policy.path", str(tmp_path / "ckpt"), "--candidates", str(tmp_path), "--output_dir", str(tmp_path / "o"),
                "--label", "round 2"])  # fmt: skip
     assert rc == 2 and "--label 'round 2'" in capsys.readouterr().err
+    rc = main(["--policy.path", str(tmp_path / "ckpt"), "--candidates", str(tmp_path), "--output_dir", str(tmp_path / "o"),
+               "--critic_input", "both_projected", "--critics", "imagined", "actions"])  # fmt: skip
+    assert rc == 2 and "--critics must include it" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

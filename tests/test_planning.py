@@ -645,6 +645,7 @@ def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_
     assert fit["source"] == str(ckpt) and (tmp_path / "fit" / "fit.png").is_file() and fit["label"] == "r2"
     assert set(fit["figures"]["held_out"]) == {"world model", "world model + actions", "control: actions",
                                                "world model + actions, projected", "checkpoint's score",
+                                               "world model, projected", "control: actions, projected",
                                                "world model + actions, imagined shuffled",
                                                "world model + actions, projected, imagined shuffled"}  # fmt: skip
     assert fit["exported"] == "world model"

@@ -13,7 +13,8 @@ each (its mean reward at the steps the world model imagines, executed in the sim
 state).
 
 The score is an outcome critic (`world.dynamics.OutcomeCritic`) on the checkpoint's own world model.
-Four critics are fitted side by side, and `--critic_input` picks the one exported:
+Up to six critics are fitted side by side (`--critics`; all by default), and `--critic_input` picks the
+one exported:
 - `imagined` (default): the current latent and the K frames the action-conditioned dynamics imagine for a
   candidate, never the actions themselves, so it ranks candidates only as well as the world model tells
   them apart;
@@ -24,8 +25,10 @@ Four critics are fitted side by side, and `--critic_input` picks the one exporte
   intervention: its held-out ranking with each decision's imagined frames shuffled among its candidates
   (the actions kept). If the ranking does not fall, the world model adds nothing the actions lack;
 - `both_projected`: the same two inputs, each projected and normalised on its own before they are mixed,
-  so the actions' few numbers weigh as much as the thousands of imagined ones. Measured by the same
-  shuffle: with the actions given their weight, it says whether the imagined frames add to them.
+  so the actions' few numbers weigh as much as the thousands of imagined ones. It gets the same shuffle.
+  Its architecture differs from the plain critics', so its controls are `imagined_projected` and
+  `actions_projected`: whether the world model adds to the actions is `both_projected` against
+  `actions_projected`, the same critic without the imagined frames.
 
 Each is trained with a pairwise ranking loss (`world.dynamics.ranking_loss`; `--loss listwise` for
 `world.dynamics.listwise_loss`, weighted toward the best candidates) while the world model stays frozen.
@@ -65,7 +68,8 @@ LOSSES = ("ranknet", "listwise")
 # New critics go last: each is built from the seeded generator in this order, so the earlier ones keep
 # their initial weights (a refit reproduces an earlier fit's critic).
 CRITIC_NAMES = {"imagined": "world model", "both": "world model + actions", "actions": "control: actions",
-                "both_projected": "world model + actions, projected"}  # fmt: skip
+                "both_projected": "world model + actions, projected", "imagined_projected": "world model, projected",
+                "actions_projected": "control: actions, projected"}  # fmt: skip
 # The intervention on the critics that read both inputs: their imagined frames shuffled among each
 # decision's candidates, the actions kept.
 SHUFFLED = {"both": "world model + actions, imagined shuffled",
@@ -294,8 +298,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "against the candidates' true ranks, weighted toward the best")
     p.add_argument("--critic_input", choices=tuple(CRITIC_NAMES), default="imagined",
                    help="Which fitted critic the exported checkpoint plans with: imagined (the world model's imagined "
-                        "frames; default), both (imagined frames and actions), both_projected (the same, each input "
-                        "projected on its own before they are mixed) or actions (the control without the world model)")
+                        "frames; default), both (imagined frames and actions), actions (the control without the world "
+                        "model), or one of them with _projected (each input projected on its own before they are mixed)")
+    p.add_argument("--critics", nargs="+", choices=tuple(CRITIC_NAMES), default=list(CRITIC_NAMES),
+                   help="Which critics to fit side by side (default: all six; each costs about as much as the others). "
+                        "Must include --critic_input")
     p.add_argument("--label", default=DEFAULT_FIT_LABEL,
                    help="Name of this fit in lerobot-wm-plan-check --report: its --pick=model runs form the group "
                         f"model_fit:<label> (default {DEFAULT_FIT_LABEL!r}: the group model_fit), so several fits of one "
@@ -326,6 +333,9 @@ def _main(args) -> int:
         raise FitPlanScoreError(f"--policy.path {source} has no config.json: give a checkpoint's pretrained_model directory.")
     if not args.label or not all(ch.isalnum() or ch in "-_." for ch in args.label):
         raise FitPlanScoreError(f"--label {args.label!r} must be a non-empty name of letters, digits, '-', '_' or '.'.")
+    if args.critic_input not in args.critics:
+        raise FitPlanScoreError(f"--critic_input {args.critic_input} is exported, so --critics must include it "
+                                f"(got {' '.join(args.critics)}).")  # fmt: skip
     if not 0.0 < args.holdout < 1.0:
         raise FitPlanScoreError(f"--holdout must lie in (0, 1), got {args.holdout}.")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
@@ -352,7 +362,9 @@ def _main(args) -> int:
     data = {"train": stack(train), "held_out": stack(held)}
     torch.manual_seed(args.seed)
     k = cfg.future_frames
-    critics = {reads: OutcomeCritic(d, k, cfg.prophet_width, reads, policy.action_dim, a_len) for reads in CRITIC_NAMES}
+    # Every critic is built, in a fixed order, so each starts from the same weights whichever are fitted.
+    built = {reads: OutcomeCritic(d, k, cfg.prophet_width, reads, policy.action_dim, a_len) for reads in CRITIC_NAMES}
+    critics = {reads: critic for reads, critic in built.items() if reads in args.critics}
     inputs = {}
     for split, arr in data.items():
         imagined, current = imagine_all(world, arr["history"], arr["candidates"])
@@ -369,6 +381,8 @@ def _main(args) -> int:
         scores[name] = {s: critic_scores(critic, inputs[s]["current"], inputs[s]["imagined"], inputs[s]["chunks"])
                         for s in data}  # fmt: skip
     for reads, name in SHUFFLED.items():
+        if reads not in critics:
+            continue
         scores[name] = {}
         for split in data:
             shuffled = shuffle_candidates(inputs[split]["imagined"], args.seed)
@@ -397,7 +411,8 @@ def _main(args) -> int:
         "decisions": {s: int(len(data[s]["true"])) for s in data},
         "candidates_per_decision": int(cand_shape[0]),
         "settings": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                     "holdout": args.holdout, "loss": args.loss, "critic_input": args.critic_input},  # fmt: skip
+                     "holdout": args.holdout, "loss": args.loss, "critic_input": args.critic_input,
+                     "critics": list(critics)},  # fmt: skip
         "exported": CRITIC_NAMES[args.critic_input],
         "losses": losses,
         "figures": figures,

@@ -35,8 +35,9 @@ DYNAMICS = ("none", "action_conditioned")
 # What a planner scores imagined outcomes by; "auto" takes the first available in this order.
 PLANNER_SCORES = ("auto", "goal", "critic", "reward", "progress")
 # What the outcome critic reads beside the current latent: the K imagined frames, the actions the dynamics
-# read, or both; "both_projected" reads both, each projected on its own before they are mixed.
-CRITIC_INPUTS = ("imagined", "actions", "both", "both_projected")
+# read, or both. With "_projected", each input is projected on its own before an MLP mixes them.
+CRITIC_INPUTS = ("imagined", "actions", "both", "imagined_projected", "actions_projected", "both_projected")
+PROJECTED = "_projected"
 
 
 class ActionDynamics(nn.Module):
@@ -130,17 +131,18 @@ class OutcomeCritic(nn.Module):
     input is layer-normalised on its own, so the critic judges the shape of the imagined change and of
     the actions, not their scales.
 
-    "both" concatenates the normalised inputs into one MLP, where the K x D imagined numbers outnumber
-    the actions' few hundredfold. "both_projected" first projects each input to `width` and
-    layer-normalises the projection, so every input enters the mix with the same weight whatever its
-    size."""
+    Plain inputs are concatenated into one MLP, where the K x D imagined numbers outnumber the actions'
+    few hundredfold. With the "_projected" suffix ("both_projected", and its single-input controls
+    "imagined_projected" and "actions_projected") each input, the current latent included, is first
+    projected to `width` and layer-normalised, so every input enters the mix with the same weight
+    whatever its size."""
 
     def __init__(self, latent_dim: int, num_future: int, width: int = 128, reads: str = "imagined",
                  action_dim: int = 0, action_len: int = 0):  # fmt: skip
         super().__init__()
         if reads not in CRITIC_INPUTS:
             raise ValueError(f"critic_input '{reads}' is not one of {CRITIC_INPUTS}.")
-        if reads != "imagined" and action_dim * action_len < 1:
+        if reads.removesuffix(PROJECTED) != "imagined" and action_dim * action_len < 1:
             raise ValueError(f"critic_input '{reads}' reads the actions: action_dim and action_len must be >= 1.")
         self.reads, self.action_len = reads, action_len
         self.current = nn.LayerNorm(latent_dim)
@@ -152,7 +154,7 @@ class OutcomeCritic(nn.Module):
         if self.reads_actions:
             self.actions = nn.LayerNorm(action_len * action_dim)
             widths["actions"] = action_len * action_dim
-        if reads == "both_projected":
+        if reads.endswith(PROJECTED):
             self.project = nn.ModuleDict({k: nn.Sequential(nn.Linear(w, width), nn.LayerNorm(width))
                                           for k, w in widths.items()})  # fmt: skip
             self.net = nn.Sequential(nn.GELU(), nn.Linear(width * len(widths), width), nn.GELU(), nn.Linear(width, 1))
@@ -163,12 +165,12 @@ class OutcomeCritic(nn.Module):
     @property
     def reads_imagined(self) -> bool:
         """Whether the critic needs the dynamics' imagined frames (an actions-only critic does not)."""
-        return self.reads != "actions"
+        return self.reads.removesuffix(PROJECTED) != "actions"
 
     @property
     def reads_actions(self) -> bool:
         """Whether the critic reads the chunk's first `action_len` actions."""
-        return self.reads != "imagined"
+        return self.reads.removesuffix(PROJECTED) != "imagined"
 
     def forward(self, current: Tensor, imagined: Tensor | None = None, chunk: Tensor | None = None) -> Tensor:
         """Logits [N]; higher = a better outcome. `imagined` [N, K, D] and `chunk` [N, H >= action_len, A]

@@ -173,7 +173,7 @@ class DynamicsOptions:
     lambda_critic: float = 0.1
     # Perturbations of the dataset's chunk per training frame, the critic's negatives (at planner_noise).
     critic_negatives: int = 7
-    # What the critic reads beside the current latent: "imagined" frames, "actions" (a control), "both", "both_projected".
+    # What the critic reads besides the current latent: "imagined", "actions" (a control), "both"; "<x>_projected".
     critic_input: str = "imagined"
     # Train a reward head (the step's reward from a latent, from the dataset's next.reward): a planner score.
     reward_head: bool = False
