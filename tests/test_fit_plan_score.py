@@ -5,12 +5,17 @@ test (step 6); here the pieces it rests on."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
 
 from lerobot_policy_world_modality.tools.fit_plan_score import (
+    CRITIC_NAMES,
+    SHUFFLED,
     critic_scores,
+    fit_figure,
     is_holdout,
     main,
     ranking_figures,
@@ -202,3 +207,19 @@ def test_missing_candidates_and_checkpoints_are_refused_by_name(tmp_path, capsys
                "--critic_input", "both_projected", "--critics", "imagined", "actions"])  # fmt: skip
     assert rc == 2 and "--critics must include it" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_fit_figure_draws_every_critic_and_shuffle_the_fit_reports():
+    """Six critics, two shuffle rows and the checkpoint's score are more series than the palette has
+    colours; the figure must still draw them all (a shuffle row in its critic's colour, hatched)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.image import imread
+
+    g = np.random.default_rng(0)
+    true = g.normal(size=(40, 8))
+    fig = {"all": ranking_figures(true + g.normal(size=true.shape), true), "tasks": {}}
+    names = [*CRITIC_NAMES.values(), *SHUFFLED.values(), "checkpoint's score"]
+    png = fit_figure({name: {**fig, "tasks": {"t": fig["all"]}} for name in names})
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and imread(io.BytesIO(png)).shape[0] > 100

@@ -265,14 +265,24 @@ def fit_figure(figures: dict) -> bytes:
     tasks = sorted({t for f in figures.values() for t in f["tasks"]}) + ["all"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     width = 0.8 / max(1, len(figures))
+    # More series than colours: a shuffle row is drawn hatched in the colour of the critic it shuffles.
+    colours: dict[str, str] = {}
+    for name in figures:
+        if name not in SHUFFLED.values():
+            colours[name] = PALETTE[len(colours) % len(PALETTE)]
+    for reads, name in SHUFFLED.items():
+        colours[name] = colours.get(CRITIC_NAMES[reads], PALETTE[-1])
     for ax, key, title in ((axes[0], "spearman_median", "median Spearman with the true outcome"),
                            (axes[1], "share_of_oracle_gain", "share of the oracle's gain")):  # fmt: skip
         for j, (name, f) in enumerate(figures.items()):
             vals = [(f["all"] if t == "all" else f["tasks"].get(t, {})).get(key, math.nan) for t in tasks]
             xs = [i - 0.4 + width * (j + 0.5) for i in range(len(tasks))]
-            ax.bar(xs, [v if math.isfinite(v) else 0.0 for v in vals], width=width * 0.9, color=PALETTE[j], label=name)
+            shuffled = name in SHUFFLED.values()
+            ax.bar(xs, [v if math.isfinite(v) else 0.0 for v in vals], width=width * 0.9, label=name,
+                   color="white" if shuffled else colours[name], hatch="///" if shuffled else None,
+                   edgecolor=colours[name])  # fmt: skip
         ax.axhline(0.0, color="black", linewidth=0.8)
-        ax.set_xticks(range(len(tasks)), tasks, fontsize=8)
+        ax.set_xticks(range(len(tasks)), tasks, fontsize=7)
         ax.set_title(f"held out: {title}", fontsize=9)
     axes[1].axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
