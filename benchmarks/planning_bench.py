@@ -3,10 +3,11 @@
     python benchmarks/planning_bench.py                      # ~2 min on one CPU thread
     python benchmarks/planning_bench.py --samples 8,16,32 --out outputs/bench/planning.json
     python benchmarks/planning_bench.py --samples 16 --score critic   # the outcome critic's score (or reward)
+    python benchmarks/planning_bench.py --samples 16 --score critic --critic_input both_projected
 
 One world_f policy (config defaults: width 256, depth 4, Prophet width 128; world model = an
 action-conditioned Prophet of the same size with the head `--score` names: progress (default), the
-outcome critic or the reward head) on the `pixels` encoder's latent
+outcome critic, reading `--critic_input`, or the reward head) on the `pixels` encoder's latent
 dimension, batch 1, eval mode. For each planner and candidate count N it measures `select_action` on
 a preprocessed observation (the online encoder and the simulator are not included: they cost the same
 with and without planning), alternating with the same policy without planning on every repetition so
@@ -43,6 +44,7 @@ from bench_io import write_result  # noqa: E402
 from lerobot.configs.types import FeatureType, PolicyFeature  # noqa: E402
 
 from lerobot_policy_world_modality.constants import OBS_WORLD_LATENT  # noqa: E402
+from lerobot_policy_world_modality.world.dynamics import CRITIC_INPUTS  # noqa: E402
 from lerobot_policy_world_modality.world_f.configuration_world_f import WorldFConfig  # noqa: E402
 from lerobot_policy_world_modality.world_f.modeling_world_f import WorldFPolicy  # noqa: E402
 
@@ -65,11 +67,14 @@ class _OpCounter(TorchDispatchMode):
 SCORE_HEADS = {"progress": "progress_head", "critic": "plan_critic", "reward": "reward_head"}
 
 
-def build_policy(planner: str, samples: int, iterations: int, score: str = "progress") -> WorldFPolicy:
-    """world_f (variant F defaults) with an action-conditioned world model, the head of `score` and `planner`."""
+def build_policy(planner: str, samples: int, iterations: int, score: str = "progress",
+                 critic_input: str = "imagined") -> WorldFPolicy:  # fmt: skip
+    """world_f (variant F defaults) with an action-conditioned world model, the head of `score` (the critic
+    reading `critic_input`) and `planner`."""
     torch.manual_seed(0)
     cfg = WorldFConfig(
         device="cpu", world_latent_dim=LATENT_DIM, dynamics="action_conditioned", **{SCORE_HEADS[score]: True},
+        critic_input=critic_input,
         planner_score=score, planner=planner, planner_samples=samples, planner_iterations=iterations,
         input_features={"observation.state": PolicyFeature(FeatureType.STATE, (4,)),
                         "observation.image": PolicyFeature(FeatureType.VISUAL, (3, 480, 480))},
@@ -117,18 +122,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, default=3, help="CEM rounds")
     p.add_argument("--repeats", type=int, default=15, help="alternating repetitions per setting (medians)")
     p.add_argument("--score", default="progress", choices=sorted(SCORE_HEADS), help="what the planner scores by")
+    p.add_argument("--critic_input", default="imagined", choices=CRITIC_INPUTS,
+                   help="what the outcome critic reads (with --score critic)")
     p.add_argument("--out", default="outputs/bench/planning_bench.json")
     args = p.parse_args(argv)
+    if args.critic_input != "imagined" and args.score != "critic":
+        p.error("--critic_input needs --score critic (only the outcome critic reads it)")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
-    base = build_policy("none", 16, args.iterations, args.score)
+    base = build_policy("none", 16, args.iterations, args.score, args.critic_input)
     steps = base.config.n_action_steps
     rows = []
     load_before = os.getloadavg()
     base_counts = counts(base)
     for planner in ("rerank", "cem"):
         for n in [int(x) for x in args.samples.split(",")]:
-            policy = build_policy(planner, n, args.iterations, args.score)
+            policy = build_policy(planner, n, args.iterations, args.score, args.critic_input)
             policy.load_state_dict(base.state_dict())
             chunk_times(policy, steps), chunk_times(base, steps)  # warm-up
             plan_inf, plan_step, none_inf, none_step = [], [], [], []
@@ -168,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "planning_bench", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "load_before": load_before, "load_after": os.getloadavg()},
-        "latent_dim": LATENT_DIM, "score": args.score, "n_action_steps": steps, "none_counts": base_counts, "rows": rows,
+        "latent_dim": LATENT_DIM, "score": args.score, "critic_input": args.critic_input, "n_action_steps": steps, "none_counts": base_counts, "rows": rows,
         "target_per_step_ratio_at_16": verdicts,
     })  # fmt: skip
     return 0

@@ -13,11 +13,13 @@ import torch
 
 from lerobot_policy_world_modality.tools.fit_plan_score import (
     CRITIC_NAMES,
+    PAIRED,
     SHUFFLED,
     critic_scores,
     fit_figure,
     is_holdout,
     main,
+    paired_figures,
     ranking_figures,
     shuffle_candidates,
     train_critic,
@@ -223,3 +225,62 @@ def test_the_fit_figure_draws_every_critic_and_shuffle_the_fit_reports():
     names = [*CRITIC_NAMES.values(), *SHUFFLED.values(), "checkpoint's score"]
     png = fit_figure({name: {**fig, "tasks": {"t": fig["all"]}} for name in names})
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and imread(io.BytesIO(png)).shape[0] > 100
+
+
+def _episodes_of(m: int, per_episode: int) -> np.ndarray:
+    return np.array([f"t__{1000 + i // per_episode}" for i in range(m)])
+
+
+def test_paired_figures_credit_the_score_that_ranks_and_test_it_over_episodes():
+    """x ranks the truth (with noise), y does not: x wins on Spearman and on its picks' true outcome,
+    over the 12 episodes; x against itself differs by nothing."""
+    g = np.random.default_rng(0)
+    true = g.normal(size=(240, 16))
+    x, y = true + g.normal(size=true.shape), g.normal(size=true.shape)
+    episode = _episodes_of(240, 20)
+    res = paired_figures(x, y, true, episode)
+    r, o = res["spearman"], res["true_outcome"]
+    assert r["clusters"] == 12 and r["items"] == 240 and r["clusters_positive"] == 12
+    assert r["mean"] > 0.5 and r["bootstrap_ci"][0] > 0.4 and r["wilcoxon_p"] < 0.001
+    assert o["mean"] > 0.5 and o["wilcoxon_p"] < 0.001
+    assert len(res["per_decision"]["spearman"]) == 240 and res["per_decision"]["episode"][-1] == "t__1011"
+    same = paired_figures(x, x, true, episode)
+    assert same["spearman"]["mean"] == 0.0 and same["spearman"]["wilcoxon_p"] == 1.0
+    flat = true.copy()
+    flat[:20] = 1.0  # decisions whose candidates have one outcome tell nothing and are left out
+    assert paired_figures(x, y, flat, episode)["spearman"]["clusters"] == 11
+
+
+def test_pool_joins_the_fits_held_out_episodes_and_refuses_what_it_cannot_pool(tmp_path, capsys):
+    """--pool over two fits: every fit's decisions, each episode a cluster of its own fit (the same env
+    seed in two fits is two episodes), and the same test as one fit over those clusters."""
+    import json
+
+    from lerobot_policy_world_modality.tools.stats import clustered_paired_difference
+
+    g = np.random.default_rng(1)
+    key = f"{PAIRED[0][0]} vs {PAIRED[0][1]}"
+    per_fit = {}
+    for seed in (0, 1):
+        true = g.normal(size=(60, 8))
+        paired = paired_figures(true + g.normal(size=true.shape), g.normal(size=true.shape), true, _episodes_of(60, 10))
+        per_fit[seed] = paired["per_decision"]
+        (tmp_path / f"fit{seed}").mkdir()
+        (tmp_path / f"fit{seed}" / "fit.json").write_text(json.dumps({"source": f"ckpt{seed}", "paired": {key: paired}}))
+    out = tmp_path / "pooled"
+    assert main(["--pool", str(tmp_path / "fit0"), str(tmp_path / "fit1"), "--output_dir", str(out)]) == 0
+    assert key in capsys.readouterr().out
+    pooled = json.loads((out / "pooled.json").read_text())["paired"][key]
+    want = clustered_paired_difference(per_fit[0]["spearman"] + per_fit[1]["spearman"],
+                                       [f"{tmp_path / f'fit{s}'}/{e}" for s in (0, 1) for e in per_fit[s]["episode"]])  # fmt: skip
+    assert pooled["spearman"] == want and pooled["spearman"]["clusters"] == 12 and len(pooled["fits"]) == 2
+    # What cannot be pooled is refused by name, and nothing is written.
+    assert main(["--pool", str(tmp_path / "none"), "--output_dir", str(tmp_path / "o")]) == 2
+    assert "has no fit.json" in capsys.readouterr().err
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "fit.json").write_text(json.dumps({"source": "c", "figures": {}}))
+    assert main(["--pool", str(tmp_path / "old"), "--output_dir", str(tmp_path / "o")]) == 2
+    assert "holds no paired comparison" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit):  # without --pool a fit needs its checkpoint and candidates
+        main(["--output_dir", str(tmp_path / "o")])
+    assert "--policy.path and --candidates are required" in capsys.readouterr().err

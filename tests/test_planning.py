@@ -466,6 +466,7 @@ def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_
     from safetensors import safe_open
     from support.cli import BIN, TINY_WORLD_F, capped_eval_cmd, short_train_flags
 
+    from lerobot_policy_world_modality.tools.fit_plan_score import PAIRED
     from lerobot_policy_world_modality.tools.record_metaworld import CheckpointActor
 
     def run(cmd):
@@ -649,6 +650,9 @@ def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_
                                                "world model + actions, imagined shuffled",
                                                "world model + actions, projected, imagined shuffled"}  # fmt: skip
     assert fit["exported"] == "world model"
+    # The critics paired on the same held-out decisions (each against its control and its shuffle).
+    assert set(fit["paired"]) == {f"{x} vs {y}" for x, y in PAIRED} and "Paired on the held-out decisions" in res.stdout
+    assert all(1 <= c["spearman"]["clusters"] <= len(fit["episodes"]["held_out"]) for c in fit["paired"].values())
     by_source = {src: b["decisions"] for split in ("train", "held_out")
                  for src, b in fit["figures"][split]["world model"]["sources"].items()}  # fmt: skip
     assert set(by_source) == {str(tmp_path / "collect"), str(tmp_path / "round2")} and all(by_source.values())
@@ -687,3 +691,11 @@ def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_
     assert removed == {f"world.critic.net.{j}.{p}" for j in (0, 2) for p in wb}, sorted(removed)
     res = run([*capped_eval_cmd(both, tmp_path / "eval_both", episode_length=4), "--policy.planner=rerank"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    # The two fits' paired comparisons pooled over both fits' held-out episodes.
+    res = run([BIN / "lerobot-wm-fit-plan-score", "--pool", tmp_path / "fit", tmp_path / "fit_both",
+               "--output_dir", tmp_path / "pooled"])  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    pooled = json.loads((tmp_path / "pooled" / "pooled.json").read_text())["paired"]
+    fits = [json.loads((tmp_path / d / "fit.json").read_text())["paired"] for d in ("fit", "fit_both")]
+    assert set(pooled) == set(fit["paired"]) and all(
+        c["spearman"]["items"] == sum(f[k]["spearman"]["items"] for f in fits) for k, c in pooled.items())

@@ -2,7 +2,9 @@
 
 import math
 
+import numpy as np
 import pytest
+from scipy.stats import wilcoxon
 
 from lerobot_policy_world_modality.tools import stats
 
@@ -74,3 +76,26 @@ def test_episodes_to_detect_ten_points():
 def test_seed_spread():
     assert stats.seed_spread([0.2, 0.4, 0.6]) == pytest.approx((0.4, 0.2))
     assert stats.seed_spread([0.3]) == (0.3, 0.0)
+
+
+def test_a_clustered_difference_is_tested_over_clusters_not_items():
+    """Items of one cluster share an offset: 7 of 10 clusters of 40 items lean one way, 3 the other. As
+    400 independent items that looks like a clear effect; over the 10 cluster means it is not one."""
+    g = np.random.default_rng(0)
+    offsets = np.repeat([0.3] * 7 + [-0.3] * 3, 40)
+    clusters = np.repeat([f"ep{i}" for i in range(10)], 40)
+    d = offsets + g.normal(scale=0.1, size=400)
+    res = stats.clustered_paired_difference(d, clusters)
+    assert res["items"] == 400 and res["clusters"] == 10 and (res["clusters_positive"], res["clusters_negative"]) == (7, 3)
+    assert wilcoxon(d).pvalue < 1e-6  # the item-level test is fooled
+    assert res["wilcoxon_p"] > 0.2 and res["bootstrap_ci"][0] < 0 < res["bootstrap_ci"][1]
+    # A shift every cluster shares is found.
+    shifted = stats.clustered_paired_difference(g.normal(scale=0.1, size=400) + 0.2, clusters)
+    assert shifted["wilcoxon_p"] < 0.01 and shifted["clusters_positive"] == 10 and shifted["bootstrap_ci"][0] > 0.15
+    # The mean is over items (a big cluster weighs more), not over cluster means (-0.82 here).
+    uneven = stats.clustered_paired_difference([1.0] * 90 + [-1.0] * 10, ["a"] * 90 + [f"b{i}" for i in range(10)])
+    assert uneven["mean"] == pytest.approx(0.8) and uneven["bootstrap_ci"][0] <= 0.8 <= uneven["bootstrap_ci"][1]
+    none = stats.clustered_paired_difference([0.0, 0.0], ["a", "b"])
+    assert none["wilcoxon_p"] == 1.0 and none["mean"] == 0.0
+    with pytest.raises(ValueError, match="equal lengths"):
+        stats.clustered_paired_difference([1.0, 2.0], ["a"])

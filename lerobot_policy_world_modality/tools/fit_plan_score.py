@@ -41,6 +41,13 @@ the checkpoint's own score, by:
   mean(true[best] - true[proposal]) (1 for an oracle, about 0 at chance, negative when worse than
   planning off).
 
+Critics are also compared paired, on the same held-out decisions (`fit.json` `paired`): each critic against
+its control of the same architecture, and each critic that reads both inputs against its shuffle. The
+difference of their Spearman correlations and of their picks' true outcomes is tested over episodes
+(Wilcoxon signed-rank on episode means, episode bootstrap interval), since the decisions of one episode
+are not independent. `--pool FIT_DIR ...` pools these comparisons over several fits, e.g. one per
+training seed, without fitting anything.
+
 `<output_dir>/pretrained_model` is the checkpoint with the fitted critic and `planner_score="critic"`
 (its policy is unchanged; `--policy.planner=rerank` uses the fitted score). `<output_dir>/fit.json`
 (also `pretrained_model/plan_score_fit.json`, which makes `lerobot-wm-plan-check --report` pair its
@@ -74,6 +81,13 @@ CRITIC_NAMES = {"imagined": "world model", "both": "world model + actions", "act
 # decision's candidates, the actions kept.
 SHUFFLED = {"both": "world model + actions, imagined shuffled",
             "both_projected": "world model + actions, projected, imagined shuffled"}  # fmt: skip
+# Paired comparisons on the same held-out decisions, x against y: each critic against its control of the
+# same architecture (the world model's frames against the actions they were imagined from), and each critic
+# that reads both inputs against itself with its imagined frames shuffled. A pair runs when both are fitted.
+PAIRED = ((CRITIC_NAMES["imagined_projected"], CRITIC_NAMES["actions_projected"]),
+          (CRITIC_NAMES["both_projected"], CRITIC_NAMES["actions_projected"]),
+          (CRITIC_NAMES["imagined"], CRITIC_NAMES["actions"]), (CRITIC_NAMES["both"], CRITIC_NAMES["actions"]),
+          *((CRITIC_NAMES[reads], shuffled) for reads, shuffled in SHUFFLED.items()))  # fmt: skip
 # Files of a checkpoint the fit writes itself; every other file (processors, train_config) is copied.
 WRITTEN = ("config.json", "model.safetensors", "README.md", FIT_RECORD)
 
@@ -107,11 +121,21 @@ def is_holdout(name: str, fraction: float) -> bool:
 
 
 def stack(episodes: list[dict]) -> dict[str, np.ndarray]:
-    """Decisions of several episodes in one array per field, with `task` and `source` per decision."""
+    """Decisions of several episodes in one array per field, with `task`, `source` and `episode` (the
+    episode's name) per decision."""
     out = {k: np.concatenate([ep[k] for ep in episodes]) for k in ("history", "candidates", "true", "model")}
-    for key in ("task", "source"):
+    for key in ("task", "source", "name"):
         out[key] = np.concatenate([[str(ep[key])] * len(ep["true"]) for ep in episodes])
+    out["episode"] = out.pop("name")
     return out
+
+
+def decision_spearman(scores: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Spearman correlation of each decision's scores [M, N] with its true outcomes [M, N]; 0 where the
+    scores are flat (a score that cannot tell the candidates apart ranks them at chance)."""
+    from scipy.stats import spearmanr
+
+    return np.array([spearmanr(s, t).statistic if np.ptp(s) > 0 else 0.0 for s, t in zip(scores, true)])
 
 
 def ranking_figures(scores: np.ndarray, true: np.ndarray) -> dict:
@@ -119,13 +143,11 @@ def ranking_figures(scores: np.ndarray, true: np.ndarray) -> dict:
     column 0): median Spearman, pick = true best, the pick's true gain over the proposal and the share of
     the oracle's gain it captures, overall and in the tenth of decisions with the most to gain (with the
     fraction of the oracle's gain that tenth holds). Decisions with a flat truth are left out."""
-    from scipy.stats import spearmanr
-
     keep = np.ptp(true, axis=1) > 0
     scores, true = scores[keep], true[keep]
     if not len(true):
         return {"decisions": 0}
-    rho = np.array([spearmanr(s, t).statistic if np.ptp(s) > 0 else 0.0 for s, t in zip(scores, true)])
+    rho = decision_spearman(scores, true)
     rows = np.arange(len(true))
     pick = scores.argmax(axis=1)
     gain = true[rows, pick] - true[:, 0]
@@ -146,6 +168,56 @@ def ranking_figures(scores: np.ndarray, true: np.ndarray) -> dict:
         "oracle_gain_in_top_decile": float(best[top].sum() / best.sum()) if best.sum() > 0 else math.nan,
         "share_of_oracle_gain_top_decile": float(gain[top].sum() / best[top].sum()) if best[top].sum() > 0 else math.nan,
     }
+
+
+def paired_figures(x: np.ndarray, y: np.ndarray, true: np.ndarray, episode: np.ndarray) -> dict:
+    """Score x's ranking against score y's on the same decisions (scores [M, N], true [M, N], episode [M]):
+    per decision, the difference of their Spearman correlations with the truth and the true outcome of
+    x's pick minus y's, each tested over episodes (`stats.clustered_paired_difference`), since the
+    decisions of one episode are not independent. The per-decision differences are kept so that fits of
+    several training seeds can be pooled (`--pool`). Decisions with a flat truth are left out."""
+    from .stats import clustered_paired_difference
+
+    keep = np.ptp(true, axis=1) > 0
+    x, y, true, episode = x[keep], y[keep], true[keep], episode[keep]
+    rows = np.arange(len(true))
+    d_rho = decision_spearman(x, true) - decision_spearman(y, true)
+    d_gain = true[rows, x.argmax(axis=1)] - true[rows, y.argmax(axis=1)]
+    return {"spearman": clustered_paired_difference(d_rho, episode),
+            "true_outcome": clustered_paired_difference(d_gain, episode),
+            "per_decision": {"episode": [str(e) for e in episode], "spearman": d_rho.tolist(),
+                             "true_outcome": d_gain.tolist()}}  # fmt: skip
+
+
+def pool_paired(fits: dict[str, dict]) -> dict:
+    """The paired comparisons of several fits (by name, e.g. one per training seed) pooled: every fit's
+    held-out decisions together, each episode a cluster of its own fit."""
+    from .stats import clustered_paired_difference
+
+    pooled = {}
+    for x, y in PAIRED:
+        key = f"{x} vs {y}"
+        parts = [(name, f["paired"][key]["per_decision"]) for name, f in fits.items() if key in f.get("paired", {})]
+        if not parts:
+            continue
+        episode = [f"{name}/{e}" for name, d in parts for e in d["episode"]]
+        pooled[key] = {"x": x, "y": y, "fits": [name for name, _ in parts]}
+        for what in ("spearman", "true_outcome"):
+            pooled[key][what] = clustered_paired_difference([v for _, d in parts for v in d[what]], episode)
+    return pooled
+
+
+def paired_table(paired: dict) -> str:
+    """Paired comparisons as a markdown table: mean difference, its episode-bootstrap interval, the
+    Wilcoxon p over episodes and the episodes where x / y ranked better."""
+    rows = ["| x vs y | decisions (episodes) | Spearman x - y (95%) | p | episodes x / y better | true outcome of x's pick - y's (95%) | p |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for key, c in paired.items():
+        r, g = c["spearman"], c["true_outcome"]
+        rows.append(f"| {key} | {r['items']} ({r['clusters']}) | {r['mean']:+.3f} ({r['bootstrap_ci'][0]:+.3f}, "
+                    f"{r['bootstrap_ci'][1]:+.3f}) | {r['wilcoxon_p']:.2g} | {r['clusters_positive']} / {r['clusters_negative']} | "
+                    f"{g['mean']:+.4f} ({g['bootstrap_ci'][0]:+.4f}, {g['bootstrap_ci'][1]:+.4f}) | {g['wilcoxon_p']:.2g} |")  # fmt: skip
+    return "\n".join(rows)
 
 
 def imagine_all(world, history: np.ndarray, candidates: np.ndarray, batch: int = 512):
@@ -293,11 +365,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(prog="lerobot-wm-fit-plan-score", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--policy.path", dest="policy_path", required=True,
+    p.add_argument("--policy.path", dest="policy_path",
                    help="pretrained_model directory of a world_f checkpoint trained with --policy.dynamics=action_conditioned")
-    p.add_argument("--candidates", required=True, nargs="+",
+    p.add_argument("--candidates", nargs="+",
                    help="Folders written by lerobot-wm-plan-check --save_candidates (searched for candidates/*.npz)")
-    p.add_argument("--output_dir", required=True, help="Where pretrained_model/, fit.json and fit.png go")
+    p.add_argument("--output_dir", required=True, help="Where pretrained_model/, fit.json and fit.png go "
+                   "(with --pool: where pooled.json goes)")
+    p.add_argument("--pool", nargs="+", metavar="FIT_DIR",
+                   help="Fit nothing: pool the paired comparisons of earlier fits (their --output_dir, e.g. one per "
+                        "training seed) over all their held-out episodes, into <output_dir>/pooled.json")
     p.add_argument("--holdout", type=float, default=0.25, help="Fraction of episodes held out to measure the fit (default 0.25)")
     p.add_argument("--steps", type=int, default=1500, help="Training steps (default 1500)")
     p.add_argument("--batch_size", type=int, default=32, help="Decisions per step (default 32)")
@@ -317,17 +393,43 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Name of this fit in lerobot-wm-plan-check --report: its --pick=model runs form the group "
                         f"model_fit:<label> (default {DEFAULT_FIT_LABEL!r}: the group model_fit), so several fits of one "
                         "checkpoint (e.g. successive collection rounds) compare side by side")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.pool and (args.policy_path is None or args.candidates is None):
+        p.error("--policy.path and --candidates are required to fit (or --pool FIT_DIR ... to pool earlier fits)")
+    return args
 
 
 def main(argv=None) -> int:
     """Console entry point of lerobot-wm-fit-plan-score."""
     args = parse_args(argv)
     try:
-        return _main(args)
+        return _pool(args) if args.pool else _main(args)
     except FitPlanScoreError as err:
         print(f"lerobot-wm-fit-plan-score: error: {err}", file=sys.stderr)
         return 2
+
+
+def _pool(args) -> int:
+    """`--pool`: the paired comparisons of earlier fits pooled over all their held-out episodes."""
+    import json
+
+    fits = {}
+    for d in args.pool:
+        path = Path(d) / "fit.json"
+        if not path.is_file():
+            raise FitPlanScoreError(f"--pool {d} has no fit.json: give the --output_dir of a lerobot-wm-fit-plan-score run.")
+        fit = json.loads(path.read_text())
+        if not fit.get("paired"):
+            raise FitPlanScoreError(f"{path} holds no paired comparison: it was fitted before they existed or without "
+                                    "a critic and its control; fit it again with the critics to compare (--critics).")  # fmt: skip
+        fits[str(d)] = fit
+    pooled = pool_paired(fits)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "pooled.json", {"fits": {d: f["source"] for d, f in fits.items()}, "paired": pooled}, indent=1)
+    print(f"Paired on the held-out decisions of {len(fits)} fits, tested over episodes:\n" + paired_table(pooled))
+    print(f"Wrote {out / 'pooled.json'}")
+    return 0
 
 
 def _main(args) -> int:
@@ -390,14 +492,12 @@ def _main(args) -> int:
                                     args.batch_size, args.seed, args.loss, chunks=x["chunks"])  # fmt: skip
         scores[name] = {s: critic_scores(critic, inputs[s]["current"], inputs[s]["imagined"], inputs[s]["chunks"])
                         for s in data}  # fmt: skip
+    # One shuffle per split, shared by every critic that reads both inputs.
+    shuffled = {split: shuffle_candidates(inputs[split]["imagined"], args.seed) for split in data}
     for reads, name in SHUFFLED.items():
-        if reads not in critics:
-            continue
-        scores[name] = {}
-        for split in data:
-            shuffled = shuffle_candidates(inputs[split]["imagined"], args.seed)
-            scores[name][split] = critic_scores(critics[reads], inputs[split]["current"], shuffled,
-                                                inputs[split]["chunks"])  # fmt: skip
+        if reads in critics:
+            scores[name] = {split: critic_scores(critics[reads], inputs[split]["current"], shuffled[split],
+                                                 inputs[split]["chunks"]) for split in data}  # fmt: skip
     scores["checkpoint's score"] = {s: data[s]["model"] for s in data}
 
     def per_task(s: np.ndarray, split: str) -> dict:
@@ -413,6 +513,10 @@ def _main(args) -> int:
         return out
 
     figures = {split: {name: per_task(sc[split], split) for name, sc in scores.items()} for split in data}
+    held_out = data["held_out"]
+    paired = {f"{x} vs {y}": {"x": x, "y": y, **paired_figures(scores[x]["held_out"], scores[y]["held_out"],
+                                                                held_out["true"], held_out["episode"])}
+              for x, y in PAIRED if x in scores and y in scores}  # fmt: skip
     record = {
         "source": str(source.resolve()),
         "label": args.label,
@@ -426,6 +530,7 @@ def _main(args) -> int:
         "exported": CRITIC_NAMES[args.critic_input],
         "losses": losses,
         "figures": figures,
+        "paired": paired,
     }
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -433,6 +538,8 @@ def _main(args) -> int:
     atomic_write_json(out / "fit.json", record, indent=1)
     atomic_write_bytes(out / "fit.png", fit_figure(figures["held_out"]))
     print(figures_table(figures))
+    if paired:
+        print("\nPaired on the held-out decisions, tested over episodes:\n" + paired_table(paired))
     print(f"Wrote {model_dir} (planner_score='critic', critic_input={args.critic_input!r}) and {out / 'fit.json'}")
     return 0
 

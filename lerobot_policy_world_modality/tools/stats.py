@@ -2,7 +2,8 @@
 
 All tests come from scipy.stats: the Wilson score interval of a binomial proportion, the exact McNemar
 test (an exact binomial test on the discordant pairs of two paired samples), a bootstrap interval of a
-paired difference, and the normal-approximation sample size of a two-proportion test.
+paired difference, the normal-approximation sample size of a two-proportion test, and a paired
+difference tested over clusters (Wilcoxon signed-rank on cluster means, cluster bootstrap).
 Episodes are paired when two policies were evaluated with the same env seeds: episode i of X and
 episode i of Y then start from the same reset, so only the pairs where they disagree carry evidence.
 """
@@ -114,4 +115,38 @@ def paired_comparison(
             f"two-sided alpha {alpha}, power 0.8, independent two-proportion z-test at base rate "
             f"{min(max(base, 0.0), 1 - difference):.2f} vs +{difference:.2f} (pairing can only lower it)"
         ),
+    }  # fmt: skip
+
+
+def clustered_paired_difference(
+    d: Sequence[float], clusters: Sequence, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+) -> dict:
+    """A paired difference `d` measured on items that come in clusters (e.g. the decisions of one episode),
+    tested at the level of the clusters, since items of one cluster are not independent.
+
+    Returns the mean over items, a percentile bootstrap interval of it that resamples whole clusters,
+    and the two-sided Wilcoxon signed-rank test of the cluster means (p = 1.0 when every cluster mean is
+    0; `clusters_positive` / `clusters_negative` count the signs).
+    """
+    d = np.asarray(d, dtype=float)
+    labels = np.asarray([str(c) for c in clusters])
+    if d.shape != labels.shape:
+        raise ValueError(f"Differences and clusters need equal lengths, got {d.shape} and {labels.shape}.")
+    if d.size == 0:
+        return {"items": 0, "clusters": 0, "mean": math.nan, "bootstrap_ci": [math.nan, math.nan],
+                "wilcoxon_p": math.nan, "clusters_positive": 0, "clusters_negative": 0}  # fmt: skip
+    names, idx = np.unique(labels, return_inverse=True)
+    sums, counts = np.bincount(idx, weights=d), np.bincount(idx).astype(float)
+    means = sums / counts
+    # The bootstrap draws clusters with replacement and weighs each by its size, as the item mean does.
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(names), size=(n_resamples, len(names)))
+    boot = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+    alpha = (1 - confidence) / 2
+    nonzero = means[means != 0]
+    p = float(stats.wilcoxon(nonzero).pvalue) if nonzero.size else 1.0
+    return {
+        "items": int(d.size), "clusters": int(len(names)), "mean": float(d.mean()),
+        "bootstrap_ci": [float(np.quantile(boot, alpha)), float(np.quantile(boot, 1 - alpha))],
+        "wilcoxon_p": p, "clusters_positive": int((means > 0).sum()), "clusters_negative": int((means < 0).sum()),
     }  # fmt: skip

@@ -142,9 +142,9 @@ class OutcomeCritic(nn.Module):
         super().__init__()
         if reads not in CRITIC_INPUTS:
             raise ValueError(f"critic_input '{reads}' is not one of {CRITIC_INPUTS}.")
-        if reads.removesuffix(PROJECTED) != "imagined" and action_dim * action_len < 1:
-            raise ValueError(f"critic_input '{reads}' reads the actions: action_dim and action_len must be >= 1.")
         self.reads, self.action_len = reads, action_len
+        if self.reads_actions and action_dim * action_len < 1:
+            raise ValueError(f"critic_input '{reads}' reads the actions: action_dim and action_len must be >= 1.")
         self.current = nn.LayerNorm(latent_dim)
         widths = {"current": latent_dim}
         # The imagined input keeps its name, so checkpoints of imagined-only critics load unchanged.
