@@ -274,6 +274,7 @@ def test_pool_joins_the_fits_held_out_episodes_and_refuses_what_it_cannot_pool(t
     want = clustered_paired_difference(per_fit[0]["spearman"] + per_fit[1]["spearman"],
                                        [f"{tmp_path / f'fit{s}'}/{e}" for s in (0, 1) for e in per_fit[s]["episode"]])  # fmt: skip
     assert pooled["spearman"] == want and pooled["spearman"]["clusters"] == 12 and len(pooled["fits"]) == 2
+    assert (out / "pooled.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # What cannot be pooled is refused by name, and nothing is written.
     assert main(["--pool", str(tmp_path / "none"), "--output_dir", str(tmp_path / "o")]) == 2
     assert "has no fit.json" in capsys.readouterr().err

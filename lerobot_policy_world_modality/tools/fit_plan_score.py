@@ -207,6 +207,40 @@ def pool_paired(fits: dict[str, dict]) -> dict:
     return pooled
 
 
+def pooled_figure(fits: dict[str, dict], pooled: dict) -> bytes:
+    """One row per paired comparison: each held-out episode's mean difference (x - y) as a dot coloured by
+    its fit, and the pooled mean with its episode-bootstrap interval; Spearman left, the picks' true
+    outcome right (PNG bytes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .plots import PALETTE, figure_png
+
+    keys = list(pooled)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.6 * len(keys) + 1.6), sharey=True)
+    for ax, what, title in ((axes[0], "spearman", "Spearman with the truth, x - y"),
+                            (axes[1], "true_outcome", "true outcome of x's pick - y's")):  # fmt: skip
+        for row, key in enumerate(keys):
+            for j, name in enumerate(pooled[key]["fits"]):
+                d = fits[name]["paired"][key]["per_decision"]
+                episode, diff = np.asarray(d["episode"]), np.asarray(d[what], dtype=float)
+                means = [diff[episode == e].mean() for e in sorted(set(episode))]
+                offsets = np.linspace(-0.25, 0.25, len(means)) if len(means) > 1 else [0.0]
+                ax.scatter(means, row + np.asarray(offsets), s=12, color=PALETTE[j % len(PALETTE)], alpha=0.7,
+                           label=Path(name).name if row == 0 else None)  # fmt: skip
+            c = pooled[key][what]
+            ax.errorbar([c["mean"]], [row], xerr=[[c["mean"] - c["bootstrap_ci"][0]], [c["bootstrap_ci"][1] - c["mean"]]],
+                        fmt="D", color="black", capsize=4, markersize=5)  # fmt: skip
+        ax.axvline(0.0, color="grey", linewidth=0.8)
+        ax.set_title(f"held-out episodes: {title}", fontsize=9)
+    axes[0].set_yticks(range(len(keys)), [k.replace(" vs ", "\nvs ") for k in keys], fontsize=7)
+    axes[0].invert_yaxis()
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), title="fit (dots: episodes)", title_fontsize=7)
+    return figure_png(fig)
+
+
 def paired_table(paired: dict) -> str:
     """Paired comparisons as a markdown table: mean difference, its episode-bootstrap interval, the
     Wilcoxon p over episodes and the episodes where x / y ranked better."""
@@ -373,7 +407,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(with --pool: where pooled.json goes)")
     p.add_argument("--pool", nargs="+", metavar="FIT_DIR",
                    help="Fit nothing: pool the paired comparisons of earlier fits (their --output_dir, e.g. one per "
-                        "training seed) over all their held-out episodes, into <output_dir>/pooled.json")
+                        "training seed) over all their held-out episodes, into <output_dir>/pooled.json and pooled.png")
     p.add_argument("--holdout", type=float, default=0.25, help="Fraction of episodes held out to measure the fit (default 0.25)")
     p.add_argument("--steps", type=int, default=1500, help="Training steps (default 1500)")
     p.add_argument("--batch_size", type=int, default=32, help="Decisions per step (default 32)")
@@ -427,8 +461,9 @@ def _pool(args) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "pooled.json", {"fits": {d: f["source"] for d, f in fits.items()}, "paired": pooled}, indent=1)
+    atomic_write_bytes(out / "pooled.png", pooled_figure(fits, pooled))
     print(f"Paired on the held-out decisions of {len(fits)} fits, tested over episodes:\n" + paired_table(pooled))
-    print(f"Wrote {out / 'pooled.json'}")
+    print(f"Wrote {out / 'pooled.json'} and {out / 'pooled.png'}")
     return 0
 
 
