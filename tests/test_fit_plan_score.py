@@ -266,7 +266,9 @@ def test_pool_joins_the_fits_held_out_episodes_and_refuses_what_it_cannot_pool(t
         paired = paired_figures(true + g.normal(size=true.shape), g.normal(size=true.shape), true, _episodes_of(60, 10))
         per_fit[seed] = paired["per_decision"]
         (tmp_path / f"fit{seed}").mkdir()
-        (tmp_path / f"fit{seed}" / "fit.json").write_text(json.dumps({"source": f"ckpt{seed}", "paired": {key: paired}}))
+        settings = {"steps": 100, "batch_size": 8, "lr": 1e-3, "loss": "ranknet", "holdout": 0.25, "seed": seed}
+        fit = {"source": f"ckpt{seed}", "settings": settings, "candidates_per_decision": 8, "paired": {key: paired}}
+        (tmp_path / f"fit{seed}" / "fit.json").write_text(json.dumps(fit))
     out = tmp_path / "pooled"
     assert main(["--pool", str(tmp_path / "fit0"), str(tmp_path / "fit1"), "--output_dir", str(out)]) == 0
     assert key in capsys.readouterr().out
@@ -275,6 +277,17 @@ def test_pool_joins_the_fits_held_out_episodes_and_refuses_what_it_cannot_pool(t
                                        [f"{tmp_path / f'fit{s}'}/{e}" for s in (0, 1) for e in per_fit[s]["episode"]])  # fmt: skip
     assert pooled["spearman"] == want and pooled["spearman"]["clusters"] == 12 and len(pooled["fits"]) == 2
     assert (out / "pooled.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "pooled.json").read_text())["mixed_settings"] == []  # the seeds differ, as they may
+    # Fits trained differently are not one sample: refused by name unless asked for.
+    fit = json.loads((tmp_path / "fit1" / "fit.json").read_text())
+    fit["settings"]["steps"] = 300
+    (tmp_path / "fit1" / "fit.json").write_text(json.dumps(fit))
+    assert main(["--pool", str(tmp_path / "fit0"), str(tmp_path / "fit1"), "--output_dir", str(tmp_path / "mixed")]) == 2
+    err = capsys.readouterr().err
+    assert "steps" in err and "=300" in err and "--allow_mixed_settings" in err and not (tmp_path / "mixed").exists()
+    assert main(["--pool", str(tmp_path / "fit0"), str(tmp_path / "fit1"), "--output_dir", str(tmp_path / "mixed"),
+                 "--allow_mixed_settings"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "mixed" / "pooled.json").read_text())["mixed_settings"] == ["steps"]
     # What cannot be pooled is refused by name, and nothing is written.
     assert main(["--pool", str(tmp_path / "none"), "--output_dir", str(tmp_path / "o")]) == 2
     assert "has no fit.json" in capsys.readouterr().err

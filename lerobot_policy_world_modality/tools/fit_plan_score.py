@@ -46,7 +46,8 @@ its control of the same architecture, and each critic that reads both inputs aga
 difference of their Spearman correlations and of their picks' true outcomes is tested over episodes
 (Wilcoxon signed-rank on episode means, episode bootstrap interval), since the decisions of one episode
 are not independent. `--pool FIT_DIR ...` pools these comparisons over several fits, e.g. one per
-training seed, without fitting anything.
+training seed, without fitting anything; fits whose settings differ (steps, batch, learning rate, loss,
+hold-out fraction, candidates per decision) are refused unless `--allow_mixed_settings` is given.
 
 `<output_dir>/pretrained_model` is the checkpoint with the fitted critic and `planner_score="critic"`
 (its policy is unchanged; `--policy.planner=rerank` uses the fitted score). `<output_dir>/fit.json`
@@ -205,6 +206,17 @@ def pool_paired(fits: dict[str, dict]) -> dict:
         for what in ("spearman", "true_outcome"):
             pooled[key][what] = clustered_paired_difference([v for _, d in parts for v in d[what]], episode)
     return pooled
+
+
+# What must agree for the held-out episodes of several fits to be one sample; the seed, the label and which
+# critic is exported may differ (one fit per training seed, or per exported critic).
+POOL_SETTINGS = ("steps", "batch_size", "lr", "loss", "holdout")
+
+
+def pooled_settings(fit: dict) -> dict:
+    """The settings of one `fit.json` that `--pool` requires to agree across fits."""
+    given = fit.get("settings", {})
+    return {**{k: given.get(k) for k in POOL_SETTINGS}, "candidates_per_decision": fit.get("candidates_per_decision")}
 
 
 def pooled_figure(fits: dict[str, dict], pooled: dict) -> bytes:
@@ -408,6 +420,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pool", nargs="+", metavar="FIT_DIR",
                    help="Fit nothing: pool the paired comparisons of earlier fits (their --output_dir, e.g. one per "
                         "training seed) over all their held-out episodes, into <output_dir>/pooled.json and pooled.png")
+    p.add_argument("--allow_mixed_settings", action="store_true",
+                   help="With --pool: pool fits whose settings differ (steps, batch size, learning rate, loss, "
+                        "hold-out fraction, candidates per decision); by default they are refused")
     p.add_argument("--holdout", type=float, default=0.25, help="Fraction of episodes held out to measure the fit (default 0.25)")
     p.add_argument("--steps", type=int, default=1500, help="Training steps (default 1500)")
     p.add_argument("--batch_size", type=int, default=32, help="Decisions per step (default 32)")
@@ -457,10 +472,19 @@ def _pool(args) -> int:
             raise FitPlanScoreError(f"{path} holds no paired comparison: it was fitted before they existed or without "
                                     "a critic and its control; fit it again with the critics to compare (--critics).")  # fmt: skip
         fits[str(d)] = fit
+    settings = {d: pooled_settings(f) for d, f in fits.items()}
+    differ = {k for s in settings.values() for k in s if len({json.dumps(v.get(k)) for v in settings.values()}) > 1}
+    if differ and not args.allow_mixed_settings:
+        detail = "; ".join(f"{k}: " + ", ".join(f"{d}={settings[d].get(k)}" for d in settings) for k in sorted(differ))
+        raise FitPlanScoreError(f"The fits were not fitted alike ({detail}), so their episodes are not one sample: "
+                                "fit them again with the same settings, or pass --allow_mixed_settings to pool them "
+                                "anyway (pooled.json then lists each fit's settings).")  # fmt: skip
     pooled = pool_paired(fits)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "pooled.json", {"fits": {d: f["source"] for d, f in fits.items()}, "paired": pooled}, indent=1)
+    record = {"fits": {d: f["source"] for d, f in fits.items()}, "settings": settings,
+              "mixed_settings": sorted(differ), "paired": pooled}  # fmt: skip
+    atomic_write_json(out / "pooled.json", record, indent=1)
     atomic_write_bytes(out / "pooled.png", pooled_figure(fits, pooled))
     print(f"Paired on the held-out decisions of {len(fits)} fits, tested over episodes:\n" + paired_table(pooled))
     print(f"Wrote {out / 'pooled.json'} and {out / 'pooled.png'}")
