@@ -20,6 +20,8 @@ from lerobot_policy_world_modality.tools.fit_plan_score import (
     is_holdout,
     main,
     paired_figures,
+    pool_paired,
+    pooled_plot,
     ranking_figures,
     shuffle_candidates,
     train_critic,
@@ -298,3 +300,26 @@ def test_pool_joins_the_fits_held_out_episodes_and_refuses_what_it_cannot_pool(t
     with pytest.raises(SystemExit):  # without --pool a fit needs its checkpoint and candidates
         main(["--output_dir", str(tmp_path / "o")])
     assert "--policy.path and --candidates are required" in capsys.readouterr().err
+
+
+def test_pooled_plot_gives_every_fit_one_colour_and_one_legend_entry():
+    """A fit that lacks the first comparison still appears in the legend, in the same colour in every row."""
+    import matplotlib.colors as mcolors
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PathCollection
+
+    g = np.random.default_rng(2)
+    keys = [f"{x} vs {y}" for x, y in PAIRED[:2]]
+
+    def paired():
+        true = g.normal(size=(20, 8))
+        return paired_figures(true + g.normal(size=true.shape), g.normal(size=true.shape), true, _episodes_of(20, 5))
+
+    fits = {"fitA": {"paired": {keys[1]: paired()}}, "fitB": {"paired": {keys[0]: paired(), keys[1]: paired()}}}
+    fig = pooled_plot(fits, pool_paired(fits))
+    assert sorted(fig.axes[1].get_legend_handles_labels()[1]) == ["fitA", "fitB"]
+    # The dots in drawing order: row 0 holds fitB alone, row 1 fitA then fitB.
+    dots = [c for c in fig.axes[0].collections if isinstance(c, PathCollection)]
+    b_row0, a_row1, b_row1 = (mcolors.to_hex(c.get_facecolor()[0]) for c in dots)
+    assert b_row0 == b_row1 != a_row1
+    plt.close(fig)

@@ -464,7 +464,7 @@ def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_
     from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
     from lerobot.policies.factory import make_policy, make_policy_config
     from safetensors import safe_open
-    from support.cli import BIN, TINY_WORLD_F, capped_eval_cmd, short_train_flags
+    from support.cli import BIN, TINY_WORLD_F, capped_eval_cmd, replay_with_planner, short_train_flags
 
     from lerobot_policy_world_modality.tools.fit_plan_score import PAIRED
     from lerobot_policy_world_modality.tools.record_metaworld import CheckpointActor
@@ -599,20 +599,7 @@ def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_
     res = plan_check("model", tmp_path / "pc" / "model")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     executed = json.loads((tmp_path / "pc" / "model" / "episodes" / "button-press-v3__1000.json").read_text())["actions"]
-    from lerobot.envs.metaworld import MetaworldEnv
-
-    actor = CheckpointActor(str(ckpt))
-    actor.policy.config.planner, actor.policy.config.planner_samples = "rerank", 4
-    actor.policy.config.planner_score = "reward"
-    env = MetaworldEnv(task="button-press-v3", obs_type="pixels_agent_pos")
-    np.random.seed(1000)  # the check's episode start (MetaWorld draws it from NumPy's global generator)
-    raw, _ = env._env.reset()
-    actor.reset()
-    for want in executed:
-        action = actor.act(env._format_raw_obs(raw), env.task_description)
-        np.testing.assert_allclose(action, want, atol=1e-5)
-        raw, *_ = env._env.step(action.astype(np.float32))
-    env.close()
+    replay_with_planner(ckpt, "button-press-v3", 1000, executed, planner="rerank", planner_samples=4, planner_score="reward")
     # The report pairs the picks of the same checkpoint, task and env seed.
     assert plan_check("proposal", tmp_path / "pc" / "proposal").returncode == 0
     res = run([BIN / "lerobot-wm-plan-check", f"--report={tmp_path / 'pc'}"])

@@ -416,6 +416,12 @@ def test_world_model_trains_and_the_planner_picks_among_flow_samples(tiny_vlm, t
         picks.append(policy.select_action(obs))
     policy.world.score_chunks = score
     assert not torch.equal(picks[0], picks[1]) and not torch.equal(picks[1], picks[2])
+    # plan_candidates (what lerobot-wm-plan-check ranks) draws exactly the planner's flow samples.
+    policy.reset()
+    proposal, samples = policy.plan_candidates(obs, policy.advance_history(obs))
+    assert samples.shape == (B, 3, H, A) and torch.equal(proposal, samples[:, 0])
+    for best in range(3):
+        assert torch.equal(samples[:, best, 0], picks[best])
     policy.save_pretrained(tmp_path / "ckpt")
     loaded = SmolVLAWorldPolicy.from_pretrained(tmp_path / "ckpt")
     loaded.eval()

@@ -5,11 +5,12 @@ import math
 import os
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from support import vlm
-from support.cli import BIN, capped_eval_cmd, short_train_flags
+from support.cli import BIN, capped_eval_cmd, replay_with_planner, short_train_flags
 from support.datasets import make_synthetic_dataset
 from support.vlm import TINY_SMOLVLA
 
@@ -96,13 +97,15 @@ def test_precompute_then_e0_smolvla_then_e2_smolvla_world_from_it_then_metaworld
     e2 = tmp_path / "e2"
     world_flags = ["--policy.type=smolvla_world", f"--policy.init_from={init}", "--policy.n_action_steps=1",
                    "--policy.history_frames=2", "--policy.future_frames=2", "--policy.prophet_width=32",
-                   "--policy.prophet_heads=2", "--policy.prophet_depth=1"]  # fmt: skip
+                   "--policy.prophet_heads=2", "--policy.prophet_depth=1",
+                   "--policy.dynamics=action_conditioned", "--policy.progress_head=true"]  # fmt: skip
     res = _run(_train_cmd(world_flags, dataset_root, e2, steps=3))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     ckpt = e2 / "checkpoints" / "last" / "pretrained_model"
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert "world.fusion.gate" in keys and any(k.startswith("world.prophet.") for k in keys)
+    assert any(k.startswith("world.dynamics.") for k in keys) and any(k.startswith("world.progress.") for k in keys)
     assert any(k.startswith("smolvla.model.vlm_with_expert.lm_expert.") for k in keys)
     cfg = json.loads((ckpt / "config.json").read_text())
     assert cfg["type"] == "smolvla_world" and cfg["init_from_loaded"] and cfg["dataset_repo_id"] == REPO
@@ -129,3 +132,31 @@ def test_precompute_then_e0_smolvla_then_e2_smolvla_world_from_it_then_metaworld
     probe = json.loads(probe_json.read_text())
     assert probe["policy_type"] == "smolvla_world" and set(probe["action_loss"]) == {"pred", "zero", "oracle"}
     assert all(math.isfinite(v) for v in probe["action_loss"].values()) and abs(probe["gate"]) < 0.01
+
+    # lerobot-wm-plan-check ranks the planner's flow samples against the simulator's counterfactual
+    # outcomes, and lerobot-wm-fit-plan-score fits the critic on them and exports a smolvla_world checkpoint.
+    res = _run([BIN / "lerobot-wm-plan-check", f"--policy.path={ckpt}", "--tasks=button-press-v3", "--episodes=2",
+                "--episode_length=3", "--pick=model", "--planner_samples=3", "--planner_score=progress",
+                "--save_candidates", f"--out_dir={tmp_path / 'pc'}"])  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    ep = json.loads((tmp_path / "pc" / "episodes" / "button-press-v3__1000.json").read_text())
+    assert ep["replay_max_abs_diff"] == 0.0 and len(ep["decisions"]) == ep["steps"] == 3  # n_action_steps = 1
+    assert all(d["true_picked"] == d["true_model_pick"] and 0 <= d["model_pick_true_rank"] < 3 for d in ep["decisions"]), ep["decisions"]
+    # pick=model executes exactly what stock rollouts with --policy.planner=rerank execute: the best of the
+    # same flow samples (same env seed, same planner generator).
+    replay_with_planner(ckpt, "button-press-v3", 1000, ep["actions"], planner="rerank", planner_samples=3,
+                        planner_score="progress")  # fmt: skip
+    saved = np.load(tmp_path / "pc" / "candidates" / "button-press-v3__1000.npz")
+    assert saved["candidates"].shape[:2] == (3, 3) and saved["candidates"].shape[-1] == 4  # decisions, samples, ..., A
+    assert saved["history"].shape[:2] == (3, cfg["history_frames"])
+    res = _run([BIN / "lerobot-wm-fit-plan-score", f"--policy.path={ckpt}", "--candidates", tmp_path / "pc",
+                "--output_dir", tmp_path / "fit", "--steps=5", "--holdout=0.4", "--critics", "imagined", "actions"])  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    fitted = json.loads((tmp_path / "fit" / "pretrained_model" / "config.json").read_text())
+    assert fitted["type"] == "smolvla_world" and fitted["planner_score"] == "critic" and fitted["plan_critic"]
+    with safe_open(str(tmp_path / "fit" / "pretrained_model" / "model.safetensors"), "pt") as f:
+        assert any(k.startswith("world.critic.") for k in f.keys())
+    from lerobot_policy_world_modality.tools.record_metaworld import CheckpointActor
+
+    reloaded = CheckpointActor(str(tmp_path / "fit" / "pretrained_model")).policy  # rebuilt from its config
+    assert reloaded.world.critic.reads == "imagined" and reloaded.world.score_kind(None) == "critic"

@@ -236,19 +236,24 @@ class SmolVLAWorldPolicy(ModelCardMixin, StrictCheckpointLoading, PreTrainedPoli
                 history = self.history.push(latent_from_batch(batch))
         return history
 
+    def _rollout_memory(self, history: Tensor | None) -> Tensor | None:
+        """The memory this call injects (None when nothing reads it)."""
+        if not self.injects:
+            return None
+        return self.world.select(self.world.predict(history), self.config.memory_mode_rollout)
+
     def _chunk(self, batch: dict[str, Tensor], history: Tensor | None, noise: Tensor | None, **kwargs) -> Tensor:
         """SmolVLA's chunk with this call's memory injected; with a planner, the best of N flow samples."""
-        memory = None
-        if self.injects:
-            memory = self.world.select(self.world.predict(history), self.config.memory_mode_rollout)
         if self.config.planner == "none":
-            with self._reading(memory):
+            with self._reading(self._rollout_memory(history)):
                 return self.smolvla.predict_action_chunk(batch, noise, **kwargs)
-        return self._planned_chunk(batch, history, memory)
+        return self._planned_chunk(batch, history)
 
-    def _planned_chunk(self, batch: dict[str, Tensor], history: Tensor, memory: Tensor | None) -> Tensor:
-        """The planner's chunk: N flow samples of every observation (one SmolVLA call on B x N), scored
-        through the world model (`WorldPath.score_chunks`); CEM then refines around the best."""
+    @torch.no_grad()
+    def plan_candidates(self, batch: dict[str, Tensor], history: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The planner's first round: N flow samples of every observation [B, N, H, A] (one SmolVLA call
+        on B x N, with this call's memory injected), and the proposal [B, H, A] (the first sample).
+        Draws its noise from `planner_rng`, so the same seed gives the same candidates."""
         cfg = self.config
         n = cfg.planner_samples
         b = latent_from_batch(batch).shape[0]
@@ -262,17 +267,35 @@ class SmolVLAWorldPolicy(ModelCardMixin, StrictCheckpointLoading, PreTrainedPoli
 
         wide = {k: expand(v) for k, v in batch.items()}
         device = latent_from_batch(batch).device
+        memory = self._rollout_memory(history)
         noise = torch.randn((b * n, cfg.chunk_size, cfg.max_action_dim), generator=self._planner_rng).to(device)
         with self._reading(None if memory is None else memory.repeat_interleave(n, dim=0)):
             samples = self.smolvla.predict_action_chunk(wide, noise)
         samples = samples.view(b, n, *samples.shape[1:])
+        return samples[:, 0], samples
+
+    def _planned_chunk(self, batch: dict[str, Tensor], history: Tensor) -> Tensor:
+        """The planner's chunk: N flow samples (`plan_candidates`) scored through the world model
+        (`WorldPath.score_chunks`); CEM then refines around the best."""
+        cfg = self.config
+        proposal, samples = self.plan_candidates(batch, history)
         horizon = cfg.planner_horizon or cfg.future_frames
         goal = batch.get(OBS_WORLD_GOAL)
         chunk, _ = plan_chunk(
-            samples[:, 0], lambda c: self.world.score_chunks(history, c, goal, horizon), cfg.planner_settings(),
+            proposal, lambda c: self.world.score_chunks(history, c, goal, horizon), cfg.planner_settings(),
             self._planner_rng, first_round=samples,
         )  # fmt: skip
         return chunk
+
+    def advance_history(self, batch: dict[str, Tensor]) -> Tensor | None:
+        """Push the batch's latent onto the episode's history and return it [B, T, D] (None for a policy
+        that reads no history). `select_action` calls it once per environment step."""
+        return self.history.push(latent_from_batch(batch)) if self.reads_history else None
+
+    @property
+    def planner_rng(self) -> torch.Generator:
+        """The planner's generator (re-seeded with `planner_seed` at every `reset`)."""
+        return self._planner_rng
 
     @torch.no_grad()
     def predict_action_chunk(self, batch: dict[str, Tensor], noise: Tensor | None = None, **kwargs) -> Tensor:
@@ -292,7 +315,7 @@ class SmolVLAWorldPolicy(ModelCardMixin, StrictCheckpointLoading, PreTrainedPoli
                 "RTC is not supported by select_action (as in SmolVLA): use predict_action_chunk."
             )
         ensure_eval(self)
-        history = self.history.push(latent_from_batch(batch)) if self.reads_history else None
+        history = self.advance_history(batch)
         if len(self._action_queue) == 0:
             chunk = self._chunk(batch, history, noise)
             self._action_queue.extend(chunk.transpose(0, 1)[: self.config.n_action_steps])

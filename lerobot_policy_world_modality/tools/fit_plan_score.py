@@ -220,28 +220,39 @@ def pooled_settings(fit: dict) -> dict:
 
 
 def pooled_figure(fits: dict[str, dict], pooled: dict) -> bytes:
+    """`pooled_plot` as PNG bytes."""
+    from .plots import figure_png
+
+    return figure_png(pooled_plot(fits, pooled))
+
+
+def pooled_plot(fits: dict[str, dict], pooled: dict):
     """One row per paired comparison: each held-out episode's mean difference (x - y) as a dot coloured by
     its fit, and the pooled mean with its episode-bootstrap interval; Spearman left, the picks' true
-    outcome right (PNG bytes)."""
+    outcome right (a matplotlib figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .plots import PALETTE, figure_png
+    from .plots import PALETTE
 
     keys = list(pooled)
+    # One colour per fit, whichever comparisons it holds, and one legend entry each.
+    colour = {name: PALETTE[j % len(PALETTE)] for j, name in enumerate(fits)}
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.6 * len(keys) + 1.6), sharey=True)
     for ax, what, title in ((axes[0], "spearman", "Spearman with the truth, x - y"),
                             (axes[1], "true_outcome", "true outcome of x's pick - y's")):  # fmt: skip
+        labelled = set()
         for row, key in enumerate(keys):
-            for j, name in enumerate(pooled[key]["fits"]):
+            for name in pooled[key]["fits"]:
                 d = fits[name]["paired"][key]["per_decision"]
                 episode, diff = np.asarray(d["episode"]), np.asarray(d[what], dtype=float)
                 means = [diff[episode == e].mean() for e in sorted(set(episode))]
                 offsets = np.linspace(-0.25, 0.25, len(means)) if len(means) > 1 else [0.0]
-                ax.scatter(means, row + np.asarray(offsets), s=12, color=PALETTE[j % len(PALETTE)], alpha=0.7,
-                           label=Path(name).name if row == 0 else None)  # fmt: skip
+                ax.scatter(means, row + np.asarray(offsets), s=12, color=colour[name], alpha=0.7,
+                           label=None if name in labelled else Path(name).name)  # fmt: skip
+                labelled.add(name)
             c = pooled[key][what]
             ax.errorbar([c["mean"]], [row], xerr=[[c["mean"] - c["bootstrap_ci"][0]], [c["bootstrap_ci"][1] - c["mean"]]],
                         fmt="D", color="black", capsize=4, markersize=5)  # fmt: skip
@@ -250,7 +261,7 @@ def pooled_figure(fits: dict[str, dict], pooled: dict) -> bytes:
     axes[0].set_yticks(range(len(keys)), [k.replace(" vs ", "\nvs ") for k in keys], fontsize=7)
     axes[0].invert_yaxis()
     axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), title="fit (dots: episodes)", title_fontsize=7)
-    return figure_png(fig)
+    return fig
 
 
 def paired_table(paired: dict) -> str:
@@ -412,7 +423,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lerobot-wm-fit-plan-score", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--policy.path", dest="policy_path",
-                   help="pretrained_model directory of a world_f checkpoint trained with --policy.dynamics=action_conditioned")
+                   help="pretrained_model directory of a world_f or smolvla_world checkpoint trained with "
+                        "--policy.dynamics=action_conditioned")
     p.add_argument("--candidates", nargs="+",
                    help="Folders written by lerobot-wm-plan-check --save_candidates (searched for candidates/*.npz)")
     p.add_argument("--output_dir", required=True, help="Where pretrained_model/, fit.json and fit.png go "
@@ -523,18 +535,19 @@ def _main(args) -> int:
         raise FitPlanScoreError(f"{source} has no action-conditioned world model: the fitted score reads its "
                                 "imagined outcomes (train with --policy.dynamics=action_conditioned).")  # fmt: skip
     d, t_len, a_len = int(cfg.world_latent_dim), cfg.history_frames, world.dynamics.action_len
+    action_dim = cfg.action_feature.shape[0]  # world_f and smolvla_world alike (SmolVLA pads its own)
     hist_shape, cand_shape = episodes[0]["history"].shape[1:], episodes[0]["candidates"].shape[1:]
-    if hist_shape != (t_len, d) or cand_shape[1] < a_len or cand_shape[2] != policy.action_dim:
+    if hist_shape != (t_len, d) or cand_shape[1] < a_len or cand_shape[2] != action_dim:
         raise FitPlanScoreError(
             f"The candidates hold latent histories {hist_shape} and chunks {cand_shape}, but {source} reads histories "
-            f"({t_len}, {d}) and chunks of >= {a_len} actions of dimension {policy.action_dim}: record them with "
+            f"({t_len}, {d}) and chunks of >= {a_len} actions of dimension {action_dim}: record them with "
             "a checkpoint of the same encoder, history and action space."
         )
     data = {"train": stack(train), "held_out": stack(held)}
     torch.manual_seed(args.seed)
     k = cfg.future_frames
     # Every critic is built, in a fixed order, so each starts from the same weights whichever are fitted.
-    built = {reads: OutcomeCritic(d, k, cfg.prophet_width, reads, policy.action_dim, a_len) for reads in CRITIC_NAMES}
+    built = {reads: OutcomeCritic(d, k, cfg.prophet_width, reads, action_dim, a_len) for reads in CRITIC_NAMES}
     critics = {reads: critic for reads, critic in built.items() if reads in args.critics}
     inputs = {}
     for split, arr in data.items():

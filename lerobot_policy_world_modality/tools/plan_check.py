@@ -3,10 +3,12 @@
     lerobot-wm-plan-check --policy.path=<checkpoint>/pretrained_model --tasks=pick-place-v3,assembly-v3 \
         --episodes=10 --seed=1000 --pick=model --out_dir=outputs/plan_check/seed0
 
-Runs a world_f checkpoint that has an action-conditioned world model in MetaWorld, episode by episode
-on env seeds seed, seed + 1, ... (episode i starts from the state its seed gives, as in evaluations
-through `lerobot-wm-compare`, see `tools.demo.seed_metaworld_resets`). At every replanning step it draws the candidates the rerank planner draws (the policy's proposal and N - 1
-Gaussian perturbations, from the policy's own planner generator) and gets two scores for each:
+Runs a world_f or smolvla_world checkpoint that has an action-conditioned world model in MetaWorld,
+episode by episode on env seeds seed, seed + 1, ... (episode i starts from the state its seed gives, as
+in evaluations through `lerobot-wm-compare`, see `tools.demo.seed_metaworld_resets`). At every
+replanning step it draws the candidates the rerank planner draws, from the policy's own planner
+generator (world_f: its proposal and N - 1 Gaussian perturbations; smolvla_world: N flow samples, the
+first one its proposal), and gets two scores for each:
 - the checkpoint's: the planner's score (`--planner_score`, default the checkpoint's), exactly what
   `--policy.planner=rerank` ranks by;
 - the simulator's: the simulator state is saved, the candidate's actions are executed in it, their
@@ -171,7 +173,8 @@ def run_episode(actor, env, task: str, seed: int, args, settings, horizon: int, 
         with torch.inference_mode():
             history = policy.advance_history(batch)
             if not queue:
-                proposal = policy.propose(batch, history)
+                # world_f: the proposal (the planner perturbs it); smolvla_world: N flow samples as well.
+                proposal, first_round = policy.plan_candidates(batch, history)
                 record = {}
 
                 def score(cands, _history=history, _record=record):
@@ -189,7 +192,7 @@ def run_episode(actor, env, task: str, seed: int, args, settings, horizon: int, 
                                    success=np.array([s for _, s in res]), history=_history[0], candidates=cands[0])  # fmt: skip
                     return wanted
 
-                chunk, _ = plan_chunk(proposal, score, settings, policy.planner_rng)
+                chunk, _ = plan_chunk(proposal, score, settings, policy.planner_rng, first_round=first_round)
                 model, true = record["model"], record["true"]
                 queue = list(actor.unnormalise(chunk[0, : cfg.n_action_steps]))
                 picked = int(record["wanted"].argmax(dim=1))
@@ -392,7 +395,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Instead of running: compare the checks written under DIR (paired by checkpoint, task and "
                         "env seed) into DIR/report.md, report.json and report_success.png")
     p.add_argument("--policy.path", dest="policy_path", default=None,
-                   help="pretrained_model directory of a world_f checkpoint trained with --policy.dynamics=action_conditioned")
+                   help="pretrained_model directory of a world_f or smolvla_world checkpoint trained with "
+                        "--policy.dynamics=action_conditioned")
     p.add_argument("--tasks", default=None, help="Comma-separated MetaWorld tasks, e.g. pick-place-v3,assembly-v3")
     p.add_argument("--episodes", type=int, default=10, help="Episodes per task (default 10)")
     p.add_argument("--seed", type=int, default=1000, help="Env seed of the first episode, as lerobot-eval's --seed (default 1000)")
@@ -450,12 +454,15 @@ def _main(args) -> int:
     policy, cfg = actor.policy, actor.policy.config
     if getattr(policy, "world", None) is None or getattr(policy.world, "dynamics", None) is None:
         raise PlanCheckError(f"{args.policy_path} has no action-conditioned world model: the check needs a world_f "
-                             "checkpoint trained with --policy.dynamics=action_conditioned and a head to score with.")  # fmt: skip
+                             "or smolvla_world checkpoint trained with --policy.dynamics=action_conditioned and a head to score with.")  # fmt: skip
     try:
         override_planner(cfg, None, args.planner_score)
         policy.world.score_kind(None)
     except (ProbeError, RuntimeError) as err:
         raise PlanCheckError(str(err)) from None
+    # The check is the rerank planner's decision, whatever the checkpoint was saved with (smolvla_world
+    # keeps a latent history only when something reads it, and the planner does).
+    cfg.planner = "rerank"
     settings = dataclasses.replace(cfg.planner_settings(), kind="rerank")
     if args.planner_samples is not None:
         settings = dataclasses.replace(settings, samples=args.planner_samples)
@@ -465,6 +472,8 @@ def _main(args) -> int:
         settings.validate()
     except ValueError as err:
         raise PlanCheckError(str(err)) from None
+    # smolvla_world draws its flow samples from its config, so the overrides go there too.
+    cfg.planner_samples, cfg.planner_noise = settings.samples, settings.noise
     horizon = getattr(cfg, "planner_horizon", 0) or cfg.future_frames
     stride = getattr(cfg, "future_stride", 1)
 

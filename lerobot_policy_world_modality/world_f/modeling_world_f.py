@@ -156,6 +156,12 @@ class WorldFPolicy(TrunkWorldPolicy):
             batch, history, self.config.memory_mode_rollout, oracle=None, oracle_prob=0.0, stats=False
         )["actions"]
 
+    @torch.no_grad()
+    def plan_candidates(self, batch: dict[str, Tensor], history: Tensor | None) -> tuple[Tensor, None]:
+        """The planner's starting point: the proposal [B, H, A], and no first round of its own (the
+        planner draws Gaussian perturbations of the proposal; smolvla_world returns flow samples here)."""
+        return self.propose(batch, history), None
+
     @property
     def planner_rng(self) -> torch.Generator:
         """The planner's generator (re-seeded with `planner_seed` at every `reset`)."""

@@ -57,3 +57,28 @@ def capped_eval_cmd(ckpt, out, task: str = "button-press-v3", episode_length: in
         f"--env.task={task}", f"--env.episode_length={episode_length}", f"--eval.n_episodes={episodes}",
         "--eval.batch_size=1", f"--output_dir={out}",
     ]  # fmt: skip
+
+
+def replay_with_planner(ckpt, task: str, seed: int, executed, **planner) -> None:
+    """Assert that a checkpoint planning under `planner` config overrides (e.g. planner="rerank") acts as
+    `executed` (the env actions a lerobot-wm-plan-check episode on `task` and env `seed` recorded), step
+    by step from the same start in the real MetaWorld env."""
+    import numpy as np
+    from lerobot.envs.metaworld import MetaworldEnv
+
+    from lerobot_policy_world_modality.tools.record_metaworld import CheckpointActor
+
+    actor = CheckpointActor(str(ckpt))
+    for key, value in planner.items():
+        setattr(actor.policy.config, key, value)
+    env = MetaworldEnv(task=task, obs_type="pixels_agent_pos")
+    np.random.seed(seed)  # the check's episode start (MetaWorld draws it from NumPy's global generator)
+    raw, _ = env._env.reset()
+    actor.reset()
+    try:
+        for want in executed:
+            action = actor.act(env._format_raw_obs(raw), env.task_description)
+            np.testing.assert_allclose(action, want, atol=1e-5)
+            raw, *_ = env._env.step(action.astype(np.float32))
+    finally:
+        env.close()
