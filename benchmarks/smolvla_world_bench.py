@@ -43,9 +43,8 @@ sys.path.insert(0, str(REPO / "tests"))  # the tiny SmolVLM writer lives with th
 A, S = 4, 4  # action and state dimensions (MetaWorld's)
 
 
-def parse_args():
-    """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def backbone_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The backbone, SmolVLA and device options (shared with smolvla_world_planning_bench.py)."""
     p.add_argument(
         "--vlm_model_name", default=None, help="Real VLM (Hub id or path); default: a random stand-in."
     )
@@ -62,17 +61,61 @@ def parse_args():
     p.add_argument(
         "--num_steps", type=int, default=10, help="Denoising steps per inference (SmolVLA's default)."
     )
+    p.add_argument("--device", default="cpu", help="Torch device.")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
+    return p
+
+
+def vlm_dir_of(args, tmp: str) -> str:
+    """The VLM to load: `--vlm_model_name`, or a random stand-in written under `tmp`."""
+    if args.vlm_model_name is not None:
+        return args.vlm_model_name
+    from support.vlm import make_tiny_smolvlm
+
+    return str(make_tiny_smolvlm(Path(tmp) / "vlm", text_width=args.text_width, text_layers=args.text_layers,
+                                 vision_width=args.vision_width, vision_layers=args.vision_layers,
+                                 image_size=args.resize))  # fmt: skip
+
+
+def backbone_record(args) -> dict:
+    """What the result JSON says about the backbone."""
+    return args.vlm_model_name or {
+        "stand_in": "random SmolVLM (tests/support/vlm.py)",
+        "text_width": args.text_width,
+        "text_layers": args.text_layers,
+        "vision_width": args.vision_width,
+        "vision_layers": args.vision_layers,
+    }
+
+
+def run_record(args, load_before) -> dict:
+    """What every result JSON of these benchmarks starts with: when, where, the load, the backbone."""
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": args.device,
+        "load_average_1_5_15_before": list(load_before),
+        "load_average_1_5_15_after": list(os.getloadavg()),
+        "backbone": backbone_record(args),
+    }
+
+
+def parse_args():
+    """Command-line options."""
+    p = backbone_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--batch_size", type=int, default=8, help="Training batch size.")
     p.add_argument("--reps", type=int, default=15, help="Alternating training-step repetitions.")
     p.add_argument("--chunks", type=int, default=6, help="Alternating select_action inference calls.")
-    p.add_argument("--device", default="cpu", help="Torch device.")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "smolvla_world_bench.json"))
     return p.parse_args()
 
 
-def build_policies(args, vlm_dir: str):
-    """(smolvla, smolvla_world) with identical SmolVLA weights, and smolvla_world's world-latent dim."""
+def build_policies(args, vlm_dir: str, **world_options):
+    """(smolvla, smolvla_world) with identical SmolVLA weights; `world_options` are further
+    smolvla_world config fields (e.g. the world model and planner of the planning benchmark)."""
     from lerobot.configs.types import FeatureType, PolicyFeature
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
@@ -96,7 +139,7 @@ def build_policies(args, vlm_dir: str):
         output_features={"action": PolicyFeature(FeatureType.ACTION, (A,))},
     )
     torch.manual_seed(0)
-    world = SmolVLAWorldPolicy(SmolVLAWorldConfig(device=args.device, **options, **features))
+    world = SmolVLAWorldPolicy(SmolVLAWorldConfig(device=args.device, **options, **features, **world_options))
     smolvla = SmolVLAPolicy(world.config.smolvla_config())
     smolvla.load_state_dict(world.smolvla.state_dict())
     return smolvla.to(args.device), world.to(args.device)
@@ -200,20 +243,7 @@ def main() -> None:
     load_before = os.getloadavg()
     wall = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        vlm_dir = args.vlm_model_name
-        if vlm_dir is None:
-            from support.vlm import make_tiny_smolvlm
-
-            vlm_dir = str(
-                make_tiny_smolvlm(
-                    Path(tmp) / "vlm",
-                    text_width=args.text_width,
-                    text_layers=args.text_layers,
-                    vision_width=args.vision_width,
-                    vision_layers=args.vision_layers,
-                    image_size=args.resize,
-                )
-            )
+        vlm_dir = vlm_dir_of(args, tmp)
         smolvla, world = build_policies(args, vlm_dir)
         cfg = world.config
         dim = cfg.world_latent_dim
@@ -239,22 +269,7 @@ def main() -> None:
         params_smolvla = sum(p.numel() for p in smolvla.parameters())
 
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "device": args.device,
-        "load_average_1_5_15_before": list(load_before),
-        "load_average_1_5_15_after": list(os.getloadavg()),
-        "backbone": args.vlm_model_name
-        or {
-            "stand_in": "random SmolVLM (tests/support/vlm.py)",
-            "text_width": args.text_width,
-            "text_layers": args.text_layers,
-            "vision_width": args.vision_width,
-            "vision_layers": args.vision_layers,
-        },
+        **run_record(args, load_before),
         "smolvla_options": {
             "num_vlm_layers": cfg.num_vlm_layers,
             "resize_imgs_with_padding": list(cfg.resize_imgs_with_padding),

@@ -422,11 +422,46 @@ def test_world_model_trains_and_the_planner_picks_among_flow_samples(tiny_vlm, t
     assert samples.shape == (B, 3, H, A) and torch.equal(proposal, samples[:, 0])
     for best in range(3):
         assert torch.equal(samples[:, best, 0], picks[best])
+    # Encoding each observation's prefix once (the default) gives the samples of the whole call on the
+    # repeated batch, and leaves SmolVLA's methods as they were.
+    policy.reset()
+    _, unshared = policy.plan_candidates(obs, policy.advance_history(obs), share_prefix=False)
+    torch.testing.assert_close(samples, unshared, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(samples[:, 0], samples[:, 1])  # distinct noise per sample, not one sample repeated
+    assert "forward" not in policy.smolvla.model.vlm_with_expert.__dict__
     policy.save_pretrained(tmp_path / "ckpt")
     loaded = SmolVLAWorldPolicy.from_pretrained(tmp_path / "ckpt")
     loaded.eval()
     loaded.reset()
     assert loaded.config.planner == "rerank" and torch.equal(loaded.select_action(obs), planned)
+
+
+def test_flow_samples_share_the_prefix_with_memory_read_at_every_fusion_point(tiny_vlm):
+    """With the memory read by the prefix, the expert input and the expert output (open gates), encoding
+    each observation's prefix once gives the samples of the whole call on the repeated batch."""
+    from lerobot_policy_world_modality.world.fusion import fusion_gates
+
+    torch.manual_seed(0)
+    policy = SmolVLAWorldPolicy(make_config(tiny_vlm, dynamics="action_conditioned", progress_head=True,
+                                            inject_expert_input=True, inject_prefix=True, planner="rerank",
+                                            planner_samples=3))  # fmt: skip
+    gates = fusion_gates(policy)
+    assert len(gates) == 3
+    with torch.no_grad():
+        for g in gates:
+            g.fill_(0.5)
+    policy.eval()
+    obs = {k: v for k, v in batch(tiny_vlm, policy.config.world_latent_dim).items() if k not in ("action", OBS_WORLD_HISTORY)}
+    history = torch.randn(B, T, policy.config.world_latent_dim)
+    out = {}
+    for share in (True, False):
+        policy.reset()
+        out[share] = policy.plan_candidates(obs, history, share_prefix=share)[1]
+    torch.testing.assert_close(out[True], out[False], rtol=1e-4, atol=1e-5)
+    # The memory is read: another history gives other samples from the same noise.
+    policy.reset()
+    other = policy.plan_candidates(obs, torch.randn(B, T, policy.config.world_latent_dim))[1]
+    assert not torch.allclose(other, out[True], atol=1e-4)
 
 
 def test_imitating_successes_only_weights_failed_frames_zero_in_the_flow_loss(tiny_vlm):

@@ -250,29 +250,81 @@ class SmolVLAWorldPolicy(ModelCardMixin, StrictCheckpointLoading, PreTrainedPoli
         return self._planned_chunk(batch, history)
 
     @torch.no_grad()
-    def plan_candidates(self, batch: dict[str, Tensor], history: Tensor | None) -> tuple[Tensor, Tensor]:
+    def plan_candidates(
+        self, batch: dict[str, Tensor], history: Tensor | None, share_prefix: bool = True
+    ) -> tuple[Tensor, Tensor]:
         """The planner's first round: N flow samples of every observation [B, N, H, A] (one SmolVLA call
         on B x N, with this call's memory injected), and the proposal [B, H, A] (the first sample).
-        Draws its noise from `planner_rng`, so the same seed gives the same candidates."""
+        Draws its noise from `planner_rng`, so the same seed gives the same candidates.
+
+        share_prefix: the N samples of one observation share its prefix (images, instruction, state), so
+        the VLM encodes it once and its key/value cache is repeated for the N denoising runs
+        (`_sharing_prefix`); False runs the whole SmolVLA call on the repeated batch (the same samples up
+        to float rounding, N times the VLM's cost)."""
         cfg = self.config
         n = cfg.planner_samples
         b = latent_from_batch(batch).shape[0]
-
-        def expand(v):
-            if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == b:
-                return v.repeat_interleave(n, dim=0)
-            if isinstance(v, list) and len(v) == b:
-                return [x for x in v for _ in range(n)]
-            return v
-
-        wide = {k: expand(v) for k, v in batch.items()}
+        wide = {k: _repeat_rows(v, b, n) for k, v in batch.items()}
         device = latent_from_batch(batch).device
         memory = self._rollout_memory(history)
         noise = torch.randn((b * n, cfg.chunk_size, cfg.max_action_dim), generator=self._planner_rng).to(device)
-        with self._reading(None if memory is None else memory.repeat_interleave(n, dim=0)):
+        sharing = self._sharing_prefix(n, b * n) if share_prefix and n > 1 else contextlib.nullcontext()
+        with self._reading(None if memory is None else memory.repeat_interleave(n, dim=0)), sharing:
             samples = self.smolvla.predict_action_chunk(wide, noise)
         samples = samples.view(b, n, *samples.shape[1:])
         return samples[:, 0], samples
+
+    @contextlib.contextmanager
+    def _sharing_prefix(self, n: int, rows: int):
+        """Within the block, SmolVLA's batch of `rows` rows holds each observation n times in a row
+        (`_repeat_rows`): the prefix is embedded and run through the VLM for one row of each group, and
+        its outputs and key/value cache are repeated n times, so only the denoising runs on all rows."""
+        model = self.smolvla.model
+        vlm = model.vlm_with_expert
+        # Instance attributes to restore (embed_prefix may already be the prefix fusion's wrapper).
+        own = {"embed_prefix": model.__dict__.get("embed_prefix"), "forward": vlm.__dict__.get("forward")}
+        embed_prefix, forward = model.embed_prefix, vlm.forward
+
+        def first_rows(v):
+            if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == rows:
+                return v[::n]
+            if isinstance(v, (list, tuple)):
+                return type(v)(first_rows(x) for x in v)
+            return v
+
+        def repeated(v):
+            if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == rows // n:
+                return v.repeat_interleave(n, dim=0)
+            if isinstance(v, dict):
+                return {k: repeated(x) for k, x in v.items()}
+            if isinstance(v, (list, tuple)):
+                return type(v)(repeated(x) for x in v)
+            return v
+
+        def shared_embed_prefix(*args, **kwargs):
+            memory = self._memory
+            self._memory = None if memory is None else memory[::n]  # what the prefix fusion reads
+            try:
+                out = embed_prefix(*first_rows(args), **{k: first_rows(v) for k, v in kwargs.items()})
+            finally:
+                self._memory = memory
+            return repeated(out)
+
+        def shared_forward(*args, **kwargs):
+            embeds = kwargs.get("inputs_embeds")
+            if args or not kwargs.get("fill_kv_cache") or embeds is None or embeds[1] is not None:
+                return forward(*args, **kwargs)  # a denoising step: every row
+            return repeated(forward(**{k: first_rows(v) for k, v in kwargs.items()}))
+
+        model.embed_prefix, vlm.forward = shared_embed_prefix, shared_forward
+        try:
+            yield
+        finally:
+            for obj, name in ((model, "embed_prefix"), (vlm, "forward")):
+                if own[name] is None:
+                    delattr(obj, name)  # back to the class's method
+                else:
+                    setattr(obj, name, own[name])
 
     def _planned_chunk(self, batch: dict[str, Tensor], history: Tensor) -> Tensor:
         """The planner's chunk: N flow samples (`plan_candidates`) scored through the world model
@@ -402,3 +454,12 @@ class SmolVLAWorldPolicy(ModelCardMixin, StrictCheckpointLoading, PreTrainedPoli
         """FLARE-style alignment of this forward's expert states with the batch's future latents."""
         (hidden,) = captured  # one action_out_proj call per training forward
         return self.align(hidden, *alignment_targets(batch, self.config.future_frames))
+
+
+def _repeat_rows(v, b: int, n: int):
+    """A batch value with each of its b rows repeated n times in a row (tensors and per-row lists)."""
+    if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == b:
+        return v.repeat_interleave(n, dim=0)
+    if isinstance(v, list) and len(v) == b:
+        return [x for x in v for _ in range(n)]
+    return v
