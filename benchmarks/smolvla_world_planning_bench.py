@@ -8,7 +8,8 @@
 One smolvla_world policy (the backbone options of `smolvla_world_bench.py`: a random SmolVLM stand-in by
 default; the world defaults plus `dynamics=action_conditioned` and the progress head the planner scores
 by) times `select_action` at batch 1 on a preprocessed observation with the planner off and with
-`--policy.planner=rerank|cem` at each N, on the same weights (the planner is a rollout-time setting),
+`--policy.planner=rerank|cem` at each N and each `planner_candidates` (`flow`: N flow samples;
+`perturbed`: one flow sample and N - 1 Gaussian perturbations of it), on the same weights (the planner is a rollout-time setting),
 alternating the two on every repetition so machine noise hits both alike:
 
 - inference call: the call that samples (and plans) a new chunk;
@@ -54,20 +55,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = backbone_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--samples", default="4,16", help="Candidate counts N (flow samples), comma-separated.")
     p.add_argument("--planners", default="rerank,cem", help="Planners to time, comma-separated.")
+    p.add_argument("--candidates", default="flow,perturbed",
+                   help="First-round candidates to time (planner_candidates), comma-separated.")
     p.add_argument("--iterations", type=int, default=3, help="CEM rounds.")
     p.add_argument("--chunks", type=int, default=4, help="Alternating whole chunks per setting (medians).")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "smolvla_world_planning_bench.json"))
     return p.parse_args(argv)
 
 
-def set_planner(policy, planner: str, samples: int) -> None:
+def set_planner(policy, planner: str, samples: int, candidates: str = "flow") -> None:
     """Switch the rollout-time planner settings of `policy` in place."""
-    policy.config.planner, policy.config.planner_samples = planner, samples
+    cfg = policy.config
+    cfg.planner, cfg.planner_samples, cfg.planner_candidates = planner, samples, candidates
 
 
-def inference_flops(policy, batch: dict, planner: str, samples: int) -> int:
+def inference_flops(policy, batch: dict, planner: str, samples: int, candidates: str = "flow") -> int:
     """Matmul FLOPs of one inference call (the call that samples, and plans, a chunk)."""
-    set_planner(policy, planner, samples)
+    set_planner(policy, planner, samples, candidates)
     policy.reset()
     with FlopCounterMode(display=False) as flops:
         policy.select_action(dict(batch))
@@ -84,6 +88,7 @@ def main(argv=None) -> int:
 
     samples = [int(n) for n in args.samples.split(",") if n.strip()]
     planners = [p.strip() for p in args.planners.split(",") if p.strip()]
+    modes = [c.strip() for c in args.candidates.split(",") if c.strip()]
     load_before = os.getloadavg()
     wall = time.perf_counter()
     rows, shared_rows = [], []
@@ -99,34 +104,33 @@ def main(argv=None) -> int:
         n_steps = cfg.n_action_steps
         with torch.inference_mode():
             none_flops = inference_flops(policy, batch, "none", samples[0])
-            for planner in planners:
-                for n in samples:
+            for mode, planner, n in ((m, p, n) for m in modes for p in planners for n in samples):
 
-                    def off(n=n):
-                        set_planner(policy, "none", n)
-                        return select_chunk(policy, batch, n_steps, args.device)
+                def off(n=n):
+                    set_planner(policy, "none", n)
+                    return select_chunk(policy, batch, n_steps, args.device)
 
-                    def on(planner=planner, n=n):
-                        set_planner(policy, planner, n)
-                        return select_chunk(policy, batch, n_steps, args.device)
+                def on(planner=planner, n=n, mode=mode):
+                    set_planner(policy, planner, n, mode)
+                    return select_chunk(policy, batch, n_steps, args.device)
 
-                    alternate(off, on, 1)  # warm-up
-                    a, b = alternate(off, on, args.chunks)
-                    flops = inference_flops(policy, batch, planner, n)
-                    call_off, call_on = statistics.median(x[0] for x in a), statistics.median(x[0] for x in b)
-                    step_off, step_on = statistics.median(x[1] for x in a), statistics.median(x[1] for x in b)
-                    rows.append({
-                        "planner": planner, "samples": n,
-                        "inference_call_s": {"none": call_off, "planned": call_on, "ratio": call_on / call_off},
-                        "per_env_step_s": {"none": step_off, "planned": step_on, "ratio": step_on / step_off},
-                        "flops": {"none": none_flops, "planned": flops, "ratio": flops / none_flops},
-                    })  # fmt: skip
-                    print(f"{planner} N={n}: per env step {step_on / step_off:.2f}x, FLOPs {flops / none_flops:.2f}x",
-                          flush=True)  # fmt: skip
+                alternate(off, on, 1)  # warm-up
+                a, b = alternate(off, on, args.chunks)
+                flops = inference_flops(policy, batch, planner, n, mode)
+                call_off, call_on = statistics.median(x[0] for x in a), statistics.median(x[0] for x in b)
+                step_off, step_on = statistics.median(x[1] for x in a), statistics.median(x[1] for x in b)
+                rows.append({
+                    "candidates": mode, "planner": planner, "samples": n,
+                    "inference_call_s": {"none": call_off, "planned": call_on, "ratio": call_on / call_off},
+                    "per_env_step_s": {"none": step_off, "planned": step_on, "ratio": step_on / step_off},
+                    "flops": {"none": none_flops, "planned": flops, "ratio": flops / none_flops},
+                })  # fmt: skip
+                print(f"{mode} {planner} N={n}: per env step {step_on / step_off:.2f}x, FLOPs {flops / none_flops:.2f}x",
+                      flush=True)  # fmt: skip
             # The first round alone, with each observation's prefix encoded once (the default) and with
             # the whole SmolVLA call on the repeated batch.
             for n in samples:
-                set_planner(policy, "rerank", n)
+                set_planner(policy, "rerank", n, "flow")
                 hist = torch.randn(1, cfg.history_frames, cfg.world_latent_dim)
 
                 def first_round(share, n=n, hist=hist):
@@ -169,12 +173,12 @@ def print_table(r: dict) -> None:
     print(f"\nsmolvla_world planning vs none  {r['date']}  {r['device']}, {r['cpu_count']} cores, "
           f"{r['torch_threads']} threads, load avg {r['load_average_1_5_15_before'][0]:.2f} -> "
           f"{r['load_average_1_5_15_after'][0]:.2f}")  # fmt: skip
-    print(f"\n{'planner':8s} {'N':>3s} {'call ms none/planned':>22s} {'x':>6s} {'step ms none/planned':>22s} "
+    print(f"\n{'cands':9s} {'planner':8s} {'N':>3s} {'call ms none/planned':>22s} {'x':>6s} {'step ms none/planned':>22s} "
           f"{'x':>6s} {'FLOPs x':>8s}  target (step, N=16)")  # fmt: skip
     for row in r["rows"]:
         c, s, f = row["inference_call_s"], row["per_env_step_s"], row["flops"]
         target = ("ok" if s["ratio"] <= 3.0 else "MISSED") if row["samples"] == 16 else ""
-        print(f"{row['planner']:8s} {row['samples']:3d} {c['none'] * 1e3:10.1f}/{c['planned'] * 1e3:<11.1f} "
+        print(f"{row.get('candidates', 'flow'):9s} {row['planner']:8s} {row['samples']:3d} {c['none'] * 1e3:10.1f}/{c['planned'] * 1e3:<11.1f} "
               f"{c['ratio']:6.2f} {s['none'] * 1e3:10.2f}/{s['planned'] * 1e3:<11.2f} {s['ratio']:6.2f} "
               f"{f['ratio']:8.2f}  {target}")  # fmt: skip
     print(f"\nfirst round (N flow samples): prefix encoded once vs the whole call on the repeated batch")

@@ -464,6 +464,34 @@ def test_flow_samples_share_the_prefix_with_memory_read_at_every_fusion_point(ti
     assert not torch.allclose(other, out[True], atol=1e-4)
 
 
+def test_perturbed_candidates_plan_around_one_flow_sample(tiny_vlm):
+    """planner_candidates="perturbed": one flow sample is the proposal and the planner perturbs it (as
+    world_f's): a score that prefers the proposal executes it, one that prefers another candidate executes
+    a chunk within a few planner_noise of it; unknown values are refused by name."""
+    torch.manual_seed(0)
+    policy = SmolVLAWorldPolicy(make_config(tiny_vlm, use_prophet=False, inject_memory=False,
+                                            dynamics="action_conditioned", progress_head=True, planner="rerank",
+                                            planner_samples=4, planner_candidates="perturbed"))  # fmt: skip
+    policy.eval()
+    obs = {k: v for k, v in batch(tiny_vlm, policy.config.world_latent_dim).items() if k not in ("action", OBS_WORLD_HISTORY)}
+    policy.reset()
+    proposal, first_round = policy.plan_candidates(obs, policy.advance_history(obs))
+    assert first_round is None and proposal.shape == (B, H, A)
+    score = policy.world.score_chunks
+    picks = []
+    for best in (0, 2):
+        policy.world.score_chunks = lambda h, c, g, hz, best=best: torch.nn.functional.one_hot(
+            torch.full((c.shape[0],), best), c.shape[1]).float()
+        policy.reset()
+        picks.append(policy.select_action(obs))
+    policy.world.score_chunks = score
+    torch.testing.assert_close(picks[0], proposal[:, 0])
+    gap = (picks[1] - proposal[:, 0]).abs()
+    assert gap.max() > 0 and gap.max() < 6 * policy.config.planner_noise
+    with pytest.raises(ValueError, match="planner_candidates 'flows' is not one of"):
+        make_config(tiny_vlm, planner_candidates="flows")
+
+
 def test_imitating_successes_only_weights_failed_frames_zero_in_the_flow_loss(tiny_vlm):
     """imitate_failures=false: with the same noise and time, garbage actions on a failed episode's frame
     leave the action loss unchanged (it is the successful frame's alone); the default reads them."""

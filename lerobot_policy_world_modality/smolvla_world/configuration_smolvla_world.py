@@ -176,6 +176,10 @@ def user_set_fields(config: object, cli_args: list[str] | None = None) -> set[st
     return names
 
 
+# The planner's first-round candidates (`planner_candidates`).
+PLANNER_CANDIDATES = ("flow", "perturbed")
+
+
 @PreTrainedConfig.register_subclass("smolvla_world")
 @dataclass
 class SmolVLAWorldConfig(WorldMemoryOptions, DynamicsOptions, WorldLatentOptions, SmolVLAOptions, PreTrainedConfig):
@@ -221,6 +225,9 @@ class SmolVLAWorldConfig(WorldMemoryOptions, DynamicsOptions, WorldLatentOptions
     explain_path: str | None = None
     # Most tokens of one explanation (greedy decoding, stops earlier at EOS).
     explain_max_tokens: int = 32
+    # Planner's first round: "flow" (planner_samples flow samples) or "perturbed" (one flow sample and
+    # planner_samples - 1 Gaussian perturbations of it at planner_noise, as world_f: one denoising run).
+    planner_candidates: str = "flow"
 
     def __post_init__(self):
         with policy_config_errors(self.type):
@@ -235,6 +242,10 @@ class SmolVLAWorldConfig(WorldMemoryOptions, DynamicsOptions, WorldLatentOptions
             self.validate_world_memory(baseline_hint="For plain SmolVLA use --policy.type=smolvla.")
             self.validate_coc()
             self.validate_dynamics()
+            if self.planner_candidates not in PLANNER_CANDIDATES:
+                raise ValueError(
+                    f"planner_candidates '{self.planner_candidates}' is not one of {PLANNER_CANDIDATES}."
+                )
             self.smolvla_config()  # SmolVLA's own validation of its options (n_action_steps <= chunk_size, ...)
 
     def validate_coc(self) -> None:

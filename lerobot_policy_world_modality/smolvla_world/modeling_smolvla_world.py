@@ -252,17 +252,19 @@ class SmolVLAWorldPolicy(ModelCardMixin, StrictCheckpointLoading, PreTrainedPoli
     @torch.no_grad()
     def plan_candidates(
         self, batch: dict[str, Tensor], history: Tensor | None, share_prefix: bool = True
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor | None]:
         """The planner's first round: N flow samples of every observation [B, N, H, A] (one SmolVLA call
         on B x N, with this call's memory injected), and the proposal [B, H, A] (the first sample).
-        Draws its noise from `planner_rng`, so the same seed gives the same candidates.
+        Draws its noise from `planner_rng`, so the same seed gives the same candidates. With
+        `planner_candidates="perturbed"`: one flow sample, the proposal, and no first round of its own
+        (the planner perturbs the proposal, as for world_f).
 
         share_prefix: the N samples of one observation share its prefix (images, instruction, state), so
         the VLM encodes it once and its key/value cache is repeated for the N denoising runs
         (`_sharing_prefix`); False runs the whole SmolVLA call on the repeated batch (the same samples up
         to float rounding, N times the VLM's cost)."""
         cfg = self.config
-        n = cfg.planner_samples
+        n = 1 if cfg.planner_candidates == "perturbed" else cfg.planner_samples
         b = latent_from_batch(batch).shape[0]
         wide = {k: _repeat_rows(v, b, n) for k, v in batch.items()}
         device = latent_from_batch(batch).device
@@ -272,7 +274,7 @@ class SmolVLAWorldPolicy(ModelCardMixin, StrictCheckpointLoading, PreTrainedPoli
         with self._reading(None if memory is None else memory.repeat_interleave(n, dim=0)), sharing:
             samples = self.smolvla.predict_action_chunk(wide, noise)
         samples = samples.view(b, n, *samples.shape[1:])
-        return samples[:, 0], samples
+        return samples[:, 0], (None if cfg.planner_candidates == "perturbed" else samples)
 
     @contextlib.contextmanager
     def _sharing_prefix(self, n: int, rows: int):
