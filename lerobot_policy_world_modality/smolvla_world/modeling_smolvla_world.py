@@ -243,7 +243,7 @@ class SmolVLAWorldPolicy(ModelCardMixin, StrictCheckpointLoading, PreTrainedPoli
         return self.world.select(self.world.predict(history), self.config.memory_mode_rollout)
 
     def _chunk(self, batch: dict[str, Tensor], history: Tensor | None, noise: Tensor | None, **kwargs) -> Tensor:
-        """SmolVLA's chunk with this call's memory injected; with a planner, the best of N flow samples."""
+        """SmolVLA's chunk with this call's memory injected; with a planner, the best of its candidates."""
         if self.config.planner == "none":
             with self._reading(self._rollout_memory(history)):
                 return self.smolvla.predict_action_chunk(batch, noise, **kwargs)
@@ -329,8 +329,8 @@ class SmolVLAWorldPolicy(ModelCardMixin, StrictCheckpointLoading, PreTrainedPoli
                     setattr(obj, name, own[name])
 
     def _planned_chunk(self, batch: dict[str, Tensor], history: Tensor) -> Tensor:
-        """The planner's chunk: N flow samples (`plan_candidates`) scored through the world model
-        (`WorldPath.score_chunks`); CEM then refines around the best."""
+        """The planner's chunk: the candidates of `plan_candidates` (N flow samples, or perturbations of
+        one) scored through the world model (`WorldPath.score_chunks`); CEM then refines around the best."""
         cfg = self.config
         proposal, samples = self.plan_candidates(batch, history)
         horizon = cfg.planner_horizon or cfg.future_frames
