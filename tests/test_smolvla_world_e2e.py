@@ -132,6 +132,10 @@ def test_precompute_then_e0_smolvla_then_e2_smolvla_world_from_it_then_metaworld
     probe = json.loads(probe_json.read_text())
     assert probe["policy_type"] == "smolvla_world" and set(probe["action_loss"]) == {"pred", "zero", "oracle"}
     assert all(math.isfinite(v) for v in probe["action_loss"].values()) and abs(probe["gate"]) < 0.01
+    # ... and checks whether the planner's score can rank the dataset's chunks (the world model is trained).
+    check = probe["planning"]
+    assert check["score"] == "progress" and 0.0 <= check["expert_beats_perturbations"] <= 1.0
+    assert check["dynamics_loss"] > 0 and math.isfinite(check["dynamics_action_sensitivity"])
 
     # lerobot-wm-plan-check ranks the planner's flow samples against the simulator's counterfactual
     # outcomes, and lerobot-wm-fit-plan-score fits the critic on them and exports a smolvla_world checkpoint.
