@@ -266,7 +266,7 @@ class SmolVLAWorldPolicy(ModelCardMixin, StrictCheckpointLoading, PreTrainedPoli
         cfg = self.config
         n = 1 if cfg.planner_candidates == "perturbed" else cfg.planner_samples
         b = latent_from_batch(batch).shape[0]
-        wide = {k: _repeat_rows(v, b, n) for k, v in batch.items()}
+        wide = dict(batch) if n == 1 else {k: _repeat_rows(v, b, n) for k, v in batch.items()}
         device = latent_from_batch(batch).device
         memory = self._rollout_memory(history)
         noise = torch.randn((b * n, cfg.chunk_size, cfg.max_action_dim), generator=self._planner_rng).to(device)

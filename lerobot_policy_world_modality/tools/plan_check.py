@@ -430,8 +430,6 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
-    import dataclasses
-
     if args.report is not None:
         root = Path(args.report)
         report(root)
@@ -460,20 +458,19 @@ def _main(args) -> int:
         policy.world.score_kind(None)
     except (ProbeError, RuntimeError) as err:
         raise PlanCheckError(str(err)) from None
-    # The check is the rerank planner's decision, whatever the checkpoint was saved with (smolvla_world
-    # keeps a latent history only when something reads it, and the planner does).
+    # The check is the rerank planner's decision, whatever the checkpoint was saved with. The overrides go
+    # into the config, which the planner's settings and smolvla_world's flow samples both read (and
+    # smolvla_world keeps a latent history only when something reads it, as the planner does).
     cfg.planner = "rerank"
-    settings = dataclasses.replace(cfg.planner_settings(), kind="rerank")
     if args.planner_samples is not None:
-        settings = dataclasses.replace(settings, samples=args.planner_samples)
+        cfg.planner_samples = args.planner_samples
     if args.planner_noise is not None:
-        settings = dataclasses.replace(settings, noise=args.planner_noise)
+        cfg.planner_noise = args.planner_noise
+    settings = cfg.planner_settings()
     try:
         settings.validate()
     except ValueError as err:
         raise PlanCheckError(str(err)) from None
-    # smolvla_world draws its flow samples from its config, so the overrides go there too.
-    cfg.planner_samples, cfg.planner_noise = settings.samples, settings.noise
     horizon = getattr(cfg, "planner_horizon", 0) or cfg.future_frames
     stride = getattr(cfg, "future_stride", 1)
 
