@@ -210,6 +210,18 @@ def test_missing_candidates_and_checkpoints_are_refused_by_name(tmp_path, capsys
     rc = main(["--policy.path", str(tmp_path / "ckpt"), "--candidates", str(tmp_path), "--output_dir", str(tmp_path / "o"),
                "--critic_input", "both_projected", "--critics", "imagined", "actions"])  # fmt: skip
     assert rc == 2 and "--critics must include it" in capsys.readouterr().err
+    # Candidates collected with different --truth measure different outcomes: refused, naming each folder's.
+    from lerobot_policy_world_modality.tools.plan_check import save_candidates
+
+    saved = {"history": [np.zeros((3, 8))], "candidates": [np.zeros((4, 4, 4))], "true": [np.arange(4.0)],
+             "rewards": [np.zeros((4, 5))], "model": [np.zeros(4)]}  # fmt: skip
+    for truth in ("reward", "expert"):
+        (tmp_path / truth / "candidates").mkdir(parents=True)
+        save_candidates(tmp_path / truth / "candidates" / "pick-place-v3__1.npz", saved, "pick-place-v3", 1, [1], truth)
+    rc = main(["--policy.path", str(tmp_path / "ckpt"), "--candidates", str(tmp_path / "reward"), str(tmp_path / "expert"),
+               "--output_dir", str(tmp_path / "o")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "different --truth" in err and f"expert: {tmp_path / 'expert'}" in err and "reward: " in err
     assert not (tmp_path / "o").exists()
 
 
@@ -290,6 +302,12 @@ def test_pool_joins_the_fits_held_out_episodes_and_refuses_what_it_cannot_pool(t
     assert main(["--pool", str(tmp_path / "fit0"), str(tmp_path / "fit1"), "--output_dir", str(tmp_path / "mixed"),
                  "--allow_mixed_settings"]) == 0  # fmt: skip
     assert json.loads((tmp_path / "mixed" / "pooled.json").read_text())["mixed_settings"] == ["steps"]
+    # Fits of different truths (--truth of their collections) are refused too; a fit.json without one is `reward`.
+    fit["settings"]["steps"], fit["truth"] = 100, "expert"
+    (tmp_path / "fit1" / "fit.json").write_text(json.dumps(fit))
+    assert main(["--pool", str(tmp_path / "fit0"), str(tmp_path / "fit1"), "--output_dir", str(tmp_path / "mixed2")]) == 2
+    err = capsys.readouterr().err
+    assert "truth" in err and "=expert" in err and "=reward" in err and not (tmp_path / "mixed2").exists()
     # What cannot be pooled is refused by name, and nothing is written.
     assert main(["--pool", str(tmp_path / "none"), "--output_dir", str(tmp_path / "o")]) == 2
     assert "has no fit.json" in capsys.readouterr().err

@@ -91,6 +91,51 @@ def test_a_restored_snapshot_repeats_the_simulator_exactly(task, monkeypatch):
 
 
 @pytest.mark.slow
+def test_the_expert_truth_is_the_scripted_experts_steps_to_success_after_a_candidate(monkeypatch):
+    """`--truth=expert`: a candidate's true score is minus the steps to success when the scripted expert
+    takes over after its executed actions; the env is left where it was, a candidate that undoes the
+    expert's progress scores lower, and every failure within the horizon ties below every success."""
+    monkeypatch.setenv("MUJOCO_GL", "egl")
+    from lerobot.envs.metaworld import MetaworldEnv
+
+    from lerobot_policy_world_modality.tools.plan_check import SimSnapshot, expert_steps_to_success, expert_truth
+
+    env = MetaworldEnv(task="pick-place-v3", obs_type="pixels_agent_pos")
+    try:
+        sim, expert = env._env, env.expert_policy
+        np.random.seed(1000)
+        obs, _ = sim.reset()
+        # The expert alone, executed for real: the count the truth must reproduce for the expert's own actions.
+        snap = SimSnapshot(sim)
+        own, o = [], obs
+        for step in range(1, 200):
+            a = np.clip(expert.get_action(o), -1, 1).astype(np.float32)
+            own.append(a)
+            o, _r, _t, _tr, info = sim.step(a)
+            if info["success"]:
+                break
+        assert info["success"] and step > 10
+        snap.restore(sim)
+        path_length, tcp = sim.curr_path_length, sim.tcp_center.copy()
+        assert expert_steps_to_success(sim, expert, np.array(own[:5]), horizon=190) == step
+        # The env is back where it was: the same call gives the same count, and the arm has not moved.
+        assert expert_steps_to_success(sim, expert, np.array(own[:5]), horizon=190) == step
+        assert sim.curr_path_length == path_length and np.array_equal(sim.tcp_center, tcp)
+        # Five steps up and away with the gripper open undo progress: the expert needs longer after them.
+        away = np.tile(np.array([0.0, -1.0, 1.0, -1.0], dtype=np.float32), (5, 1))
+        slower = expert_steps_to_success(sim, expert, away, horizon=190)
+        assert slower is not None and slower > step
+        assert expert_steps_to_success(sim, expert, away, horizon=slower - 6) is None  # one expert step short
+        # As true scores: higher is better, a failure sits one step below the slowest success.
+        true = expert_truth(sim, expert, np.stack([np.array(own[:5]), away]), executed=5, horizon=190)
+        assert list(true) == [-step, -slower]
+        short = expert_truth(sim, expert, np.stack([np.array(own[:5]), away]), executed=5, horizon=step - 5)
+        assert list(short) == [-step, -(5 + (step - 5) + 1)]
+    finally:
+        env.close()
+
+
+@pytest.mark.slow
 def test_the_eval_launcher_makes_a_metaworld_start_depend_on_its_seed_alone(monkeypatch):
     """MetaWorld draws its starts from NumPy's global generator (and LeRobot's env resets once more on
     success), so without `seed_metaworld_resets` episode i of two arms would start alike only until their

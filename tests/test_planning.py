@@ -600,13 +600,24 @@ def test_failures_to_world_model_to_planned_rollouts_through_the_stock_clis(tmp_
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     executed = json.loads((tmp_path / "pc" / "model" / "episodes" / "button-press-v3__1000.json").read_text())["actions"]
     replay_with_planner(ckpt, "button-press-v3", 1000, executed, planner="rerank", planner_samples=4, planner_score="reward")
-    # The report pairs the picks of the same checkpoint, task and env seed.
+    # --truth=expert: the oracle by the scripted expert's steps to success, counted within the episode's
+    # remaining steps (6 here: too few for the expert to press the button, so every candidate scores the
+    # failure floor, one step below the slowest success the remaining steps allow).
+    res = plan_check("true", tmp_path / "pc" / "true_expert", "--truth=expert")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ep = json.loads((tmp_path / "pc" / "true_expert" / "episodes" / "button-press-v3__1000.json").read_text())
+    assert ep["truth"] == "expert" and ep["expert_horizon"] == 150 and ep["replay_max_abs_diff"] == 0.0
+    assert [d["true_best"] for d in ep["decisions"]] == [-(2 + (6 - d["step"] - 2) + 1) for d in ep["decisions"]]
+    assert all(d["true_picked"] == d["true_best"] and d["true_spread"] == 0 for d in ep["decisions"])
+    # The report pairs the picks of the same checkpoint, task and env seed, each oracle by its own truth.
     assert plan_check("proposal", tmp_path / "pc" / "proposal").returncode == 0
     res = run([BIN / "lerobot-wm-plan-check", f"--report={tmp_path / 'pc'}"])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rep = json.loads((tmp_path / "pc" / "report.json").read_text())
-    assert set(rep["summaries"]) == {"proposal", "model", "true"} and (tmp_path / "pc" / "report_success.png").is_file()
-    assert {(c["x"], c["task"], c["pairs"]) for c in rep["comparisons"]} >= {("true", "all", 1), ("model", "all", 1)}
+    assert set(rep["summaries"]) == {"proposal", "model", "true", "true:expert"}
+    assert (tmp_path / "pc" / "report_success.png").is_file() and "steps to success (oracle)" in res.stdout
+    assert {(c["x"], c["task"], c["pairs"]) for c in rep["comparisons"]} >= {
+        ("true", "all", 1), ("model", "all", 1), ("true:expert", "all", 1)}
 
     # 6. A score fitted to the counterfactual outcomes of saved candidates (lerobot-wm-fit-plan-score).
     res = plan_check("proposal", tmp_path / "collect", "--save_candidates", episodes=3)

@@ -9,8 +9,10 @@ A reward or progress head learns from the frames of recorded episodes, which dif
 far more than the candidates a rerank planner compares from one state do; such a head can order frames
 well and candidates at chance. This tool trains the score on the comparison the planner makes: the
 candidates `lerobot-wm-plan-check --save_candidates` drew at each decision, with the true outcome of
-each (its mean reward at the steps the world model imagines, executed in the simulator from the same
-state).
+each, executed in the simulator from the same state: its mean reward at the steps the world model
+imagines, or with `--truth=expert` minus the scripted expert's steps to success after it. The fit
+learns whichever truth its candidates were collected with (`fit.json` `truth`) and refuses folders
+collected with different ones.
 
 The score is an outcome critic (`world.dynamics.OutcomeCritic`) on the checkpoint's own world model.
 Up to six critics are fitted side by side (`--critics`; all by default), and `--critic_input` picks the
@@ -47,7 +49,7 @@ difference of their Spearman correlations and of their picks' true outcomes is t
 (Wilcoxon signed-rank on episode means, episode bootstrap interval), since the decisions of one episode
 are not independent. `--pool FIT_DIR ...` pools these comparisons over several fits, e.g. one per
 training seed, without fitting anything; fits whose settings differ (steps, batch, learning rate, loss,
-hold-out fraction, candidates per decision) are refused unless `--allow_mixed_settings` is given.
+hold-out fraction, candidates per decision, truth) are refused unless `--allow_mixed_settings` is given.
 
 `<output_dir>/pretrained_model` is the checkpoint with the fitted critic and `planner_score="critic"`
 (its policy is unchanged; `--policy.planner=rerank` uses the fitted score). `<output_dir>/fit.json`
@@ -111,6 +113,7 @@ def load_candidates(roots: list[Path]) -> list[dict]:
                 ep = {k: data[k] for k in data.files}
             ep["name"] = f"{ep['task']}__{int(ep['seed'])}"
             ep["source"] = str(root)
+            ep["truth"] = str(ep.get("truth", "reward"))  # collections from before --truth are rewards
             episodes.append(ep)
     return episodes
 
@@ -216,7 +219,8 @@ POOL_SETTINGS = ("steps", "batch_size", "lr", "loss", "holdout")
 def pooled_settings(fit: dict) -> dict:
     """The settings of one `fit.json` that `--pool` requires to agree across fits."""
     given = fit.get("settings", {})
-    return {**{k: given.get(k) for k in POOL_SETTINGS}, "candidates_per_decision": fit.get("candidates_per_decision")}
+    return {**{k: given.get(k) for k in POOL_SETTINGS}, "candidates_per_decision": fit.get("candidates_per_decision"),
+            "truth": fit.get("truth", "reward")}
 
 
 def pooled_figure(fits: dict[str, dict], pooled: dict) -> bytes:
@@ -523,6 +527,13 @@ def _main(args) -> int:
         raise FitPlanScoreError(f"--holdout must lie in (0, 1), got {args.holdout}.")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
     episodes = load_candidates([Path(c) for c in args.candidates])
+    truths = {}
+    for ep in episodes:
+        truths.setdefault(ep["truth"], set()).add(ep["source"])
+    if len(truths) > 1:
+        detail = "; ".join(f"{t}: {', '.join(sorted(srcs))}" for t, srcs in sorted(truths.items()))
+        raise FitPlanScoreError(f"The candidates were collected with different --truth ({detail}), so their true "
+                                "scores measure different things: fit each truth's folders on their own.")  # fmt: skip
     held = [ep for ep in episodes if is_holdout(ep["name"], args.holdout)]
     train = [ep for ep in episodes if not is_holdout(ep["name"], args.holdout)]
     if not held or not train:
@@ -596,6 +607,7 @@ def _main(args) -> int:
         "episodes": {"train": [ep["name"] for ep in train], "held_out": [ep["name"] for ep in held]},
         "decisions": {s: int(len(data[s]["true"])) for s in data},
         "candidates_per_decision": int(cand_shape[0]),
+        "truth": next(iter(truths)),
         "settings": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                      "holdout": args.holdout, "loss": args.loss, "critic_input": args.critic_input,
                      "critics": list(critics)},  # fmt: skip

@@ -12,18 +12,25 @@ first one its proposal), and gets two scores for each:
 - the checkpoint's: the planner's score (`--planner_score`, default the checkpoint's), exactly what
   `--policy.planner=rerank` ranks by;
 - the simulator's: the simulator state is saved, the candidate's actions are executed in it, their
-  rewards recorded, and the state restored (counterfactual outcomes, without rendering). The true
-  score is the mean reward at the steps whose rewards the reward head estimates for the imagined frames
-  (step k * future_stride + 1 for k = 1..horizon: the head reads a frame's latent and predicts the
-  reward of the step taken from it).
+  outcome measured, and the state restored (counterfactual outcomes, without rendering). `--truth`
+  says which outcome is the true score:
+  - `reward` (default): the mean reward at the steps whose rewards the reward head estimates for the
+    imagined frames (step k * future_stride + 1 for k = 1..horizon: the head reads a frame's latent and
+    predicts the reward of the step taken from it). A short-horizon score.
+  - `expert`: minus the steps to success when the candidate's executed actions (`n_action_steps`) are
+    followed by MetaWorld's scripted expert, within the episode's remaining steps and at most
+    `--expert_horizon` expert steps (a failure scores one step below the longest). This is the scripted
+    expert's value of the state a candidate leads to: a long-horizon score, aligned with success, that
+    no rendering is needed for.
 
 `--report DIR` compares the checks written under DIR instead (the picks of the same checkpoints,
 paired by checkpoint, task and env seed, McNemar's exact test and a bootstrap interval, as
 `lerobot-wm-compare` reports): `DIR/report.md`, `report.json`, `report_success.png`.
 
 `--pick` chooses which candidate is executed: `proposal` (planning off), `model` (the checkpoint's
-best: the same chunk `--policy.planner=rerank` would execute) or `true` (the simulator's best: rerank
-with a perfect short-horizon score, the most a rerank over these candidates can give). Whatever the
+best: the same chunk `--policy.planner=rerank` would execute) or `true` (the simulator's best by
+`--truth`: rerank with a perfect score of that kind, the most a rerank over these candidates can give
+with it; the report keeps the oracles of the two truths apart). Whatever the
 pick, every decision logs the Spearman correlation of the two scores, how the picked chunk's true score
 compares with the proposal's, and whether replaying the picked chunk reproduced its counterfactual
 rewards (`replay_max_abs_diff`, 0 when the saved state is the whole state).
@@ -49,9 +56,12 @@ import numpy as np
 from ..fileio import atomic_write_json
 
 PICKS = ("proposal", "model", "true")
+# What the true score of a candidate is (see the module docstring).
+TRUTHS = ("reward", "expert")
 # How reports name each pick.
 PICK_LABELS = {"proposal": "planning off (the proposal)", "model": "rerank by the checkpoint's score",
                "true": "rerank by the true reward (oracle)",
+               "true:expert": "rerank by the scripted expert's steps to success (oracle)",
                "model_fit": "rerank by a score fitted to counterfactual outcomes"}
 
 
@@ -117,19 +127,62 @@ def outcomes(sim, actions: np.ndarray, steps: int) -> tuple[np.ndarray, bool]:
     return rewards, success
 
 
-def save_candidates(path: Path, saved: dict[str, list], task: str, seed: int, idx: list[int]) -> None:
+def expert_steps_to_success(sim, expert, actions: np.ndarray, horizon: int) -> int | None:
+    """Steps until the task succeeds when `actions` [S, A] are executed from the env's current state and
+    the scripted `expert` (MetaWorld's policy for the task, which reads the raw state) acts after them,
+    for at most `horizon` steps; None if it does not succeed by then or the env truncates. The state is
+    restored. No frame is rendered."""
+    snap = SimSnapshot(sim)
+    try:
+        obs, steps = None, 0
+        for action in actions:
+            obs, _reward, _term, truncated, info = sim.step(np.asarray(action, dtype=np.float32))
+            steps += 1
+            if bool(info.get("success", 0)):
+                return steps
+            if truncated:
+                return None
+        for _ in range(horizon):
+            action = np.clip(np.asarray(expert.get_action(obs), dtype=np.float64), -1.0, 1.0).astype(np.float32)
+            obs, _reward, _term, truncated, info = sim.step(action)
+            steps += 1
+            if bool(info.get("success", 0)):
+                return steps
+            if truncated:
+                return None
+        return None
+    finally:
+        snap.restore(sim)
+
+
+def expert_truth(sim, expert, candidates: np.ndarray, executed: int, horizon: int) -> np.ndarray:
+    """The `expert` true score of each candidate [N, >= executed, A]: minus its `expert_steps_to_success`
+    after its first `executed` actions, and for a candidate that does not succeed, one step below the
+    slowest possible success (so every failure ties, below every success)."""
+    worst = executed + horizon + 1
+    out = np.empty(len(candidates))
+    for i, cand in enumerate(candidates):
+        n = expert_steps_to_success(sim, expert, cand[:executed], horizon)
+        out[i] = -(worst if n is None else n)
+    return out
+
+
+def save_candidates(path: Path, saved: dict[str, list], task: str, seed: int, idx: list[int],
+                    truth: str = "reward") -> None:
     """Write one episode's decisions (atomically) as an .npz that `lerobot-wm-fit-plan-score` trains on:
     `history` [M, T, D] (the raw latent history the world model reads), `candidates` [M, N, H, A] (the
     rerank candidates in normalised action units, the proposal first), `true` [M, N] (their true
     scores), `rewards` [M, N, L] (the rewards of their first L steps), `model` [M, N] (the checkpoint's
-    scores), and `reward_steps` (which of the L rewards `true` averages), `task`, `seed`."""
+    scores), `reward_steps` (which of the L rewards the `reward` truth averages), `truth` (what `true`
+    is: `--truth`), `task`, `seed`."""
     import io
 
     from ..fileio import atomic_write_bytes
 
     arrays = {k: np.stack(v) for k, v in saved.items()}
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays, reward_steps=np.asarray(idx), task=np.asarray(task), seed=np.asarray(seed))
+    np.savez_compressed(buf, **arrays, reward_steps=np.asarray(idx), truth=np.asarray(truth), task=np.asarray(task),
+                        seed=np.asarray(seed))  # fmt: skip
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -182,7 +235,12 @@ def run_episode(actor, env, task: str, seed: int, args, settings, horizon: int, 
                     env_actions = actor.unnormalise(cands[0, :, :look])
                     res = [outcomes(sim, a, look) for a in env_actions]
                     true_rewards = np.stack([r for r, _ in res])
-                    true = true_rewards[:, idx].mean(axis=1)
+                    if args.truth == "expert":
+                        remaining = args.episode_length - steps - cfg.n_action_steps
+                        true = expert_truth(sim, env.expert_policy, env_actions, cfg.n_action_steps,
+                                            max(0, min(args.expert_horizon, remaining)))  # fmt: skip
+                    else:
+                        true = true_rewards[:, idx].mean(axis=1)
                     # What each --pick executes: the planner's argmax (ties go to the lowest index, the
                     # proposal's). Kept as the very float32 tensor the planner ranks, so `picked` below is
                     # its choice even where float64 true scores differ by less than float32 resolves.
@@ -230,8 +288,8 @@ def run_episode(actor, env, task: str, seed: int, args, settings, horizon: int, 
         if truncated:
             break
     if saved_candidates is not None:
-        save_candidates(saved_candidates, saved, task=task, seed=seed, idx=idx)
-    return {"task": task, "seed": seed, "pick": args.pick, "success": success, "steps": steps,
+        save_candidates(saved_candidates, saved, task=task, seed=seed, idx=idx, truth=args.truth)
+    return {"task": task, "seed": seed, "pick": args.pick, "truth": args.truth, "success": success, "steps": steps,
             "sum_reward": total_reward, "replay_max_abs_diff": max(replay_diffs, default=0.0),
             "decisions": decisions, "actions": executed}  # fmt: skip
 
@@ -258,6 +316,8 @@ def pick_group(rec: dict) -> str:
     """The report group of an episode record: its pick, or for pick=model runs of a fitted checkpoint
     "model_fit" (the default label) or "model_fit:<label>", so two fits of one source compare side by side."""
     fitted = rec["pick"] == "model" and rec.get("policy_key", rec["policy_path"]) != rec["policy_path"]
+    if rec["pick"] == "true" and rec.get("truth", "reward") != "reward":
+        return f"true:{rec['truth']}"  # oracles of different truths are different picks
     if not fitted:
         return rec["pick"]
     label = rec.get("fit_label") or DEFAULT_FIT_LABEL
@@ -274,7 +334,7 @@ def pick_title(group: str) -> str:
 def group_order(groups) -> list[str]:
     """Report order: planning off, the checkpoint's score, the fitted scores (default label first, then
     by label), the oracle."""
-    rank = {"proposal": 0, "model": 1, "model_fit": 2, "true": 4}
+    rank = {"proposal": 0, "model": 1, "model_fit": 2, "true": 4, "true:expert": 5}
     return sorted(groups, key=lambda g: (rank.get(g, 3), g))
 
 
@@ -403,7 +463,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--episode_length", type=int, default=200, help="Steps per episode at most (default 200)")
     p.add_argument("--pick", choices=PICKS, default="model",
                    help="Which candidate is executed: proposal (planning off), model (the checkpoint's score, as "
-                        "--policy.planner=rerank) or true (the simulator's short-horizon reward; default model)")
+                        "--policy.planner=rerank) or true (the best by --truth; default model)")
+    p.add_argument("--truth", choices=TRUTHS, default="reward",
+                   help="The true score of a candidate: reward (the mean reward at the steps the reward head "
+                        "estimates; default) or expert (minus the steps to success when the scripted expert "
+                        "takes over after the candidate's executed actions)")
+    p.add_argument("--expert_horizon", type=int, default=150,
+                   help="With --truth=expert: expert steps at most before a candidate counts as failing (default 150)")
     p.add_argument("--planner_samples", type=int, default=None, help="Candidates per decision (default: the checkpoint's)")
     p.add_argument("--planner_noise", type=float, default=None, help="Perturbation scale (default: the checkpoint's)")
     p.add_argument("--planner_score", choices=("critic", "reward", "progress"), default=None,
@@ -447,6 +513,8 @@ def _main(args) -> int:
                              "pretrained_model directory.")  # fmt: skip
     if args.episodes < 1 or args.episode_length < 1:
         raise PlanCheckError("--episodes and --episode_length must be >= 1.")
+    if args.expert_horizon < 1:
+        raise PlanCheckError(f"--expert_horizon must be >= 1, got {args.expert_horizon}.")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
     actor = CheckpointActor(args.policy_path)
     policy, cfg = actor.policy, actor.policy.config
@@ -496,8 +564,9 @@ def _main(args) -> int:
                 path.unlink()
             if path.is_file():
                 rec = json.loads(path.read_text())
-                if rec.get("pick") != args.pick or rec.get("policy_path") != str(Path(args.policy_path).resolve()):
-                    raise PlanCheckError(f"{path} was written by another check (pick or checkpoint differ): "
+                if (rec.get("pick") != args.pick or rec.get("truth", "reward") != args.truth
+                        or rec.get("policy_path") != str(Path(args.policy_path).resolve())):
+                    raise PlanCheckError(f"{path} was written by another check (pick, truth or checkpoint differ): "
                                          "give another --out_dir.")  # fmt: skip
             else:
                 if env is None:
@@ -507,7 +576,8 @@ def _main(args) -> int:
                 rec.update(policy_path=str(Path(args.policy_path).resolve()), policy_key=pairing_key(args.policy_path),
                            fit_label=fit_label(args.policy_path), seconds=round(time.time() - t0, 1),
                            planner_samples=settings.samples, planner_noise=settings.noise,
-                           planner_score=policy.world.score_kind(None))  # fmt: skip
+                           planner_score=policy.world.score_kind(None),
+                           expert_horizon=args.expert_horizon if args.truth == "expert" else None)  # fmt: skip
                 atomic_write_json(path, rec, indent=1)
             records.append(rec)
             bar.update(1)
@@ -516,7 +586,7 @@ def _main(args) -> int:
             env.close()
     bar.close()
     summary = summarise(records)
-    summary.update(pick=args.pick, policy_path=str(Path(args.policy_path).resolve()), seed=args.seed,
+    summary.update(pick=args.pick, truth=args.truth, policy_path=str(Path(args.policy_path).resolve()), seed=args.seed,
                    planner_samples=settings.samples, planner_noise=settings.noise, horizon=horizon, stride=stride)  # fmt: skip
     atomic_write_json(out / "summary.json", summary, indent=1)
     print(summary_table(summary))
