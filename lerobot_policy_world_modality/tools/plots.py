@@ -117,7 +117,10 @@ def grouped_bars_png(
     """
     n = max(1, len(groups))
     width = 0.8 / n
-    fig, ax = _figure(title, "", ylabel, width=max(5.4, 0.35 * n * len(categories) + 2.5), height=3.6)
+    # The legend sits right of the axes, so the figure widens with its longest label (about 0.055 in per
+    # character at 7 pt) instead of squeezing the bars and their category labels.
+    legend = 0.055 * max((len(name) for name in groups), default=0)
+    fig, ax = _figure(title, "", ylabel, width=max(5.4, 0.35 * n * len(categories) + 1.5) + legend, height=3.6)
     if n > len(PALETTE):  # more groups than the palette: tab20 keeps every bar's colour distinct
         import matplotlib
 
