@@ -134,20 +134,12 @@ def expert_steps_to_success(sim, expert, actions: np.ndarray, horizon: int) -> i
     restored. No frame is rendered."""
     snap = SimSnapshot(sim)
     try:
-        obs, steps = None, 0
-        for action in actions:
+        obs = None
+        for step in range(len(actions) + horizon):
+            action = actions[step] if step < len(actions) else np.clip(expert.get_action(obs), -1.0, 1.0)
             obs, _reward, _term, truncated, info = sim.step(np.asarray(action, dtype=np.float32))
-            steps += 1
             if bool(info.get("success", 0)):
-                return steps
-            if truncated:
-                return None
-        for _ in range(horizon):
-            action = np.clip(np.asarray(expert.get_action(obs), dtype=np.float64), -1.0, 1.0).astype(np.float32)
-            obs, _reward, _term, truncated, info = sim.step(action)
-            steps += 1
-            if bool(info.get("success", 0)):
-                return steps
+                return step + 1
             if truncated:
                 return None
         return None
